@@ -1,0 +1,157 @@
+"""`python -m relay`: flags + environment → Settings → uvicorn.
+
+`python -m relay token keygen` and `python -m relay token issue …` are the
+operator's tools for signed access tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from relay.settings import Settings, SettingsError
+
+LOG = logging.getLogger("relay")
+
+
+def _token_main(argv: Sequence[str]) -> int:
+    from relay.access import generate_keypair, issue_token, parse_key_bytes
+
+    parser = argparse.ArgumentParser(
+        prog="python -m relay token", description="Manage signed hrt1 access tokens."
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("keygen", help="print a new Ed25519 signing key pair")
+    issue = sub.add_parser("issue", help="print a signed token")
+    issue.add_argument(
+        "--key",
+        required=True,
+        help="the private signing key: 64 hex characters, base64, or @FILE holding either",
+    )
+    issue.add_argument("--sub", required=True, help="subject: who the token is for")
+    issue.add_argument(
+        "--exp-days", type=float, default=0, help="days until the token expires (default 0 = never)"
+    )
+    issue.add_argument(
+        "--ws",
+        action="append",
+        default=[],
+        metavar="WORKSPACE",
+        help="grant only this workspace id, or a prefix ending in * (repeatable)",
+    )
+    issue.add_argument("--plan", default=None, help="optional plan claim")
+    args = parser.parse_args(list(argv))
+    if args.cmd == "keygen":
+        private, public = generate_keypair()
+        print(f"private key (keep secret; used by `token issue --key`): {private}")
+        print(f"public key (set on the relay):  HIVE_RELAY_TOKEN_PUBKEY={public}")
+        return 0
+    key_text: str = args.key
+    if key_text.startswith("@"):
+        try:
+            key_text = Path(key_text[1:]).read_text().strip()
+        except OSError as exc:
+            print(f"--key: cannot read {key_text[1:]!r}: {exc.strerror}", file=sys.stderr)
+            return 2
+    try:
+        private_key = parse_key_bytes(key_text, "--key")
+    except SettingsError as exc:
+        print(str(exc).replace("Ed25519 key", "Ed25519 private key"), file=sys.stderr)
+        return 2
+    if args.exp_days < 0:
+        print("--exp-days: must not be negative", file=sys.stderr)
+        return 2
+    exp = int(time.time() + args.exp_days * 86400) if args.exp_days else 0
+    extra = {"plan": args.plan} if args.plan else None
+    print(issue_token(private_key, args.sub, exp, args.ws or None, extra))
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from relay import __version__, logs
+    from relay.access import ignored_settings
+    from relay.app import create_app
+
+    logs.configure(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    relay = app.state.relay
+    for name in ignored_settings(settings):
+        LOG.warning("%s is ignored: HIVE_RELAY_TOKEN_PUBKEY selects signed tokens", name)
+    if settings.data_dir and not settings.store.startswith("memory"):
+        LOG.warning("HIVE_RELAY_DATA_DIR is ignored: snapshots apply to the memory store only")
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="on",
+        backlog=settings.backlog,
+        timeout_keep_alive=int(max(1, settings.keepalive_timeout)),
+        timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout)),
+        h11_max_incomplete_event_size=settings.header_limit,
+        ws_max_size=settings.max_body_bytes + 64 * 1024,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_config=None,
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Unlike uvicorn's default we do not re-raise the signal after shutdown:
+            # a graceful stop exits 0. First, end every live stream so connections
+            # can close within the shutdown timeout.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            if not self.should_exit:
+                LOG.info("signal %s: shutting down", signal.Signals(sig).name)
+                try:
+                    asyncio.get_running_loop().call_soon_threadsafe(relay.hub.close_all)
+                except RuntimeError:
+                    relay.hub.close_all()
+            self.should_exit = True
+
+    server = Server(config)
+    LOG.info(
+        "hive-relay %s listening on %s:%d (store %s, access %s)",
+        __version__,
+        settings.host,
+        settings.port,
+        settings.store.split("://", 1)[0],
+        relay.policy.name,
+    )
+    server.run()
+    if not server.started:
+        LOG.error("the relay did not start (see above)")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["token"]:
+        return _token_main(args[1:])
+    try:
+        settings = Settings.load(args)
+        return _serve(settings)
+    except SettingsError as exc:
+        print(f"hive-relay: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What every workspace handler does first: validate the id, authorize, read the body."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, TypeVar
+
+import msgspec
+from starlette.requests import ClientDisconnect, Request
+
+from relay.access import Denied, Grant, bearer_token
+from relay.errors import RelayError, bad_request
+
+if TYPE_CHECKING:
+    from relay.runtime import Relay
+
+_WS_RE = re.compile(r"[A-Za-z0-9._~:@-]{1,200}")
+MAX_U64 = (1 << 64) - 1
+T = TypeVar("T")
+
+
+def workspace_id(request: Request) -> str:
+    ws: str = request.path_params["ws"]
+    if not _WS_RE.fullmatch(ws) or ws in (".", ".."):
+        raise bad_request(
+            "invalid_workspace",
+            "the workspace id must be 1–200 characters from A–Z a–z 0–9 . _ ~ : @ - "
+            "(and not . or ..)",
+        )
+    return ws
+
+
+def authorize(relay: Relay, request: Request, ws: str | None) -> Grant:
+    """The caller's grant, or a 401/403 RelayError. `ws=None` checks the token only."""
+    try:
+        grant = relay.policy.authenticate(bearer_token(request.headers.get("authorization")))
+    except Denied as exc:
+        raise RelayError(
+            exc.status, exc.code, exc.message, headers={"www-authenticate": "Bearer"}
+        ) from None
+    if ws is not None and not grant.allows(ws):
+        raise RelayError(403, "forbidden", "the bearer token does not grant this workspace")
+    return grant
+
+
+def too_large(limit: int) -> RelayError:
+    return RelayError(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes before buffering them.
+
+    Content-Length, when sent, is checked first; a chunked body is counted as
+    it arrives and refused as soon as it passes the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request("invalid_content_length", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def check_json(body: bytes, what: str = "the body") -> None:
+    """Reject anything but exactly one valid UTF-8 JSON value."""
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("invalid_json", f"{what} is not valid UTF-8") from None
+    try:
+        msgspec.json.decode(body, type=msgspec.Raw)
+    except msgspec.DecodeError as exc:
+        raise bad_request("invalid_json", f"{what} is not one valid JSON value: {exc}") from None
+    except RecursionError:
+        raise bad_request("invalid_json", f"{what} is nested too deeply") from None
+
+
+def decode_as(body: bytes, kind: type[T], what: str) -> T:
+    check_json(body, what)
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise bad_request("invalid_body", f"{what}: {exc}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:  # pragma: no cover - check_json passed
+        raise bad_request("invalid_json", f"{what}: {exc}") from None
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or len(text) > 20 or not low <= int(text) <= high:
+        raise bad_request(f"invalid_{name}", f"{name} must be a whole number from {low} to {high}")
+    return int(text)

@@ -1,0 +1,180 @@
+"""Envelopes: push one, push a batch, read after a cursor (optionally long-polling)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.api.common import (
+    MAX_U64,
+    authorize,
+    check_json,
+    int_param,
+    read_body,
+    workspace_id,
+)
+from relay.errors import RelayError, bad_request
+from relay.runtime import Relay
+from relay.store.base import Page
+
+MAX_KEY_LEN = 200
+MAX_BATCH = 1000
+MAX_WAIT = 60
+
+
+def _header_key(value: str, name: str) -> bytes:
+    if not value or len(value) > MAX_KEY_LEN:
+        raise bad_request("invalid_idempotency_key", f"{name} must be 1–{MAX_KEY_LEN} characters")
+    # Prefixed so a client-chosen key can never equal a body digest (32 raw bytes).
+    return b"k" + value.encode("utf-8", "surrogateescape")
+
+
+def dedup_key(request: Request, body: bytes) -> bytes:
+    headers = request.headers
+    value = headers.get("idempotency-key")
+    if value is not None:
+        return _header_key(value, "Idempotency-Key")
+    value = headers.get("x-hive-event-id")
+    if value is not None:
+        return _header_key(value, "X-Hive-Event-Id")
+    return hashlib.sha256(body).digest()
+
+
+async def post_envelope(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    ws = workspace_id(request)
+    authorize(relay, request, ws)
+    relay.push_limiter.take(relay.client(request.scope))
+    body = await read_body(request, relay.settings.max_body_bytes)
+    check_json(body)
+    key = dedup_key(request, body)
+    seq, duplicate = await relay.store.append(ws, body, key)
+    if duplicate:
+        relay.metrics.duplicates.inc()
+        return Response(b'{"seq":%d,"duplicate":true}' % seq, media_type="application/json")
+    relay.metrics.appended.inc()
+    return Response(b'{"seq":%d}' % seq, media_type="application/json")
+
+
+async def post_batch(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    ws = workspace_id(request)
+    authorize(relay, request, ws)
+    relay.push_limiter.take(relay.client(request.scope))
+    body = await read_body(request, relay.settings.max_body_bytes)
+    check_json(body)
+    try:
+        elements = msgspec.json.decode(body, type=list[msgspec.Raw])
+    except msgspec.ValidationError:
+        raise bad_request("invalid_batch", "the batch body must be a JSON array") from None
+    if not 1 <= len(elements) <= MAX_BATCH:
+        raise bad_request("invalid_batch", f"a batch holds 1–{MAX_BATCH} envelopes")
+    bodies = [bytes(e) for e in elements]
+    header = request.headers.get("idempotency-keys")
+    if header is None:
+        keys = [hashlib.sha256(b).digest() for b in bodies]
+    else:
+        parts = [p.strip() for p in header.split(",")]
+        if len(parts) != len(bodies):
+            raise bad_request(
+                "invalid_idempotency_key",
+                f"Idempotency-Keys has {len(parts)} entries for {len(bodies)} envelopes",
+            )
+        keys = [
+            _header_key(p, "each Idempotency-Keys entry") if p else hashlib.sha256(b).digest()
+            for p, b in zip(parts, bodies, strict=True)
+        ]
+    results = await relay.store.append_batch(ws, bodies, keys)
+    fresh = sum(1 for _, dup in results if not dup)
+    relay.metrics.appended.inc(fresh)
+    if fresh != len(results):
+        relay.metrics.duplicates.inc(len(results) - fresh)
+    out = msgspec.json.encode(
+        {"seqs": [s for s, _ in results], "duplicates": [d for _, d in results]}
+    )
+    return Response(out, media_type="application/json")
+
+
+def read_headers(page: Page, after: int, epoch: str) -> dict[str, str]:
+    headers = {
+        "x-relay-head": str(page.head),
+        "x-relay-oldest": str(page.oldest),
+        "x-relay-epoch": epoch,
+    }
+    if page.gap(after):
+        headers["x-relay-gap"] = "true"
+    if page.more:
+        headers["x-relay-more"] = "true"
+    return headers
+
+
+def cursor_params(request: Request) -> tuple[int, int]:
+    after = int_param(request, "after", 0, 0, MAX_U64)
+    limit = int_param(request, "limit", sys.maxsize, 1, 10_000)
+    return after, limit
+
+
+async def get_envelopes(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    ws = workspace_id(request)
+    authorize(relay, request, ws)
+    after, limit = cursor_params(request)
+    wait = int_param(request, "wait", 0, 0, MAX_WAIT)
+    max_page = relay.settings.max_page_bytes
+    page = await relay.store.read(ws, after, limit, max_page)
+    if not page.rows and wait and not relay.hub.closing:
+        page = await _long_poll(relay, request, ws, after, limit, wait)
+    return Response(
+        page.json(),
+        media_type="application/json",
+        headers=read_headers(page, after, relay.store.epoch),
+    )
+
+
+async def _long_poll(
+    relay: Relay, request: Request, ws: str, after: int, limit: int, wait: int
+) -> Page:
+    """Hold the request until a row past `after` exists or `wait` seconds pass.
+
+    A long-poll holds a live-stream slot. The hub wakes it on append; a client
+    that disconnects is noticed by the watcher and frees its slot at once.
+    """
+    import anyio
+
+    client = relay.client(request.scope)
+    relay.slots.acquire(client)
+    page: Page | None = None
+    try:
+        with relay.hub.subscribe(ws, 0) as waiter:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                    waiter.close()
+
+                tg.start_soon(watch_disconnect)
+                with anyio.move_on_after(wait):
+                    while True:
+                        waiter.wake.clear()
+                        # Read first: a row may have landed between the caller's read
+                        # and the subscription.
+                        page = await relay.store.read(
+                            ws, after, limit, relay.settings.max_page_bytes
+                        )
+                        if page.rows or waiter.closed:
+                            break
+                        await waiter.wait(None)
+                tg.cancel_scope.cancel()
+    finally:
+        relay.slots.release(client)
+    if page is None or (not page.rows):
+        page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
+    return page
+
+
+__all__ = ["RelayError", "get_envelopes", "post_batch", "post_envelope"]

@@ -1,0 +1,422 @@
+"""Live delivery: the SSE nudge stream, SSE with bodies, and the WebSocket.
+
+Every stream follows one recipe, which is what makes "no duplicate, no hole"
+hold: subscribe to the hub first, then replay retained rows from the store past
+the cursor, then send live items, skipping any seq at or below the cursor.
+Each stream holds a slot (global and per-client caps) for its whole life and
+ends cleanly when the relay shuts down or the subscriber falls too far behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import anyio
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from relay.access import Denied, bearer_token
+from relay.api.common import MAX_U64, authorize, int_param, workspace_id
+from relay.api.envelopes import MAX_KEY_LEN, read_headers
+from relay.errors import RelayError, error_body, error_response
+from relay.hub import Subscriber, nudge_frame, sse_row_frame
+from relay.runtime import Relay
+from relay.store.base import Page, row_seq
+
+LOG = logging.getLogger("relay.live")
+REPLAY_PAGE = 1000
+CONNECTED = b": connected\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+WS_GOING_AWAY = 1001
+WS_POLICY = 1008
+WS_TRY_LATER = 1013
+
+
+# ---------------------------------------------------------------------- SSE
+def _start_cursor(request: Request) -> int | None:
+    last_id = request.headers.get("last-event-id")
+    if last_id is not None and last_id.strip():
+        text = last_id.strip()
+        if not text.isascii() or not text.isdigit() or int(text) > MAX_U64:
+            raise RelayError(400, "invalid_last_event_id", "Last-Event-ID must be a seq")
+        return int(text)
+    if "after" in request.query_params:
+        return int_param(request, "after", 0, 0, MAX_U64)
+    return None
+
+
+async def events(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    ws = workspace_id(request)
+    authorize(relay, request, ws)
+    bodies = request.query_params.get("bodies", "0").lower()
+    if bodies not in ("0", "1", "true", "false"):
+        raise RelayError(400, "invalid_bodies", "bodies must be 1 or 0")
+    with_bodies = bodies in ("1", "true")
+    cursor = _start_cursor(request) if with_bodies else None
+    client = relay.client(request.scope)
+    if relay.hub.closing:
+        raise RelayError(503, "shutting_down", "the relay is shutting down", retry_after=2)
+    relay.slots.acquire(client)
+    return SSEStream(relay, ws, client, with_bodies, cursor)
+
+
+class SSEStream(Response):
+    """A text/event-stream answer that owns one stream slot until it ends."""
+
+    def __init__(
+        self, relay: Relay, ws: str, client: str, bodies: bool, cursor: int | None
+    ) -> None:
+        self.relay = relay
+        self.ws = ws
+        self.client = client
+        self.bodies = bodies
+        self.cursor = cursor
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = self.relay
+        try:
+            with relay.hub.subscribe(self.ws, relay.settings.stream_buffer) as sub:
+                async with anyio.create_task_group() as tg:
+                    sub_cancel = tg.cancel_scope.cancel
+
+                    async def watch_disconnect() -> None:
+                        while (await receive())["type"] != "http.disconnect":
+                            pass
+                        sub_cancel()
+
+                    tg.start_soon(watch_disconnect)
+                    sub.on_overflow = sub_cancel
+                    sub.replaying = True
+                    await self._stream(sub, send)
+                    tg.cancel_scope.cancel()
+                if sub.overflowed:
+                    relay.metrics.slow_consumers.inc()
+                    LOG.info("disconnected a slow SSE subscriber")
+                    with anyio.move_on_after(1):
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            relay.slots.release(self.client)
+
+    async def _stream(self, sub: Subscriber, send: Send) -> None:
+        relay = self.relay
+        page = await relay.store.read(self.ws, self.cursor or 0, 1, 1)
+        cursor = page.head if self.cursor is None else self.cursor
+        headers = read_headers(page, cursor, relay.store.epoch)
+        headers.pop("x-relay-more", None)
+        raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *((k.encode(), v.encode()) for k, v in headers.items()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+        first = CONNECTED
+        if self.bodies:
+            if page.gap(cursor):
+                first += b'event: gap\ndata: {"oldest":%d}\n\n' % page.oldest
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            cursor = await self._replay(sub, send, cursor)
+        else:
+            first += nudge_frame(page.head)
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+        sub.replaying = False
+        keepalive = relay.settings.keepalive_secs
+        while not sub.closed:
+            if not await sub.wait(keepalive):
+                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                continue
+            if sub.overflowed or sub.closed:
+                break
+            items = sub.take()
+            if self.bodies:
+                frames = [it.sse_frame for it in items if it.seq > cursor]
+            else:
+                frames = [it.nudge_frame for it in items if it.seq > cursor]
+            if frames:
+                cursor = items[-1].seq
+                await send(
+                    {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
+                )
+        if not sub.overflowed:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _replay(self, sub: Subscriber, send: Send, cursor: int) -> int:
+        """Send every retained row past `cursor`; live items queued meanwhile are
+        dropped from the queue (the store has them) until the replay catches up."""
+        relay = self.relay
+        while True:
+            page = await relay.store.read(
+                self.ws, cursor, REPLAY_PAGE, relay.settings.max_page_bytes
+            )
+            if page.rows:
+                frames = b"".join(sse_row_frame(row_seq(r), r) for r in page.rows)
+                cursor = row_seq(page.rows[-1])
+                await send({"type": "http.response.body", "body": frames, "more_body": True})
+            if not page.more:
+                if sub.overflowed:
+                    # Fell behind while replaying: the store still has it all; go again.
+                    sub.overflowed = False
+                    sub.take()
+                    continue
+                return cursor
+
+
+# ----------------------------------------------------------------- WebSocket
+class WsOp(msgspec.Struct, forbid_unknown_fields=False):
+    op: str
+    after: int | None = None
+    body: msgspec.Raw | None = None
+    key: str | None = None
+    ref: msgspec.Raw | None = None
+
+
+def _ws_token(websocket: WebSocket) -> tuple[str | None, str | None]:
+    """(token, subprotocol to accept) from the Authorization header or `bearer.<token>`."""
+    token = bearer_token(websocket.headers.get("authorization"))
+    offered = [
+        p.strip()
+        for p in websocket.headers.get("sec-websocket-protocol", "").split(",")
+        if p.strip()
+    ]
+    chosen = next((p for p in offered if not p.startswith("bearer.")), None)
+    for proto in offered:
+        if proto.startswith("bearer.") and token is None:
+            token = proto[len("bearer.") :] or None
+            chosen = chosen or proto
+    return token, chosen
+
+
+async def _deny(
+    websocket: WebSocket,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(status, code, message, headers))
+    else:  # pragma: no cover - every server we run supports denial responses
+        await websocket.close(WS_POLICY, code)
+
+
+async def websocket(websocket: WebSocket) -> None:
+    relay: Relay = websocket.app.state.relay
+    try:
+        ws = workspace_id(websocket)  # type: ignore[arg-type]
+    except RelayError as exc:
+        await _deny(websocket, exc.status, exc.code, exc.message)
+        return
+    token, subprotocol = _ws_token(websocket)
+    try:
+        grant = relay.policy.authenticate(token)
+    except Denied as exc:
+        await _deny(websocket, 401, exc.code, exc.message, {"www-authenticate": "Bearer"})
+        return
+    if not grant.allows(ws):
+        await _deny(websocket, 403, "forbidden", "the bearer token does not grant this workspace")
+        return
+    client = relay.client(websocket.scope)
+    if relay.hub.closing:
+        await _deny(
+            websocket, 503, "shutting_down", "the relay is shutting down", {"retry-after": "2"}
+        )
+        return
+    try:
+        relay.slots.acquire(client)
+    except RelayError as exc:
+        await _deny(websocket, exc.status, exc.code, exc.message, exc.headers)
+        return
+    try:
+        await WsSession(relay, websocket, ws, client).run(subprotocol)
+    finally:
+        relay.slots.release(client)
+
+
+class WsSession:
+    def __init__(self, relay: Relay, websocket: WebSocket, ws: str, client: str) -> None:
+        self.relay = relay
+        self.socket = websocket
+        self.ws = ws
+        self.client = client
+        self.outbox: deque[str] = deque()
+        self.cursor: int | None = None  # None until the client subscribes
+        self.replay_from: int | None = None
+        self.close_code = 1000
+        self.close_reason = ""
+
+    async def run(self, subprotocol: str | None) -> None:
+        relay = self.relay
+        page = await relay.store.read(self.ws, 0, 1, 1)
+        headers = read_headers(page, 0, relay.store.epoch)
+        headers.pop("x-relay-gap", None)
+        headers.pop("x-relay-more", None)
+        await self.socket.accept(
+            subprotocol=subprotocol, headers=[(k.encode(), v.encode()) for k, v in headers.items()]
+        )
+        with relay.hub.subscribe(self.ws, relay.settings.stream_buffer) as sub:
+            async with anyio.create_task_group() as tg:
+                sub.on_overflow = tg.cancel_scope.cancel
+                sub.replaying = False
+                tg.start_soon(self._reader, sub, tg.cancel_scope.cancel)
+                await self._writer(sub)
+                tg.cancel_scope.cancel()
+            if sub.overflowed:
+                relay.metrics.slow_consumers.inc()
+                self.close_code, self.close_reason = (
+                    WS_TRY_LATER,
+                    "slow consumer: resume from your cursor",
+                )
+            elif sub.closed and relay.hub.closing:
+                self.close_code, self.close_reason = WS_GOING_AWAY, "relay shutting down"
+        if self.close_code != -1:
+            with anyio.move_on_after(1), contextlib.suppress(RuntimeError, OSError):
+                await self.socket.close(self.close_code, self.close_reason)
+
+    def _post(self, sub: Subscriber, frame: str) -> None:
+        self.outbox.append(frame)
+        sub.wake.set()
+
+    async def _reader(self, sub: Subscriber, stop: Callable[[], None]) -> None:
+        relay = self.relay
+        max_body = relay.settings.max_body_bytes
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.close_code = -1
+                    break
+                data = message.get("text")
+                raw = data.encode() if data is not None else message.get("bytes") or b""
+                try:
+                    op = msgspec.json.decode(raw, type=WsOp)
+                except (msgspec.DecodeError, RecursionError) as exc:
+                    self._post(
+                        sub, _ws_error("invalid_frame", f"the frame is not a valid op: {exc}")
+                    )
+                    continue
+                if op.op == "sub":
+                    after = op.after or 0
+                    if not 0 <= after <= MAX_U64:
+                        self._post(sub, _ws_error("invalid_after", "after must be a seq"))
+                        continue
+                    self.replay_from = after
+                    sub.wake.set()
+                elif op.op == "pub":
+                    self._post(sub, await self._publish(op, max_body))
+                else:
+                    self._post(
+                        sub, _ws_error("unknown_op", f"unknown op {op.op!r}; use sub or pub")
+                    )
+        except WebSocketDisconnect:
+            self.close_code = -1
+        finally:
+            sub.close()
+            _ = stop
+
+    async def _publish(self, op: WsOp, max_body: int) -> str:
+        relay = self.relay
+        ref = bytes(op.ref) if op.ref is not None else b"null"
+        if op.body is None:
+            return _ws_error("invalid_body", "pub needs a body", ref)
+        body = bytes(op.body)
+        if len(body) > max_body:
+            return _ws_error("payload_too_large", f"the body exceeds {max_body} bytes", ref)
+        if op.key is not None and not 1 <= len(op.key) <= MAX_KEY_LEN:
+            return _ws_error(
+                "invalid_idempotency_key", f"key must be 1–{MAX_KEY_LEN} characters", ref
+            )
+        if not body.isascii():
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                return _ws_error("invalid_json", "the body is not valid UTF-8", ref)
+        try:
+            relay.push_limiter.take(self.client)
+        except RelayError as exc:
+            return _ws_error(exc.code, exc.message, ref, exc.headers.get("retry-after"))
+        key = b"k" + op.key.encode() if op.key is not None else hashlib.sha256(body).digest()
+        try:
+            seq, dup = await relay.store.append(self.ws, body, key)
+        except Exception as exc:  # a store error reaches the client as a frame
+            code = getattr(exc, "code", "store_error")
+            return _ws_error(code, getattr(exc, "message", "the store refused the envelope"), ref)
+        (relay.metrics.duplicates if dup else relay.metrics.appended).inc()
+        return '{"op":"ack","seq":%d,"ref":%s,"duplicate":%s}' % (
+            seq,
+            ref.decode(),
+            "true" if dup else "false",
+        )
+
+    async def _writer(self, sub: Subscriber) -> None:
+        relay = self.relay
+        send_text: Callable[[str], Awaitable[None]] = self.socket.send_text
+        keepalive = relay.settings.keepalive_secs
+        while not sub.closed:
+            if not self.outbox and self.replay_from is None:
+                await sub.wait(keepalive)
+            if sub.overflowed or (sub.closed and not self.outbox):
+                break
+            while self.outbox:
+                await send_text(self.outbox.popleft())
+            if self.replay_from is not None:
+                self.cursor = self.replay_from
+                self.replay_from = None
+                sub.take()
+                sub.replaying = True
+                await self._replay(sub, send_text)
+                sub.replaying = False
+                continue
+            items = sub.take()
+            if self.cursor is None:
+                continue
+            frames = [it.ws_frame for it in items if it.seq > self.cursor]
+            if frames:
+                self.cursor = items[-1].seq
+                for frame in frames:
+                    await send_text(frame)
+
+    async def _replay(self, sub: Subscriber, send_text: Callable[[str], Awaitable[None]]) -> None:
+        relay = self.relay
+        assert self.cursor is not None
+        page: Page = await relay.store.read(self.ws, self.cursor, 1, 1)
+        if page.gap(self.cursor):
+            await send_text('{"op":"gap","oldest":%d}' % page.oldest)
+        while True:
+            page = await relay.store.read(
+                self.ws, self.cursor, REPLAY_PAGE, relay.settings.max_page_bytes
+            )
+            for row in page.rows:
+                await send_text('{"op":"env",' + row[1:].decode())
+            if page.rows:
+                self.cursor = row_seq(page.rows[-1])
+            while self.outbox:
+                await send_text(self.outbox.popleft())
+            if not page.more:
+                if sub.overflowed:
+                    sub.overflowed = False
+                    sub.take()
+                    continue
+                return
+
+
+def _ws_error(code: str, message: str, ref: bytes = b"null", retry_after: str | None = None) -> str:
+    out = {"op": "error", "error": code, "message": message}
+    encoded = msgspec.json.encode(out)[:-1]
+    if ref != b"null":
+        encoded += b',"ref":' + ref
+    if retry_after is not None:
+        encoded += b',"retry_after":' + retry_after.encode()
+    return (encoded + b"}").decode()
+
+
+__all__ = ["SSEStream", "error_body", "events", "websocket"]

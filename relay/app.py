@@ -1,0 +1,255 @@
+"""create_app(settings) → the Starlette app. The lifespan owns the store, the
+hub, the house-keeping sweep and the snapshot writer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from relay import logs
+from relay.access import policy_from_settings
+from relay.api import envelopes, live, public, side
+from relay.errors import SECURITY_HEADERS, RelayError, error_response
+from relay.hub import Hub
+from relay.limits import RateLimiter, StreamSlots
+from relay.metrics import Metrics
+from relay.runtime import Relay
+from relay.settings import Settings
+from relay.store import open_store
+from relay.store.base import Store, StoreError
+
+LOG = logging.getLogger("relay")
+SWEEP_INTERVAL = 30.0
+_SECURITY = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+LIVE_ROUTES = ("/v1/workspaces/{ws}/events", "/v1/workspaces/{ws}/ws")
+
+
+class RequestLog:
+    """One log line and one metrics sample per request; security headers on every answer.
+
+    Pure ASGI (no BaseHTTPMiddleware) so streaming responses pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, relay: Relay) -> None:
+        self.app = app
+        self.relay = relay
+        self.log = relay.settings.access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *_SECURITY]
+            elif kind == "websocket.accept":
+                status = 101
+            elif kind == "websocket.close" and not status:
+                status = 403
+            elif kind == "websocket.http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route_obj = scope.get("route")
+            route = getattr(route_obj, "path", None) or "unmatched"
+            method = scope.get("method", "WS")
+            duration = time.perf_counter() - start
+            metrics = self.relay.metrics
+            metrics.requests.labels(route, method, str(status or 500)).inc()
+            if route not in LIVE_ROUTES and not (
+                method == "GET" and "wait=" in scope.get("query_string", b"").decode("latin-1")
+            ):
+                metrics.duration.labels(route).observe(duration)
+            if self.log:
+                logs.access(method, route, status or 500, duration, self.relay.client(scope))
+
+
+def _relay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayError)
+    if exc.status == 429:
+        request.app.state.relay.metrics.rejected.labels(exc.code).inc()
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+def _store_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError)
+    headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
+    status = exc.status if exc.status in (413, 503) else 503
+    return error_response(status, exc.code, exc.message, headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = {
+        404: "no such route",
+        405: f"method {request.method} is not allowed here",
+    }.get(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+def _disconnected(request: Request, exc: Exception) -> Response:
+    # The client went away mid-body; nothing was stored. The answer is never read.
+    return error_response(400, "client_disconnected", "the client closed the request")
+
+
+def _server_error(request: Request, exc: Exception) -> Response:
+    # uvicorn logs the traceback; the client only learns that it was our fault.
+    return error_response(500, "internal_error", "the relay hit an unexpected error")
+
+
+def build_relay(settings: Settings, store: Store | None = None) -> Relay:
+    relay = Relay(
+        settings=settings,
+        store=store or open_store(settings),
+        policy=policy_from_settings(settings),
+        hub=Hub(),
+        metrics=Metrics(),
+        push_limiter=RateLimiter(settings.push_rate, settings.push_burst, "rate_limited", "pushes"),
+        pair_limiter=RateLimiter(
+            settings.pair_resolve_rate, 10, "pair_rate_limited", "pairing-code lookups"
+        ),
+        slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
+    )
+    relay.store.set_listener(relay.hub.on_append)
+
+    def gauges() -> dict[str, tuple[str, float]]:
+        stats = relay.store.stats_now() if hasattr(relay.store, "stats_now") else None
+        out: dict[str, tuple[str, float]] = {
+            "hive_relay_live_streams": (
+                "Live streams open (SSE, WebSocket, long-poll)",
+                relay.slots.total,
+            ),
+            "hive_relay_uptime_seconds": ("Seconds since start", time.time() - relay.started),
+        }
+        if stats is not None:
+            out["hive_relay_workspaces"] = ("Workspaces held", stats.workspaces)
+            out["hive_relay_envelopes_retained"] = ("Envelopes retained", stats.envelopes)
+            out["hive_relay_stored_bytes"] = ("Stored row bytes", stats.stored_bytes)
+            out["hive_relay_pairings"] = ("Pairing codes held", stats.pairings)
+        return out
+
+    relay.metrics.add_gauges(gauges)
+    return relay
+
+
+async def _sweep_forever(relay: Relay) -> None:
+    sweep = getattr(relay.store, "sweep", None)
+    if sweep is None:
+        return
+    interval = min(SWEEP_INTERVAL, max(1.0, relay.settings.idle_workspace_secs / 4))
+    while True:
+        await anyio.sleep(interval)
+        sweep(relay.hub.listened)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> Starlette:
+    settings = settings or Settings()
+    relay = build_relay(settings, store)
+    snapshots = None
+    if settings.data_dir and settings.store.startswith("memory"):
+        from relay.store.snapshot import Snapshotter
+
+        snapshots = Snapshotter(relay.store, settings.data_dir, settings.snapshot_interval)  # type: ignore[arg-type]
+        snapshots.restore()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await relay.store.start()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_sweep_forever, relay)
+            if snapshots is not None:
+                tg.start_soon(snapshots.run)
+            try:
+                yield
+            finally:
+                relay.hub.close_all()
+                tg.cancel_scope.cancel()
+        if snapshots is not None:
+            await snapshots.write_final()
+        await relay.store.close()
+
+    ws_path = "/v1/workspaces/{ws}"
+    routes = [
+        Route("/", public.status_page, methods=["GET"]),
+        Route("/v1/health", public.health, methods=["GET", "HEAD"]),
+        Route("/metrics", public.metrics, methods=["GET"]),
+        Route("/openapi.json", public.openapi, methods=["GET"]),
+        Route(f"{ws_path}/envelopes", envelopes.post_envelope, methods=["POST"]),
+        Route(f"{ws_path}/envelopes", envelopes.get_envelopes, methods=["GET"]),
+        Route(f"{ws_path}/envelopes/batch", envelopes.post_batch, methods=["POST"]),
+        Route(f"{ws_path}/events", live.events, methods=["GET"]),
+        WebSocketRoute(f"{ws_path}/ws", live.websocket),
+        Route(f"{ws_path}/keyring", side.post_keyring, methods=["POST"]),
+        Route(f"{ws_path}/keyring", side.get_keyring, methods=["GET"]),
+        Route(f"{ws_path}/presence", side.post_device, methods=["POST"]),
+        Route(f"{ws_path}/presence", side.get_devices, methods=["GET"]),
+        Route(f"{ws_path}/candidates", side.post_device, methods=["POST"]),
+        Route(f"{ws_path}/candidates", side.get_devices, methods=["GET"]),
+        Route("/v1/pair", side.post_pair, methods=["POST"]),
+        Route("/v1/pair/{code}", side.get_pair, methods=["GET"]),
+    ]
+    middleware = [Middleware(RequestLog, relay=relay)]
+    if settings.cors_origin_list:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origin_list),
+                allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "Idempotency-Key",
+                    "Idempotency-Keys",
+                    "X-Hive-Event-Id",
+                    "Last-Event-ID",
+                ],
+                expose_headers=[
+                    "X-Relay-Head",
+                    "X-Relay-Oldest",
+                    "X-Relay-Epoch",
+                    "X-Relay-Gap",
+                    "X-Relay-More",
+                    "Retry-After",
+                ],
+                max_age=600,
+            )
+        )
+    handlers: dict[Any, Any] = {
+        RelayError: _relay_error,
+        StoreError: _store_error,
+        HTTPException: _http_error,
+        ClientDisconnect: _disconnected,
+        Exception: _server_error,
+    }
+    app = Starlette(
+        routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
+    )
+    app.state.relay = relay
+    app.state.snapshots = snapshots
+    return app

@@ -1,0 +1,50 @@
+"""One error type, one JSON error shape: {"error": "<code>", "message": "<sentence>"}."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.responses import Response
+
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+class RelayError(Exception):
+    """Raised anywhere in request handling; becomes a JSON error response."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["retry-after"] = str(max(1, retry_after))
+
+
+def error_body(code: str, message: str) -> bytes:
+    return msgspec.json.encode({"error": code, "message": message})
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        error_body(code, message),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def bad_request(code: str, message: str) -> RelayError:
+    return RelayError(400, code, message)

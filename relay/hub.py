@@ -1,0 +1,162 @@
+"""Live fan-out: the one place that knows who listens to which workspace.
+
+The store tells the hub of every appended row (`on_append`). The hub wraps
+rows in `Item`s whose wire frames (SSE nudge, SSE with body, WebSocket) are
+encoded at most once, however many subscribers send them, and hands the same
+list to each subscriber of that workspace.
+
+A subscriber's queue is bounded: one that falls more than `limit` items
+behind is marked overflowed and its stream ends; the client resumes from its
+cursor. Long-poll waiters only need waking and keep no items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+class Item:
+    """One appended row and its lazily encoded frames, shared by every subscriber."""
+
+    __slots__ = ("_nudge", "_sse", "_ws", "row", "seq")
+
+    def __init__(self, seq: int, row: bytes) -> None:
+        self.seq = seq
+        self.row = row
+        self._sse: bytes | None = None
+        self._nudge: bytes | None = None
+        self._ws: str | None = None
+
+    @property
+    def sse_frame(self) -> bytes:
+        if self._sse is None:
+            self._sse = sse_row_frame(self.seq, self.row)
+        return self._sse
+
+    @property
+    def nudge_frame(self) -> bytes:
+        if self._nudge is None:
+            self._nudge = nudge_frame(self.seq)
+        return self._nudge
+
+    @property
+    def ws_frame(self) -> str:
+        if self._ws is None:
+            self._ws = ws_env_frame(self.row)
+        return self._ws
+
+
+def nudge_frame(seq: int) -> bytes:
+    return b'data: {"seq":%d}\n\n' % seq
+
+
+def sse_row_frame(seq: int, row: bytes) -> bytes:
+    if b"\n" not in row and b"\r" not in row:
+        return b"id: %d\ndata: %b\n\n" % (seq, row)
+    # A pretty-printed body: one data line per line; EventSource joins them with
+    # "\n", which is JSON whitespace, so the event still parses to the same value.
+    lines = b"".join(b"data: " + line + b"\n" for line in row.splitlines())
+    return b"id: %d\n%b\n" % (seq, lines)
+
+
+def ws_env_frame(row: bytes) -> str:
+    # row is {"seq":N,"body":...}; the frame is {"op":"env","seq":N,"body":...}
+    return '{"op":"env",' + row[1:].decode("utf-8")
+
+
+class Subscriber:
+    __slots__ = ("closed", "items", "limit", "on_overflow", "overflowed", "replaying", "wake", "ws")
+
+    def __init__(self, ws: str, limit: int) -> None:
+        self.ws = ws
+        self.limit = limit  # 0 = a waiter that keeps no items
+        self.items: deque[Item] = deque()
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+        # While replaying from the store an overflow only means "re-read"; when
+        # live, it ends the stream through on_overflow (set by the stream).
+        self.replaying = False
+        self.on_overflow: Callable[[], None] | None = None
+
+    def push(self, items: list[Item]) -> None:
+        if self.limit:
+            if len(self.items) + len(items) > self.limit:
+                self.overflowed = True
+                self.items.clear()
+                if not self.replaying and self.on_overflow is not None:
+                    self.on_overflow()
+            elif not self.overflowed:
+                self.items.extend(items)
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    def take(self) -> list[Item]:
+        items = list(self.items)
+        self.items.clear()
+        self.wake.clear()
+        return items
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait for items, a wake-up or close; False on timeout.
+
+        The wake flag is cleared by `take()` (or by the caller before it reads the
+        store), never here, so a push between the caller's check and this wait
+        is not lost.
+        """
+        if self.items or self.closed or self.overflowed:
+            return True
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._subs: dict[str, set[Subscriber]] = {}
+        self.closing = False
+
+    def on_append(self, ws: str, rows: list[tuple[int, bytes]]) -> None:
+        subs = self._subs.get(ws)
+        if not subs:
+            return
+        items = [Item(seq, row) for seq, row in rows]
+        for sub in subs:
+            sub.push(items)
+
+    @contextmanager
+    def subscribe(self, ws: str, limit: int) -> Iterator[Subscriber]:
+        sub = Subscriber(ws, limit)
+        if self.closing:
+            sub.closed = True
+        self._subs.setdefault(ws, set()).add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subs.get(ws)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[ws]
+
+    def listened(self, ws: str) -> bool:
+        return ws in self._subs
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def close_all(self) -> None:
+        """Shutdown: every live stream ends cleanly at its next step."""
+        self.closing = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.close()

@@ -1,0 +1,143 @@
+"""Per-client rate buckets, live-stream slots, and the client's address.
+
+Everything here is bounded: a bucket table that would grow past its size is
+pruned of full (idle) buckets, then of the oldest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Sequence
+
+from starlette.types import Scope
+
+from relay.errors import RelayError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_address(scope: Scope, trusted: Sequence[Network]) -> str:
+    """The socket peer, or the forwarded client when the peer is a trusted proxy.
+
+    X-Forwarded-For is read right to left, skipping trusted proxies; the first
+    untrusted address is the client. Without trusted proxies the header is ignored.
+    """
+    client = scope.get("client")
+    peer = client[0] if client else "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    forwarded: list[str] = []
+    for name, value in scope.get("headers", ()):
+        if name == b"x-forwarded-for":
+            forwarded += [p.strip() for p in value.decode("latin-1").split(",")]
+    for hop in reversed(forwarded):
+        if not hop:
+            continue
+        if not _is_trusted(hop, trusted):
+            return hop if _is_ip(hop) else peer
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_trusted(addr: str, trusted: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+class RateLimiter:
+    """Token buckets keyed by client: `rate` per second, `burst` on top."""
+
+    def __init__(self, rate: float, burst: int, code: str, what: str, max_clients: int = 100_000):
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.code = code
+        self.what = what
+        self.max_clients = max_clients
+        self._buckets: dict[str, list[float]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def take(self, client: str, cost: int = 1) -> None:
+        """Spend `cost` tokens or raise 429 with Retry-After."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._prune(now)
+            bucket = self._buckets[client] = [float(self.burst), now]
+        tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < cost:
+            bucket[0] = tokens
+            wait = math.ceil((cost - tokens) / self.rate) if cost <= self.burst else 60
+            raise RelayError(
+                429,
+                self.code,
+                f"too many {self.what} from this client; retry after {wait} s",
+                retry_after=wait,
+            )
+        bucket[0] = tokens - cost
+
+    def _prune(self, now: float) -> None:
+        full = [
+            c
+            for c, (tok, at) in self._buckets.items()
+            if tok + (now - at) * self.rate >= self.burst
+        ]
+        for c in full:
+            del self._buckets[c]
+        while len(self._buckets) >= self.max_clients:
+            del self._buckets[next(iter(self._buckets))]
+
+
+class StreamSlots:
+    """Counts live streams (SSE, WebSocket, long-poll), globally and per client."""
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self._per_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> None:
+        if self.max_total and self.total >= self.max_total:
+            raise RelayError(
+                503,
+                "too_many_streams",
+                "the relay holds its limit of live streams; retry later",
+                retry_after=5,
+            )
+        held = self._per_client.get(client, 0)
+        if self.max_per_client and held >= self.max_per_client:
+            raise RelayError(
+                503,
+                "too_many_streams_for_client",
+                "this client holds its limit of live streams; close one or retry later",
+                retry_after=5,
+            )
+        self.total += 1
+        self._per_client[client] = held + 1
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        held = self._per_client.get(client, 0) - 1
+        if held > 0:
+            self._per_client[client] = held
+        else:
+            self._per_client.pop(client, None)

@@ -1,0 +1,456 @@
+"""The OpenAPI 3.1 document of the whole API, served at /openapi.json.
+
+Written by hand from PROTOCOL.md; tests/test_openapi.py checks that every route
+the app serves is described here and the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay import __version__
+
+WS_PATTERN = r"^[A-Za-z0-9._~:@-]{1,200}$"
+
+_ERROR_CODES = {
+    400: "invalid_workspace, invalid_json, invalid_body, invalid_after, invalid_limit, "
+    "invalid_wait, invalid_batch, invalid_idempotency_key, invalid_device_id, "
+    "invalid_content_length, empty_payload",
+    401: "unauthorized (with WWW-Authenticate: Bearer)",
+    403: "forbidden: the token does not grant this workspace",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large, too_large, keyring_full, too_many_devices",
+    429: "rate_limited, pair_rate_limited (with Retry-After)",
+    503: "store_unavailable, relay_full, too_many_pairings, too_many_streams, "
+    "too_many_streams_for_client (with Retry-After)",
+}
+
+
+def _error(status: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": _ERROR_CODES[status],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if status in (429, 503):
+        out["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+    if status == 401:
+        out["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    return out
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): _error(s) for s in statuses}
+
+
+def _json(schema: dict[str, Any], description: str = "OK", headers: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_WS = {
+    "name": "ws",
+    "in": "path",
+    "required": True,
+    "description": "Workspace (room) id",
+    "schema": {"type": "string", "pattern": WS_PATTERN},
+}
+_AFTER = {
+    "name": "after",
+    "in": "query",
+    "description": "Cursor: return rows with a larger seq (default 0)",
+    "schema": {"type": "integer", "minimum": 0, "maximum": 18446744073709551615},
+}
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "description": "At most this many rows",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+}
+_WAIT = {
+    "name": "wait",
+    "in": "query",
+    "description": "Long-poll: hold up to this many seconds when no row is past the cursor",
+    "schema": {"type": "integer", "minimum": 0, "maximum": 60},
+}
+_READ_HEADERS = {
+    "X-Relay-Head": {"$ref": "#/components/headers/X-Relay-Head"},
+    "X-Relay-Oldest": {"$ref": "#/components/headers/X-Relay-Oldest"},
+    "X-Relay-Epoch": {"$ref": "#/components/headers/X-Relay-Epoch"},
+    "X-Relay-Gap": {"$ref": "#/components/headers/X-Relay-Gap"},
+}
+_IDEMPOTENCY = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "description": "Dedup key (1–200 characters); else X-Hive-Event-Id; else sha256(body)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+    {
+        "name": "X-Hive-Event-Id",
+        "in": "header",
+        "description": "Dedup key used by Hive devices when Idempotency-Key is absent",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+]
+_ANY_JSON: dict[str, Any] = {"description": "Any JSON value (opaque to the relay)"}
+_OK = _json({"$ref": "#/components/schemas/Ok"})
+_DEVICE_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DeviceEntry"}}},
+}
+_DEVICE_MAP = _json(
+    {"type": "object", "additionalProperties": _ANY_JSON},
+    "Device id → its latest data",
+)
+_SSE = {
+    "description": "text/event-stream",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "headers": _READ_HEADERS,
+}
+
+
+def _device_channel(name: str) -> dict[str, Any]:
+    return {
+        "parameters": [_WS],
+        "get": {
+            "summary": f"Read every device's {name} entry",
+            "operationId": f"get_{name}",
+            "responses": {"200": _DEVICE_MAP, **_errors(400, 401, 403, 503)},
+        },
+        "post": {
+            "summary": f"Replace one device's {name} entry",
+            "operationId": f"post_{name}",
+            "requestBody": _DEVICE_BODY,
+            "responses": {"200": _OK, **_errors(400, 401, 403, 413, 503)},
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/v1/health": {
+            "get": {
+                "summary": "Health probe (never gated)",
+                "operationId": "health",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "ok",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "503": {
+                        "description": "store unavailable",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                        "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+                    },
+                },
+            },
+            "head": {
+                "summary": "Health probe without a body",
+                "operationId": "health_head",
+                "security": [],
+                "responses": {
+                    "200": {"description": "ok"},
+                    "503": {"description": "store unavailable"},
+                },
+            },
+        },
+        "/": {
+            "get": {
+                "summary": "Status page (HTML): version, uptime, counts",
+                "operationId": "status_page",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (gated only when HIVE_RELAY_METRICS_TOKEN is set)",
+                "operationId": "metrics",
+                "security": [{}, {"bearer": []}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "security": [],
+                "responses": {"200": _json({"type": "object"})},
+            }
+        },
+        "/v1/workspaces/{ws}/envelopes": {
+            "parameters": [_WS],
+            "post": {
+                "summary": "Push one sealed envelope",
+                "operationId": "push_envelope",
+                "parameters": _IDEMPOTENCY,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ANY_JSON}},
+                },
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Pushed"}),
+                    **_errors(400, 401, 403, 413, 429, 503),
+                },
+            },
+            "get": {
+                "summary": "Read retained envelopes after a cursor (optionally long-polling)",
+                "operationId": "read_envelopes",
+                "parameters": [_AFTER, _LIMIT, _WAIT],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": {"$ref": "#/components/schemas/Row"}},
+                        "Rows, oldest first",
+                        {
+                            **_READ_HEADERS,
+                            "X-Relay-More": {"$ref": "#/components/headers/X-Relay-More"},
+                        },
+                    ),
+                    **_errors(400, 401, 403, 503),
+                },
+            },
+        },
+        "/v1/workspaces/{ws}/envelopes/batch": {
+            "parameters": [_WS],
+            "post": {
+                "summary": "Push 1–1000 envelopes, all or nothing",
+                "operationId": "push_batch",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Keys",
+                        "in": "header",
+                        "description": "Comma-separated dedup keys, one per element"
+                        " (empty = sha256)",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": 1000,
+                                "items": _ANY_JSON,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/BatchPushed"}),
+                    **_errors(400, 401, 403, 413, 429, 503),
+                },
+            },
+        },
+        "/v1/workspaces/{ws}/events": {
+            "parameters": [_WS],
+            "get": {
+                "summary": "Live stream (SSE): seq nudges, or whole rows with bodies=1",
+                "operationId": "events",
+                "parameters": [
+                    {
+                        "name": "bodies",
+                        "in": "query",
+                        "description": "1 = stream whole rows with the seq as the SSE id",
+                        "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+                    },
+                    _AFTER,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "Resume cursor (bodies=1); wins over after",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"},
+                    },
+                ],
+                "responses": {"200": _SSE, **_errors(400, 401, 403, 503)},
+            },
+        },
+        "/v1/workspaces/{ws}/ws": {
+            "parameters": [_WS],
+            "get": {
+                "summary": "WebSocket: sub/pub/ack/env/gap/error JSON frames (upgrade required)",
+                "operationId": "websocket",
+                "responses": {
+                    "101": {"description": "Switching Protocols"},
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            },
+        },
+        "/v1/workspaces/{ws}/keyring": {
+            "parameters": [_WS],
+            "get": {
+                "summary": "Every retained key-rotation blob, oldest first",
+                "operationId": "get_keyring",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ANY_JSON}),
+                    **_errors(400, 401, 403, 503),
+                },
+            },
+            "post": {
+                "summary": "Append a sealed key-rotation blob",
+                "operationId": "post_keyring",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ANY_JSON}},
+                },
+                "responses": {"200": _OK, **_errors(400, 401, 403, 413, 503)},
+            },
+        },
+        "/v1/workspaces/{ws}/presence": _device_channel("presence"),
+        "/v1/workspaces/{ws}/candidates": _device_channel("candidates"),
+        "/v1/pair": {
+            "post": {
+                "summary": "Create a pairing code",
+                "operationId": "pair_create",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/PairRequest"}}
+                    },
+                },
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/PairCreated"}),
+                    **_errors(400, 401, 413, 503),
+                },
+            }
+        },
+        "/v1/pair/{code}": {
+            "parameters": [
+                {
+                    "name": "code",
+                    "in": "path",
+                    "required": True,
+                    "description": "The code; separators and case are ignored",
+                    "schema": {"type": "string"},
+                }
+            ],
+            "get": {
+                "summary": "Resolve a pairing code (rate-limited per client)",
+                "operationId": "pair_resolve",
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/PairPayload"}),
+                    **_errors(401, 404, 429, 503),
+                },
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hive-relay",
+            "version": __version__,
+            "description": "Content-blind relay for end-to-end-encrypted event envelopes "
+            "(the /v1 workspace-sync contract plus extensions).",
+        },
+        "security": [{}, {"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A static allowlisted token or a signed hrt1 token",
+                }
+            },
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}},
+                "X-Relay-Head": {
+                    "description": "Highest seq of the workspace (0 if none)",
+                    "schema": {"type": "string"},
+                },
+                "X-Relay-Oldest": {
+                    "description": "Lowest retained seq (0 if none)",
+                    "schema": {"type": "string"},
+                },
+                "X-Relay-Epoch": {
+                    "description": "Names the store's history",
+                    "schema": {"type": "string"},
+                },
+                "X-Relay-Gap": {
+                    "description": "true when the cursor is below dropped history",
+                    "schema": {"type": "string", "enum": ["true"]},
+                },
+                "X-Relay-More": {
+                    "description": "true when rows past this page remain",
+                    "schema": {"type": "string", "enum": ["true"]},
+                },
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                },
+                "Ok": {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}},
+                "Row": {
+                    "type": "object",
+                    "required": ["seq", "body"],
+                    "properties": {"seq": {"type": "integer", "minimum": 1}, "body": _ANY_JSON},
+                },
+                "Pushed": {
+                    "type": "object",
+                    "required": ["seq"],
+                    "properties": {
+                        "seq": {"type": "integer", "minimum": 1},
+                        "duplicate": {"type": "boolean"},
+                    },
+                },
+                "BatchPushed": {
+                    "type": "object",
+                    "required": ["seqs"],
+                    "properties": {
+                        "seqs": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                        "duplicates": {"type": "array", "items": {"type": "boolean"}},
+                    },
+                },
+                "DeviceEntry": {
+                    "type": "object",
+                    "required": ["device_id"],
+                    "properties": {
+                        "device_id": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "data": _ANY_JSON,
+                    },
+                },
+                "PairRequest": {
+                    "type": "object",
+                    "required": ["payload"],
+                    "properties": {
+                        "payload": {"type": "string", "minLength": 1, "maxLength": 8192},
+                        "ttl_secs": {"type": ["integer", "null"]},
+                    },
+                },
+                "PairCreated": {
+                    "type": "object",
+                    "required": ["code", "expires_in"],
+                    "properties": {
+                        "code": {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{6}$"},
+                        "expires_in": {"type": "integer", "minimum": 30, "maximum": 3600},
+                    },
+                },
+                "PairPayload": {
+                    "type": "object",
+                    "required": ["payload"],
+                    "properties": {"payload": {"type": "string"}},
+                },
+            },
+        },
+    }

@@ -1,0 +1,36 @@
+"""The relay's running parts, built once per app: settings, store, access policy,
+hub, limiters, stream slots and metrics. Handlers reach it as `request.app.state.relay`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.types import Scope
+
+from relay.access import AccessPolicy
+from relay.hub import Hub
+from relay.limits import RateLimiter, StreamSlots, client_address
+from relay.metrics import Metrics
+from relay.settings import Settings
+from relay.store.base import Store
+
+
+@dataclass
+class Relay:
+    settings: Settings
+    store: Store
+    policy: AccessPolicy
+    hub: Hub
+    metrics: Metrics
+    push_limiter: RateLimiter
+    pair_limiter: RateLimiter
+    slots: StreamSlots
+    started: float = field(default_factory=time.time)
+
+    def client(self, scope: Scope) -> str:
+        return client_address(scope, self._trusted)
+
+    def __post_init__(self) -> None:
+        self._trusted = self.settings.trusted_networks

@@ -1,0 +1,166 @@
+"""The Store protocol: everything the API needs from storage.
+
+A store keeps, per workspace, an append-only log of opaque envelope bodies with
+relay-assigned sequence numbers, plus the small side channels (keyring, presence,
+candidates) and the relay-wide pairing codes. API code never knows which store it
+has; tests/test_store_conformance.py runs the same cases against every store.
+
+Rows are handed out already encoded as `{"seq":N,"body":<body>}` bytes, made once
+at append time, so a read is a join of byte strings and never re-encodes a body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+# A listener is told, synchronously and in seq order, of every row appended to a
+# workspace: (workspace, [(seq, row_bytes), ...]).
+AppendListener = Callable[[str, list[tuple[int, bytes]]], None]
+
+# Side channels that hold one entry per device.
+DEVICE_CHANNELS = ("presence", "candidates")
+
+
+class StoreError(Exception):
+    """Base class of errors a store reports to the API layer."""
+
+    status = 500
+    code = "store_error"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class StoreFull(StoreError):
+    """A bound was reached; the write was refused and nothing changed."""
+
+    status = 413
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StoreBusy(StoreError):
+    """A relay-wide bound that will clear by itself (expiring entries)."""
+
+    status = 503
+
+    def __init__(self, code: str, message: str, retry_after: int = 60) -> None:
+        super().__init__(message, retry_after)
+        self.code = code
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached; the request may be retried."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "the store is unavailable", retry_after: int = 1) -> None:
+        super().__init__(message, retry_after)
+
+
+@dataclass(slots=True)
+class Page:
+    """One answer to a cursor read."""
+
+    rows: list[bytes]  # encoded rows, oldest first
+    head: int  # highest seq ever assigned in the workspace (0 if none)
+    oldest: int  # lowest retained seq (0 if none)
+    dropped: int  # highest seq the relay dropped (0 if none)
+    more: bool  # rows past this page remain
+
+    def gap(self, after: int) -> bool:
+        """True when the caller's cursor is below what retention already dropped."""
+        return after < self.dropped
+
+    def last_seq(self, after: int) -> int:
+        return row_seq(self.rows[-1]) if self.rows else after
+
+    def json(self) -> bytes:
+        return b"[" + b",".join(self.rows) + b"]"
+
+
+@dataclass(slots=True, frozen=True)
+class Bounds:
+    max_envelopes: int = 50_000  # 0 = unbounded
+    retention_secs: float = 0.0  # 0 = off
+    max_bytes: int = 1 << 30
+    max_keyring: int = 1000
+    max_devices: int = 1000
+    max_side_bytes: int = 256 * 1024
+    max_pairings: int = 100_000
+    presence_ttl: float = 0.0  # 0 = never
+    idle_workspace_secs: float = 3600.0
+
+
+@dataclass(slots=True, frozen=True)
+class Stats:
+    workspaces: int
+    envelopes: int
+    stored_bytes: int
+    pairings: int
+
+
+_ROW_PREFIX = b'{"seq":'
+
+
+def encode_row(seq: int, body: bytes) -> bytes:
+    return b'{"seq":%d,"body":%b}' % (seq, body)
+
+
+def row_seq(row: bytes) -> int:
+    return int(row[len(_ROW_PREFIX) : row.index(b",", len(_ROW_PREFIX))])
+
+
+def row_body(row: bytes) -> bytes:
+    start = row.index(b',"body":', len(_ROW_PREFIX)) + len(b',"body":')
+    return row[start:-1]
+
+
+class Store(Protocol):
+    """What a store offers. All methods may raise `StoreError` subclasses."""
+
+    @property
+    def epoch(self) -> str:
+        """Names the store's history; changes when acknowledged envelopes may be lost."""
+        ...
+
+    def set_listener(self, listener: AppendListener | None) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def append(self, ws: str, body: bytes, key: bytes) -> tuple[int, bool]:
+        """Append one body; returns (seq, duplicate)."""
+        ...
+
+    async def append_batch(
+        self, ws: str, bodies: list[bytes], keys: list[bytes]
+    ) -> list[tuple[int, bool]]:
+        """Append bodies in order, each deduplicated by its key; all or nothing."""
+        ...
+
+    async def read(self, ws: str, after: int, limit: int, max_bytes: int) -> Page: ...
+
+    async def keyring_append(self, ws: str, blob: bytes) -> None: ...
+
+    async def keyring_list(self, ws: str) -> list[bytes]: ...
+
+    async def device_put(self, channel: str, ws: str, device_id: str, data: bytes) -> None: ...
+
+    async def device_map(self, channel: str, ws: str) -> list[tuple[str, bytes]]: ...
+
+    async def pair_create(self, payload: str, ttl: int) -> str: ...
+
+    async def pair_resolve(self, code: str) -> str | None: ...
+
+    async def stats(self) -> Stats: ...
