@@ -124,11 +124,13 @@ def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_relay(settings: Settings, store: Store | None = None) -> Relay:
+    store = store or open_store(settings)
     relay = Relay(
         settings=settings,
-        store=store or open_store(settings),
+        store=store,
         policy=policy_from_settings(settings),
-        hub=Hub(),
+        # Stores fed by other processes (Redis) follow only locally watched workspaces.
+        hub=Hub(getattr(store, "watch", None), getattr(store, "unwatch", None)),
         metrics=Metrics(),
         push_limiter=RateLimiter(settings.push_rate, settings.push_burst, "rate_limited", "pushes"),
         pair_limiter=RateLimiter(

@@ -120,9 +120,22 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self) -> None:
+    """Who listens to which workspace.
+
+    A store whose appends can come from other processes (Redis) passes `watch`
+    and `unwatch`: the hub calls them when a workspace gains its first local
+    subscriber and loses its last, so the store follows only those workspaces.
+    """
+
+    def __init__(
+        self,
+        watch: Callable[[str], None] | None = None,
+        unwatch: Callable[[str], None] | None = None,
+    ) -> None:
         self._subs: dict[str, set[Subscriber]] = {}
         self.closing = False
+        self._watch = watch
+        self._unwatch = unwatch
 
     def on_append(self, ws: str, rows: list[tuple[int, bytes]]) -> None:
         subs = self._subs.get(ws)
@@ -137,7 +150,12 @@ class Hub:
         sub = Subscriber(ws, limit)
         if self.closing:
             sub.closed = True
-        self._subs.setdefault(ws, set()).add(sub)
+        subs = self._subs.get(ws)
+        if subs is None:
+            subs = self._subs[ws] = set()
+            if self._watch is not None:
+                self._watch(ws)
+        subs.add(sub)
         try:
             yield sub
         finally:
@@ -146,6 +164,8 @@ class Hub:
                 subs.discard(sub)
                 if not subs:
                     del self._subs[ws]
+                    if self._unwatch is not None:
+                        self._unwatch(ws)
 
     def listened(self, ws: str) -> bool:
         return ws in self._subs

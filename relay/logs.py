@@ -42,9 +42,21 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _DropPathLines(logging.Filter):
+    """uvicorn logs WebSocket hand-shakes with the full path (a workspace id);
+    our request log already has one line per session, with the route template."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not (
+            msg.startswith('%s - "WebSocket') or msg in ("connection open", "connection closed")
+        )
+
+
 def configure(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_DropPathLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -32,3 +32,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped in CI (HIVE_RELAY_NO_SKIP=1): {reason}"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

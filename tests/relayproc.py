@@ -9,6 +9,7 @@ The process's output goes to `relay.log_path`; `relay.logs()` reads it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,7 +94,7 @@ class RelayProcess:
         except FileNotFoundError:
             return ""
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 

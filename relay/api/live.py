@@ -175,9 +175,10 @@ class SSEStream(Response):
 class WsOp(msgspec.Struct, forbid_unknown_fields=False):
     op: str
     after: int | None = None
-    body: msgspec.Raw | None = None
+    # An empty Raw means "absent" (msgspec cannot tell a Raw from null in a union).
+    body: msgspec.Raw = msgspec.Raw(b"")
     key: str | None = None
-    ref: msgspec.Raw | None = None
+    ref: msgspec.Raw = msgspec.Raw(b"")
 
 
 def _ws_token(websocket: WebSocket) -> tuple[str | None, str | None]:
@@ -325,10 +326,10 @@ class WsSession:
 
     async def _publish(self, op: WsOp, max_body: int) -> str:
         relay = self.relay
-        ref = bytes(op.ref) if op.ref is not None else b"null"
-        if op.body is None:
-            return _ws_error("invalid_body", "pub needs a body", ref)
+        ref = bytes(op.ref) or b"null"
         body = bytes(op.body)
+        if not body:
+            return _ws_error("invalid_body", "pub needs a body", ref)
         if len(body) > max_body:
             return _ws_error("payload_too_large", f"the body exceeds {max_body} bytes", ref)
         if op.key is not None and not 1 <= len(op.key) <= MAX_KEY_LEN:
