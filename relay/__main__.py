@@ -74,6 +74,18 @@ def _token_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _raise_fd_limit() -> None:
+    """Every live stream is a descriptor: use the hard limit, not the (often 1024) soft one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - non-POSIX or locked down
+        pass
+
+
 def _serve(settings: Settings) -> int:
     import uvicorn
 
@@ -82,6 +94,7 @@ def _serve(settings: Settings) -> int:
     from relay.app import create_app
 
     logs.configure(settings.log_format, settings.log_level)
+    _raise_fd_limit()
     app = create_app(settings)
     relay = app.state.relay
     for name in ignored_settings(settings):

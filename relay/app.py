@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -47,6 +47,7 @@ class RequestLog:
         self.app = app
         self.relay = relay
         self.log = relay.settings.access_log
+        self.header_limit = relay.settings.header_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -69,19 +70,34 @@ class RequestLog:
                 status = message["status"]
             await send(message)
 
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+        for name, value in scope.get("headers", ()):
+            head += len(name) + len(value) + 4
         try:
-            await self.app(scope, receive, send_with_headers)
+            if head <= self.header_limit:
+                await self.app(scope, receive, send_with_headers)
+            elif scope["type"] == "http":
+                # uvicorn's httptools parser caps heads at its own, larger size; this is ours.
+                await error_response(
+                    431,
+                    "headers_too_large",
+                    f"the request line and headers exceed {self.header_limit} bytes",
+                )(scope, receive, send_with_headers)
+            else:
+                status = 431
+                await send({"type": "websocket.close", "code": 1009})
         finally:
             route_obj = scope.get("route")
             route = getattr(route_obj, "path", None) or "unmatched"
             method = scope.get("method", "WS")
             duration = time.perf_counter() - start
-            metrics = self.relay.metrics
-            metrics.requests.labels(route, method, str(status or 500)).inc()
-            if route not in LIVE_ROUTES and not (
-                method == "GET" and "wait=" in scope.get("query_string", b"").decode("latin-1")
-            ):
-                metrics.duration.labels(route).observe(duration)
+            self.relay.metrics.observe(
+                route,
+                method,
+                status or 500,
+                duration,
+                timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
+            )
             if self.log:
                 logs.access(method, route, status or 500, duration, self.relay.client(scope))
 
@@ -170,6 +186,18 @@ async def _sweep_forever(relay: Relay) -> None:
         sweep(relay.hub.listened)
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _get_post(path: str, get: Endpoint, post: Endpoint) -> Route:
+    """One route per path, so a 405 answer's Allow header names every method."""
+
+    async def endpoint(request: Request) -> Response:
+        return await (post if request.method == "POST" else get)(request)
+
+    return Route(path, endpoint, methods=["GET", "POST"], name=post.__name__)
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> Starlette:
     settings = settings or Settings()
     relay = build_relay(settings, store)
@@ -197,24 +225,21 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         await relay.store.close()
 
     ws_path = "/v1/workspaces/{ws}"
+    # The hot routes first: Starlette tries routes in order.
     routes = [
-        Route("/", public.status_page, methods=["GET"]),
-        Route("/v1/health", public.health, methods=["GET", "HEAD"]),
-        Route("/metrics", public.metrics, methods=["GET"]),
-        Route("/openapi.json", public.openapi, methods=["GET"]),
-        Route(f"{ws_path}/envelopes", envelopes.post_envelope, methods=["POST"]),
-        Route(f"{ws_path}/envelopes", envelopes.get_envelopes, methods=["GET"]),
+        _get_post(f"{ws_path}/envelopes", envelopes.get_envelopes, envelopes.post_envelope),
         Route(f"{ws_path}/envelopes/batch", envelopes.post_batch, methods=["POST"]),
         Route(f"{ws_path}/events", live.events, methods=["GET"]),
         WebSocketRoute(f"{ws_path}/ws", live.websocket),
-        Route(f"{ws_path}/keyring", side.post_keyring, methods=["POST"]),
-        Route(f"{ws_path}/keyring", side.get_keyring, methods=["GET"]),
-        Route(f"{ws_path}/presence", side.post_device, methods=["POST"]),
-        Route(f"{ws_path}/presence", side.get_devices, methods=["GET"]),
-        Route(f"{ws_path}/candidates", side.post_device, methods=["POST"]),
-        Route(f"{ws_path}/candidates", side.get_devices, methods=["GET"]),
+        _get_post(f"{ws_path}/keyring", side.get_keyring, side.post_keyring),
+        _get_post(f"{ws_path}/presence", side.get_devices, side.post_device),
+        _get_post(f"{ws_path}/candidates", side.get_devices, side.post_device),
         Route("/v1/pair", side.post_pair, methods=["POST"]),
         Route("/v1/pair/{code}", side.get_pair, methods=["GET"]),
+        Route("/v1/health", public.health, methods=["GET", "HEAD"]),
+        Route("/", public.status_page, methods=["GET"]),
+        Route("/metrics", public.metrics, methods=["GET"]),
+        Route("/openapi.json", public.openapi, methods=["GET"]),
     ]
     middleware = [Middleware(RequestLog, relay=relay)]
     if settings.cors_origin_list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -56,6 +57,24 @@ class Metrics:
             registry=self.registry,
         )
         self.started = time.time()
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float, timed: bool) -> None:
+        """Count a request and time it (live streams and long-polls are not timed).
+
+        Label children are cached: looking them up costs more than the update.
+        """
+        key = (route, method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(route, method, str(status))
+        child.inc()
+        if timed:
+            hist = self._durations.get(route)
+            if hist is None:
+                hist = self._durations[route] = self.duration.labels(route)
+            hist.observe(seconds)
 
     def add_gauges(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
         self.registry.register(_Gauges(read))

@@ -20,9 +20,9 @@ _ERROR_CODES = {
     403: "forbidden: the token does not grant this workspace",
     404: "not_found",
     405: "method_not_allowed",
-    413: "payload_too_large, too_large, keyring_full, too_many_devices",
+    413: "payload_too_large, too_large, keyring_full, too_many_devices, relay_full",
     429: "rate_limited, pair_rate_limited (with Retry-After)",
-    503: "store_unavailable, relay_full, too_many_pairings, too_many_streams, "
+    503: "store_unavailable, too_many_pairings, shutting_down, too_many_streams, "
     "too_many_streams_for_client (with Retry-After)",
 }
 

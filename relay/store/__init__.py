@@ -35,5 +35,5 @@ def open_store(settings: Settings) -> Store:
                 f"HIVE_RELAY_STORE: the Redis store is not available ({exc}); "
                 "install the extra: pip install 'hive-relay[redis]'"
             ) from None
-        return RedisStore(settings.store, bounds)  # type: ignore[no-any-return]
+        return RedisStore(settings.store, bounds)
     raise SettingsError(f"HIVE_RELAY_STORE: unknown store {settings.store!r}")

@@ -310,15 +310,22 @@ class MemoryStore:
         return w.head if w is not None else 0
 
     # ---------------------------------------------------------- side channels
-    def _check_side(self, size: int) -> None:
+    def _check_side(self, size: int, replaces: int = 0) -> None:
+        """Per-entry and relay-wide bounds for side-channel data.
+
+        Side channels get a quarter of the global byte budget. They are never
+        evicted (that would lose acknowledged writes), so past it writes are
+        refused with 413 until entries are replaced, expire or workspaces go idle.
+        """
         if size > self.bounds.max_side_bytes:
             raise StoreFull(
                 "too_large",
                 f"the entry is {size} bytes; the limit is {self.bounds.max_side_bytes}",
             )
-        if self._side_bytes + size > self.bounds.max_bytes // 4:
-            raise StoreBusy(
-                "relay_full", "the relay's side-channel storage is full; try again later"
+        if self._side_bytes - replaces + size > self.bounds.max_bytes // 4:
+            raise StoreFull(
+                "relay_full",
+                "the relay's storage for keyrings, presence and candidates is full",
             )
 
     async def keyring_append(self, ws: str, blob: bytes) -> None:
@@ -346,11 +353,11 @@ class MemoryStore:
         raise ValueError(f"unknown channel {channel!r}; expected one of {DEVICE_CHANNELS}")
 
     async def device_put(self, channel: str, ws: str, device_id: str, data: bytes) -> None:
-        self._check_side(len(data))
         w = self._get(ws)
         entries = self._channel(w, channel)
         self._expire_devices(entries, time.time())
         old = entries.get(device_id)
+        self._check_side(len(data), len(old[0]) if old is not None else 0)
         if old is None and len(entries) >= self.bounds.max_devices:
             raise StoreFull(
                 "too_many_devices",

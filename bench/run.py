@@ -1,0 +1,260 @@
+"""`make bench`: the relay next to its ceiling, in one run, on this machine.
+
+Every figure is the median of several runs with its spread, and is shown as a
+ratio to the ceiling measured in the same run (machines here are shared and
+noisy: ratios travel, absolute numbers do not). Load generators are separate
+processes: wrk for plain HTTP, bench/fanout.py (Python asyncio) for streams.
+
+Writes the results table into docs/benchmarks.md between the RESULTS markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import resource
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+from tests.relayproc import RelayProcess, free_port  # noqa: E402
+
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+
+
+def wrk(url: str, seconds: int, conns: int, script: str | None = None) -> float:
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", str(HERE / script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    med = statistics.median(values)
+    return med, (max(values) - min(values)) / med * 100 if med else 0.0
+
+
+class Ceiling:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Ceiling:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "ceiling.py"), "--port", str(self.port)]
+        )
+        for _ in range(200):
+            try:
+                httpx.get(self.url + "/v1/health", timeout=0.5)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("ceiling did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def relay_env(**extra: str) -> dict[str, str]:
+    return {"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_ACCESS_LOG": "false",
+            "HIVE_RELAY_MAX_SSE": "0", "HIVE_RELAY_MAX_SSE_PER_CLIENT": "0", **extra}
+
+
+def fill(base: str, ws: str, n: int, size: int = 1024) -> list[int]:
+    """Push n unique ~size-byte envelopes with the batch endpoint; returns their seqs."""
+    seqs: list[int] = []
+    pad = "p" * (size - 40)
+    with httpx.Client(base_url=base, timeout=60) as c:
+        for start in range(0, n, 1000):
+            batch = [{"n": f"{ws}-{i}", "p": pad} for i in range(start, min(n, start + 1000))]
+            r = c.post(f"/v1/workspaces/{ws}/envelopes/batch", json=batch)
+            r.raise_for_status()
+            seqs += r.json()["seqs"]
+    return seqs
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def bench_publish_and_read(rounds: int, seconds: int) -> list[tuple[str, str, str, str]]:
+    rows = []
+    with Ceiling() as ceiling, RelayProcess(env=relay_env()) as relay:
+        fill(relay.url, "pub", 50_000)  # at its 50,000 retention cap from the start
+        seqs_1k = fill(relay.url, "r1k", 1_000)
+        seqs_100k = fill(relay.url, "r100k", 100_000)
+        pub_url = relay.url + "/v1/workspaces/pub/envelopes"
+        ceil_pub, relay_pub, read_1k, read_100k, ceil_read, catchup, ceil_catchup = (
+            [], [], [], [], [], [], [])
+        page5 = len(httpx.get(
+            relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5").content)
+        catch_size = len(httpx.get(
+            relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", timeout=30).content)
+        for _ in range(rounds):
+            ceil_pub.append(wrk(ceiling.url + "/append", seconds, 32, "post_unique.lua"))
+            relay_pub.append(wrk(pub_url, seconds, 32, "post_unique.lua"))
+            ceil_read.append(wrk(ceiling.url + f"/read?size={page5}", seconds, 32))
+            read_1k.append(wrk(
+                relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5",
+                seconds, 32))
+            read_100k.append(wrk(
+                relay.url + f"/v1/workspaces/r100k/envelopes?after={seqs_100k[-6]}&limit=5",
+                seconds, 32))
+            ceil_catchup.append(wrk(ceiling.url + f"/read?size={catch_size}", seconds, 8))
+            catchup.append(wrk(
+                relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", seconds, 8))
+        cp, cps = median_spread(ceil_pub)
+        rp, rps = median_spread(relay_pub)
+        r1, r1s = median_spread(read_1k)
+        r2, r2s = median_spread(read_100k)
+        cr, crs = median_spread(ceil_read)
+        cc, ccs = median_spread(ceil_catchup)
+        rc, rcs = median_spread(catchup)
+        rows += [
+            ("Ceiling: append body to a list (POST)", f"{cp:,.0f} req/s ±{cps:.0f}%", "1.00", ""),
+            ("Unique 1 KiB publish at the 50,000 cap", f"{rp:,.0f} req/s ±{rps:.0f}%",
+             f"{rp / cp:.2f}", "≥ 0.7 (issue 2), ≥ 0.8 (issue 7)"),
+            ("Ceiling: prebuilt bytes, size of a 5-row page", f"{cr:,.0f} req/s ±{crs:.0f}%",
+             "1.00", ""),
+            ("Newest 5 rows, 1,000 backlog", f"{r1:,.0f} req/s ±{r1s:.0f}%", f"{r1 / cr:.2f}", ""),
+            ("Newest 5 rows, 100,000 backlog", f"{r2:,.0f} req/s ±{r2s:.0f}%", f"{r2 / cr:.2f}",
+             f"100k/1k = {r2 / r1:.2f} (target within 15%: ≥ 0.85)"),
+            ("Ceiling: prebuilt bytes, size of 5,000 rows", f"{cc:,.0f} req/s ±{ccs:.0f}%",
+             "1.00", ""),
+            ("Catch-up read of 5,000 rows from cursor 0", f"{rc:,.0f} req/s ±{rcs:.0f}%",
+             f"{rc / cc:.2f}", "≥ 0.9 (issue 7)"),
+        ]
+    return rows
+
+
+def bench_fanout(subscribers: int, rate: float, seconds: float) -> list[tuple[str, str, str, str]]:
+    out = []
+    with RelayProcess(env=relay_env()) as relay:
+        res = subprocess.run(
+            [sys.executable, str(HERE / "fanout.py"), "--url", relay.url,
+             "--subscribers", str(subscribers), "--rate", str(rate), "--seconds", str(seconds)],
+            capture_output=True, text=True, check=True, timeout=seconds + 120,
+        )
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+    out.append((
+        f"SSE fan-out, {subscribers} subscribers with bodies, {rate:g} env/s",
+        f"p50 {data['p50_ms']:.1f} ms, p99 {data['p99_ms']:.1f} ms",
+        "",
+        f"{'every' if data['complete'] else 'NOT every'} envelope to every subscriber "
+        f"({data['delivered']}/{data['expected']}); target p99 < 50 ms",
+    ))
+    return out
+
+
+def bench_idle_sse(connections: int) -> list[tuple[str, str, str, str]]:
+    with RelayProcess(env=relay_env()) as relay:
+        assert relay.proc is not None
+        before = rss_kib(relay.proc.pid)
+        holder = subprocess.Popen(
+            [sys.executable, str(HERE / "fanout.py"), "--url", relay.url, "--hold",
+             str(connections)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert holder.stdout is not None
+        line = holder.stdout.readline()  # "held N" once every stream is open
+        held = int(line.split()[1])
+        time.sleep(1.0)
+        after = rss_kib(relay.proc.pid)
+        holder.terminate()
+        holder.wait(30)
+    per = (after - before) / max(1, held)
+    return [(f"Idle SSE connections held ({held:,})", f"{per:.1f} KiB RSS each",
+             "", f"RSS {before / 1024:.0f} → {after / 1024:.0f} MiB; target ≤ 25 KiB")]
+
+
+def bench_memory(envelopes: int) -> list[tuple[str, str, str, str]]:
+    with RelayProcess(env=relay_env()) as relay:
+        assert relay.proc is not None
+        fill(relay.url, "warm", 1000)
+        before = rss_kib(relay.proc.pid)
+        fill(relay.url, "mem", envelopes)
+        after = rss_kib(relay.proc.pid)
+    per = (after - before) * 1024 / envelopes
+    return [(f"RSS growth per retained 1 KiB envelope ({envelopes:,})", f"{per:,.0f} bytes",
+             f"{per / 1024:.2f}x body", "target ≤ 1.5x (issue 7)")]
+
+
+def write_doc(rows: list[tuple[str, str, str, str]], commands: str) -> None:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = platform.processor() or platform.machine()
+    table = ["| measure | figure (median ± spread) | ratio to ceiling | target / note |",
+             "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    block = "\n".join([
+        BEGIN,
+        f"Measured {now} on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}.",
+        "",
+        *table,
+        "",
+        "Produced by:",
+        "",
+        "```",
+        commands,
+        "```",
+        END,
+    ])
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    DOC.write_text(text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="fewer, shorter runs")
+    p.add_argument("--only", choices=["http", "fanout", "idle", "memory"], default=None)
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.rounds, args.seconds = 1, 2
+    # Thousands of streams need thousands of descriptors, here and in the relay.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows: list[tuple[str, str, str, str]] = []
+    if args.only in (None, "http"):
+        rows += bench_publish_and_read(args.rounds, args.seconds)
+    if args.only in (None, "fanout"):
+        rows += bench_fanout(200, 20, 10 if not args.quick else 4)
+    if args.only in (None, "idle"):
+        rows += bench_idle_sse(5000)
+    if args.only in (None, "memory"):
+        rows += bench_memory(50_000)
+    for r in rows:
+        print(" | ".join(r))
+    cmd = "make bench   # = .venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
+    write_doc(rows, cmd.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
