@@ -200,6 +200,16 @@ def bench_memory(envelopes: int) -> list[tuple[str, str, str, str]]:
              f"{per / 1024:.2f}x body", "target ≤ 1.5x (issue 7)")]
 
 
+def bench_snapshot(envelopes: int) -> list[tuple[str, str, str, str]]:
+    res = subprocess.run([sys.executable, str(HERE / "snapshot_stall.py"), str(envelopes)],
+                         capture_output=True, text=True, check=True, timeout=300)
+    d = json.loads(res.stdout)
+    return [(f"Snapshot of {envelopes:,} 1 KiB envelopes", f"{d['write_s']:.2f} s to write "
+             f"{d['bytes'] / 2**20:.0f} MiB", "",
+             f"longest event-loop stall {d['max_stall_ms']:.1f} ms "
+             f"(consistent copy on the loop: {d['copy_ms']:.1f} ms)")]
+
+
 def write_doc(rows: list[tuple[str, str, str, str]], commands: str) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
@@ -230,7 +240,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs")
-    p.add_argument("--only", choices=["http", "fanout", "idle", "memory"], default=None)
+    p.add_argument("--only", choices=["http", "fanout", "idle", "memory", "snapshot"],
+                   default=None)
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)
@@ -249,6 +260,8 @@ def main() -> int:
         rows += bench_idle_sse(5000)
     if args.only in (None, "memory"):
         rows += bench_memory(50_000)
+    if args.only in (None, "snapshot"):
+        rows += bench_snapshot(50_000)
     for r in rows:
         print(" | ".join(r))
     cmd = "make bench   # = .venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
