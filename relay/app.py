@@ -105,7 +105,7 @@ class RequestLog:
 def _relay_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RelayError)
     if exc.status == 429:
-        request.app.state.relay.metrics.rejected.labels(exc.code).inc()
+        request.app.state.relay.metrics.rejected(exc.code)
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
@@ -114,6 +114,19 @@ def _store_error(request: Request, exc: Exception) -> Response:
     headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
     status = exc.status if exc.status in (413, 503) else 503
     return error_response(status, exc.code, exc.message, headers)
+
+
+def _exception_group(request: Request, exc: Exception) -> Response:
+    # A live stream's task group wraps a lone error (e.g. the store failing as the
+    # stream starts): answer it as if raised alone. Anything else stays a 500.
+    inner: BaseException = exc
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    if isinstance(inner, StoreError):
+        return _store_error(request, inner)
+    if isinstance(inner, RelayError):
+        return _relay_error(request, inner)
+    raise exc
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -270,6 +283,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     handlers: dict[Any, Any] = {
         RelayError: _relay_error,
         StoreError: _store_error,
+        ExceptionGroup: _exception_group,
         HTTPException: _http_error,
         ClientDisconnect: _disconnected,
         Exception: _server_error,

@@ -1,80 +1,129 @@
-"""Prometheus metrics. Content-blind: labels are route templates, methods and
-status codes only; never workspace ids, tokens or client addresses."""
+"""Prometheus metrics. Content-blind: labels are route templates, methods, status
+codes and refusal reasons only; never workspace ids, tokens or client addresses.
+
+The hot-path numbers are plain integers updated on the event loop (one thread,
+no locks) and turned into Prometheus families by a collector at scrape time;
+prometheus-client does the exposition. Its own Counter/Histogram take a lock
+and a label lookup per update, which cost more than the rest of the accounting.
+"""
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-
-class _Gauges(Collector):
-    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
-        self._read = read
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        for name, (doc, value) in self._read().items():
-            yield GaugeMetricFamily(name, doc, value=value)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 
-class Metrics:
+class _Histogram:
+    __slots__ = ("counts", "total")
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "hive_relay_http_requests",
-            "HTTP requests and WebSocket sessions by route template, method and status",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "hive_relay_http_request_duration_seconds",
-            "Time to the end of the response, by route template (live streams excluded)",
-            ["route"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-            registry=self.registry,
-        )
-        self.appended = Counter(
-            "hive_relay_envelopes_appended", "Envelopes appended", registry=self.registry
-        )
-        self.duplicates = Counter(
-            "hive_relay_envelopes_duplicate",
-            "Pushes answered as duplicates (nothing appended)",
-            registry=self.registry,
-        )
-        self.rejected = Counter(
-            "hive_relay_rejected",
-            "Requests refused to protect the relay, by reason",
-            ["reason"],
-            registry=self.registry,
-        )
-        self.slow_consumers = Counter(
-            "hive_relay_slow_consumers_disconnected",
-            "Live subscribers disconnected because they fell too far behind",
-            registry=self.registry,
-        )
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+class Counter:
+    """A lock-free counter for code that runs on the event loop."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class Metrics(Collector):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
         self.started = time.time()
-        self._requests: dict[tuple[str, str, int], Any] = {}
-        self._durations: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._durations: dict[str, _Histogram] = {}
+        self.appended = Counter()
+        self.duplicates = Counter()
+        self.slow_consumers = Counter()
+        self._rejected: dict[str, int] = {}
+        self._gauges: list[Callable[[], dict[str, tuple[str, float]]]] = []
+        self.registry.register(self)
 
     def observe(self, route: str, method: str, status: int, seconds: float, timed: bool) -> None:
-        """Count a request and time it (live streams and long-polls are not timed).
-
-        Label children are cached: looking them up costs more than the update.
-        """
+        """Count a request and time it (live streams and long-polls are not timed)."""
         key = (route, method, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(route, method, str(status))
-        child.inc()
+        self._requests[key] = self._requests.get(key, 0) + 1
         if timed:
             hist = self._durations.get(route)
             if hist is None:
-                hist = self._durations[route] = self.duration.labels(route)
+                hist = self._durations[route] = _Histogram()
             hist.observe(seconds)
 
+    def rejected(self, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
     def add_gauges(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
-        self.registry.register(_Gauges(read))
+        self._gauges.append(read)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "hive_relay_http_requests",
+            "HTTP requests and WebSocket sessions by route template, method and status",
+            labels=["route", "method", "status"],
+        )
+        for (route, method, status), n in sorted(self._requests.items()):
+            requests.add_metric([route, method, str(status)], n)
+        yield requests
+        duration = HistogramMetricFamily(
+            "hive_relay_http_request_duration_seconds",
+            "Time to the end of the response, by route template (live streams excluded)",
+            labels=["route"],
+        )
+        for route, hist in sorted(self._durations.items()):
+            duration.add_metric([route], hist.buckets(), hist.total)
+        yield duration
+        yield CounterMetricFamily(
+            "hive_relay_envelopes_appended", "Envelopes appended", value=self.appended.value
+        )
+        yield CounterMetricFamily(
+            "hive_relay_envelopes_duplicate",
+            "Pushes answered as duplicates (nothing appended)",
+            value=self.duplicates.value,
+        )
+        yield CounterMetricFamily(
+            "hive_relay_slow_consumers_disconnected",
+            "Live subscribers disconnected because they fell too far behind",
+            value=self.slow_consumers.value,
+        )
+        rejected = CounterMetricFamily(
+            "hive_relay_rejected",
+            "Requests refused to protect the relay (429), by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self._rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        for read in self._gauges:
+            for name, (doc, value) in read().items():
+                yield GaugeMetricFamily(name, doc, value=value)

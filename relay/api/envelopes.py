@@ -44,27 +44,47 @@ def dedup_key(request: Request, body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
 
 
+def limit_push(relay: Relay, request: Request) -> None:
+    if relay.push_limiter.enabled:
+        relay.push_limiter.take(relay.client(request.scope))
+
+
+class JSONBytes(Response):
+    """A prebuilt JSON answer; skips Response's per-call header assembly."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        raw = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
+        if headers:
+            raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers = raw
+
+
 async def post_envelope(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
-    relay.push_limiter.take(relay.client(request.scope))
+    limit_push(relay, request)
     body = await read_body(request, relay.settings.max_body_bytes)
     check_json(body)
     key = dedup_key(request, body)
     seq, duplicate = await relay.store.append(ws, body, key)
     if duplicate:
         relay.metrics.duplicates.inc()
-        return Response(b'{"seq":%d,"duplicate":true}' % seq, media_type="application/json")
+        return JSONBytes(b'{"seq":%d,"duplicate":true}' % seq)
     relay.metrics.appended.inc()
-    return Response(b'{"seq":%d}' % seq, media_type="application/json")
+    return JSONBytes(b'{"seq":%d}' % seq)
 
 
 async def post_batch(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
-    relay.push_limiter.take(relay.client(request.scope))
+    limit_push(relay, request)
     body = await read_body(request, relay.settings.max_body_bytes)
     check_json(body)
     try:
@@ -128,11 +148,7 @@ async def get_envelopes(request: Request) -> Response:
     page = await relay.store.read(ws, after, limit, max_page)
     if not page.rows and wait and not relay.hub.closing:
         page = await _long_poll(relay, request, ws, after, limit, wait)
-    return Response(
-        page.json(),
-        media_type="application/json",
-        headers=read_headers(page, after, relay.store.epoch),
-    )
+    return JSONBytes(page.json(), read_headers(page, after, relay.store.epoch))
 
 
 async def _long_poll(
