@@ -190,8 +190,7 @@ def decode_json(response: httpx.Response, type: type[T]) -> T:
         return msgspec.json.decode(response.content, type=type)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadResponse(
-            f"{response.request.method} {response.request.url.path} answered "
-            f"malformed JSON: {exc}",
+            f"{response.request.method} {response.request.url.path} answered malformed JSON: {exc}",
             status=response.status_code,
         ) from None
 
@@ -357,7 +356,9 @@ def fetch_call(
         # The relay holds the request up to `wait`: the read timeout must outlast it.
         read = (base_timeout.read or 0.0) + wait
         timeout = httpx.Timeout(
-            connect=base_timeout.connect, read=read, write=base_timeout.write,
+            connect=base_timeout.connect,
+            read=read,
+            write=base_timeout.write,
             pool=base_timeout.pool,
         )
     return Call(

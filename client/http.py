@@ -248,7 +248,11 @@ class RelayClient:
         path, params, headers = rq.events_request(workspace, bodies, after)
         try:
             with connect_sse(
-                self._http, "GET", path, params=params, headers=headers,
+                self._http,
+                "GET",
+                path,
+                params=params,
+                headers=headers,
                 timeout=self._stream_timeout,
             ) as source:
                 response = source.response
@@ -374,9 +378,7 @@ class AsyncRelayClient:
         """Replace this device's candidates entry with `data` (any JSON value)."""
         await self._send(rq.device_entry_put_call(workspace, "candidates", device_id, data))
 
-    async def create_pairing(
-        self, payload: str, *, ttl_secs: int | None = None
-    ) -> PairingCreated:
+    async def create_pairing(self, payload: str, *, ttl_secs: int | None = None) -> PairingCreated:
         """Park `payload` under a short pairing code (TTL clamped by the relay to 30-3600 s)."""
         return await self._send(rq.pair_create_call(payload, ttl_secs))
 
@@ -395,7 +397,11 @@ class AsyncRelayClient:
         path, params, headers = rq.events_request(workspace, bodies, after)
         try:
             async with aconnect_sse(
-                self._http, "GET", path, params=params, headers=headers,
+                self._http,
+                "GET",
+                path,
+                params=params,
+                headers=headers,
                 timeout=self._stream_timeout,
             ) as source:
                 response = source.response

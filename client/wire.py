@@ -15,7 +15,7 @@ import msgspec
 
 Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
-Seq = Annotated[int, msgspec.Meta(ge=0, lt=1 << 64)]
+Seq = Annotated[int, msgspec.Meta(ge=0)]
 
 
 # --------------------------------------------------------------------------- relay answers

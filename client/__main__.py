@@ -1,0 +1,435 @@
+"""`python -m client`: send, tail, keygen, derive-key and probe from a shell.
+
+Every connection flag has an environment variable (the same ones
+`Workspace.from_env` reads); a flag wins over its variable. Exit codes: 0
+success, 1 failure (the message says what to do), 2 usage or configuration
+error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TextIO
+
+import anyio
+import msgspec
+
+from client.crypto import Device, WorkspaceKey, open_envelope
+from client.cursor import FileCursorStore
+from client.errors import (
+    BadRequest,
+    BadResponse,
+    ConfigError,
+    CryptoError,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    RelayError,
+    Unauthorized,
+    Unavailable,
+    Unreachable,
+    Unsupported,
+)
+from client.events import Event, Gap, KeyMissing, RelayReset, Unopenable
+from client.http import AsyncRelayClient
+from client.workspace import Workspace, device_from_env
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# flag dest -> environment variable
+_ENV_FLAGS = {
+    "url": "HIVE_RELAY_URL",
+    "workspace": "HIVE_WORKSPACE",
+    "key": "HIVE_WORKSPACE_KEY",
+    "token": "HIVE_RELAY_ACCESS_TOKEN",
+    "key_epoch": "HIVE_WORKSPACE_KEY_EPOCH",
+    "device_id": "HIVE_DEVICE_ID",
+    "device_key": "HIVE_DEVICE_KEY",
+    "cursor_file": "HIVE_CURSOR_FILE",
+}
+
+
+class CliError(Exception):
+    """A failure with an actionable message and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection (flags win over environment variables)")
+    group.add_argument("--url", help="relay base URL [env HIVE_RELAY_URL]")
+    group.add_argument("--workspace", "-w", help="workspace id [env HIVE_WORKSPACE]")
+    group.add_argument(
+        "--key",
+        help="workspace key: 64 hex, else a passphrase [env HIVE_WORKSPACE_KEY; prefer the env]",
+    )
+    group.add_argument("--token", help="access token [env HIVE_RELAY_ACCESS_TOKEN]")
+    group.add_argument(
+        "--key-epoch", help="key epoch of --key (default 0) [env HIVE_WORKSPACE_KEY_EPOCH]"
+    )
+    group.add_argument(
+        "--device-id", help="this device's id, to adopt rotated keys [env HIVE_DEVICE_ID]"
+    )
+    group.add_argument(
+        "--device-key", help="this device's X25519 secret, 64 hex [env HIVE_DEVICE_KEY]"
+    )
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="hive-relay client: seal, send and follow end-to-end-encrypted envelopes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conn = _connection_options()
+
+    send = sub.add_parser(
+        "send", parents=[conn], help="seal one JSON value and append it; prints its seq"
+    )
+    send.add_argument(
+        "json",
+        nargs="?",
+        default="-",
+        metavar="JSON|-",
+        help="the JSON value to send (default -: read standard input)",
+    )
+    send.add_argument(
+        "--format",
+        choices=("hive", "compact"),
+        default="hive",
+        help="sealed body format (default hive: readable by Hive devices)",
+    )
+
+    tail = sub.add_parser(
+        "tail", parents=[conn], help='print {"seq": N, "event": ...} per opened envelope'
+    )
+    tail.add_argument(
+        "--after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start after seq N (default: the cursor file, else 0)",
+    )
+    tail.add_argument("--once", action="store_true", help="exit once caught up")
+    tail.add_argument("--cursor-file", help="persist the cursor here [env HIVE_CURSOR_FILE]")
+    tail.add_argument(
+        "--transport",
+        default="auto",
+        choices=("auto", "sse", "nudge", "longpoll", "poll"),
+        help="live transport (default auto: the best the relay offers)",
+    )
+
+    keygen = sub.add_parser("keygen", help="print a new random workspace key (64 hex)")
+    keygen.add_argument(
+        "--device", action="store_true", help="print a new X25519 device key pair as JSON instead"
+    )
+
+    derive = sub.add_parser("derive-key", help="print the workspace key a passphrase derives")
+    derive.add_argument(
+        "passphrase", metavar="PASSPHRASE", help="the passphrase (- reads it from standard input)"
+    )
+
+    sub.add_parser(
+        "probe",
+        parents=[conn],
+        help="check the relay is reachable and accepts this token (and key)",
+    )
+    return parser
+
+
+def _resolve_env(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    for dest, var in _ENV_FLAGS.items():
+        if hasattr(args, dest) and getattr(args, dest) in (None, ""):
+            value = environ.get(var, "")
+            # Keys are taken raw (a passphrase may have meaningful spaces); others stripped.
+            value = value if dest == "key" else value.strip()
+            setattr(args, dest, value or None)
+
+
+def _require(args: argparse.Namespace, dest: str) -> str:
+    value = getattr(args, dest, None)
+    if not value:
+        flag = "--" + dest.replace("_", "-")
+        raise CliError(f"{flag} or {_ENV_FLAGS[dest]} is required", EXIT_USAGE)
+    return str(value)
+
+
+def _workspace(args: argparse.Namespace, **extra: Any) -> Workspace:
+    env = {
+        k: v
+        for k, v in {
+            "HIVE_DEVICE_ID": args.device_id,
+            "HIVE_DEVICE_KEY": args.device_key,
+        }.items()
+        if v
+    }
+    key_epoch = 0
+    if args.key_epoch is not None:
+        try:
+            key_epoch = int(args.key_epoch)
+        except ValueError:
+            raise CliError("--key-epoch must be a whole number", EXIT_USAGE) from None
+    try:
+        return Workspace(
+            _require(args, "url"),
+            _require(args, "workspace"),
+            WorkspaceKey.parse(_require(args, "key")),
+            token=args.token,
+            key_epoch=key_epoch,
+            device=device_from_env(env),
+            **extra,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _read_json_arg(text: str, stdin: TextIO) -> bytes:
+    raw = (stdin.read() if text == "-" else text).strip().encode("utf-8")
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise CliError(f"not valid JSON: {exc}", EXIT_USAGE) from None
+    return raw
+
+
+def explain(exc: RelayError, *, url: str, workspace: str | None = None) -> str:
+    """One actionable sentence for a relay failure."""
+    where = f"workspace {workspace!r}" if workspace else "this workspace"
+    if isinstance(exc, Unreachable):
+        return (
+            f"cannot reach the relay at {url} ({exc.message}). Check HIVE_RELAY_URL "
+            "(scheme, host and port) and that the relay is running."
+        )
+    if isinstance(exc, Unauthorized):
+        return (
+            f"the relay rejected the access token ({exc}). Set HIVE_RELAY_ACCESS_TOKEN "
+            "(or --token) to a token this relay accepts; signed tokens also expire."
+        )
+    if isinstance(exc, Forbidden):
+        return (
+            f"the token is valid but does not grant {where} ({exc}). "
+            "Use a token whose ws claim covers it."
+        )
+    if isinstance(exc, NotFound):
+        return (
+            f"{url} answered 404 ({exc}). Is HIVE_RELAY_URL the relay's base URL "
+            "(without /v1), and is it a hive relay?"
+        )
+    if isinstance(exc, BadRequest):
+        return f"the relay rejected the request ({exc}). Check the workspace id and the input."
+    if isinstance(exc, RateLimited):
+        wait = f" Retry in {exc.retry_after:g} s." if exc.retry_after is not None else ""
+        return f"the relay is rate-limiting this client ({exc}).{wait}"
+    if isinstance(exc, Unavailable):
+        return (
+            f"the relay is up but cannot serve ({exc}). Check its store "
+            "(HIVE_RELAY_STORE, Redis) and its logs."
+        )
+    if isinstance(exc, BadResponse):
+        return f"{url} answered something that is not the hive relay protocol ({exc})."
+    return f"the relay refused the request: {exc}"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def _send(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    body = _read_json_arg(args.json, stdin)
+    # A person is waiting: retry transient failures briefly (same idempotency key), then say why.
+    ws = _workspace(args, send_attempts=3)
+    async with ws:
+        try:
+            seq = await ws.send(body, format=args.format)
+        except RelayError as exc:
+            raise CliError(explain(exc, url=ws.client.base_url, workspace=ws.workspace)) from None
+    print(seq, file=out)
+    return EXIT_OK
+
+
+async def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    store = FileCursorStore(args.cursor_file) if args.cursor_file else None
+    ws = _workspace(args, cursor_store=store, transport=args.transport)
+    code = EXIT_OK
+    async with ws:
+        try:
+            async for item in ws.events(after=args.after, live=not args.once):
+                if isinstance(item, Event):
+                    line = msgspec.json.encode({"seq": item.seq, "event": item.data})
+                    out.write(line.decode("utf-8") + "\n")
+                    out.flush()
+                elif isinstance(item, Unopenable):
+                    print(f"seq {item.seq}: {item.error}", file=err)
+                elif isinstance(item, KeyMissing):
+                    print(
+                        f"seq {item.seq}: sealed with key epoch {item.epoch}, which this key "
+                        "does not cover; stopped here. Set HIVE_WORKSPACE_KEY (and "
+                        "HIVE_WORKSPACE_KEY_EPOCH) to that epoch's key, or HIVE_DEVICE_ID and "
+                        "HIVE_DEVICE_KEY to adopt rotated keys.",
+                        file=err,
+                    )
+                    code = EXIT_FAIL
+                elif isinstance(item, Gap):
+                    print(
+                        f"gap: the relay dropped envelopes after seq {item.after} before they "
+                        f"were read; continuing from seq {item.oldest}",
+                        file=err,
+                    )
+                elif isinstance(item, RelayReset):
+                    print(
+                        f"the relay's history changed (epoch {item.previous} -> {item.current}); "
+                        "envelopes it had acknowledged may be lost",
+                        file=err,
+                    )
+                err.flush()
+            await ws.commit()
+        except RelayError as exc:
+            raise CliError(explain(exc, url=ws.client.base_url, workspace=ws.workspace)) from None
+    return code
+
+
+def _keygen(args: argparse.Namespace, out: TextIO) -> int:
+    if args.device:
+        device = Device.generate("device")
+        line = msgspec.json.encode({"secret": device.secret_hex(), "public": device.public_hex})
+        print(line.decode(), file=out)
+    else:
+        print(WorkspaceKey.generate().hex(), file=out)
+    return EXIT_OK
+
+
+def _derive_key(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    passphrase = stdin.readline().rstrip("\r\n") if args.passphrase == "-" else args.passphrase
+    try:
+        print(WorkspaceKey.from_passphrase(passphrase).hex(), file=out)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return EXIT_OK
+
+
+_PROBE_AFTER = 1 << 63  # past any real seq: the read returns no rows, only headers
+
+
+async def _probe(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    url = _require(args, "url")
+    try:
+        client = AsyncRelayClient(url, args.token)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    async with client:
+        try:
+            healthy = await client.health()
+        except RelayError as exc:
+            raise CliError(explain(exc, url=client.base_url)) from None
+        if not healthy:
+            raise CliError(
+                f"the relay at {client.base_url} is up but its store is unavailable (503). "
+                "Check HIVE_RELAY_STORE (Redis reachable?) and the relay's logs."
+            )
+        print(f"ok: relay reachable at {client.base_url}", file=out)
+        workspace = args.workspace
+        if not workspace:
+            print(
+                "skip: no workspace given (HIVE_WORKSPACE), so the token was not checked", file=out
+            )
+            return EXIT_OK
+        try:
+            page = await client.fetch(workspace, _PROBE_AFTER, limit=1)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        except RelayError as exc:
+            raise CliError(explain(exc, url=client.base_url, workspace=workspace)) from None
+        auth = "token accepted" if args.token else "no token needed"
+        print(f"ok: {auth} for workspace {workspace!r} (head seq {page.head})", file=out)
+        await _probe_live(client, workspace, out)
+        if args.key:
+            return await _probe_key(args, client, workspace, page.head, out, err)
+    return EXIT_OK
+
+
+async def _probe_live(client: AsyncRelayClient, workspace: str, out: TextIO) -> None:
+    try:
+        async with client.events(workspace, bodies=True, after=_PROBE_AFTER):
+            print("ok: live event stream offered (SSE)", file=out)
+    except Unsupported:
+        print("note: no event stream on this relay; followers will poll", file=out)
+    except RelayError as exc:
+        print(f"note: the event stream failed ({exc}); followers will fall back", file=out)
+
+
+async def _probe_key(
+    args: argparse.Namespace,
+    client: AsyncRelayClient,
+    workspace: str,
+    head: int | None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    ws = _workspace(args, client=client)
+    if not head:
+        print("skip: the workspace is empty, so the key was not checked", file=out)
+        return EXIT_OK
+    page = await client.fetch(workspace, head - 1, limit=1)
+    if not page.rows:
+        print("skip: the newest envelope is no longer retained; key not checked", file=out)
+        return EXIT_OK
+    row = page.rows[0]
+    try:
+        opened = open_envelope(row.body, ws.keyring, workspace=workspace)
+    except CryptoError as exc:
+        print(
+            f"FAIL: the key does not open the newest envelope (seq {row.seq}): {exc}. "
+            "Check HIVE_WORKSPACE_KEY (and HIVE_WORKSPACE_KEY_EPOCH after a rotation).",
+            file=err,
+        )
+        return EXIT_FAIL
+    print(f"ok: the key opens the newest envelope (seq {row.seq}, epoch {opened.epoch})", file=out)
+    return EXIT_OK
+
+
+AsyncCommand = Callable[[argparse.Namespace, TextIO, TextIO, TextIO], Coroutine[Any, Any, int]]
+_ASYNC: dict[str, AsyncCommand] = {"send": _send, "tail": _tail, "probe": _probe}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the CLI; returns the exit code."""
+    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
+    args = build_parser().parse_args(argv)
+    _resolve_env(args, os.environ if environ is None else environ)
+    try:
+        if args.command == "keygen":
+            return _keygen(args, out)
+        if args.command == "derive-key":
+            return _derive_key(args, out, inp)
+        command = _ASYNC[args.command]
+        return anyio.run(command, args, out, err, inp)
+    except CliError as exc:
+        print(f"error: {exc}", file=err)
+        return exc.code
+    except ConfigError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Output went to a closed pipe (`| head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,581 @@
+"""`Workspace`: join one workspace on one relay, send sealed events and follow opened ones.
+
+    async with Workspace.from_env() as ws:
+        await ws.send({"kind": "hello"})
+        async for item in ws:
+            if isinstance(item, Event):
+                print(item.seq, item.data)
+
+The rules it keeps (CLIENT.md):
+
+* `send` seals once and pushes with one idempotency key, reused on every
+  retry, so a retried send never appends twice.
+* The cursor moves past an envelope only once it was handed to the caller;
+  with a cursor store, the stored cursor moves when the caller comes back for
+  the next item (or calls `commit()`), so a crash re-delivers at most the
+  event being processed.
+* An envelope whose key epoch has not arrived stops the cursor: the
+  workspace re-reads the keyring (when it has a device identity) and retries;
+  it never skips ahead.
+* A gap or a changed relay epoch reaches the caller as an event.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import uuid
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from client.crypto import (
+    Device,
+    Keyring,
+    SealFormat,
+    WorkspaceKey,
+    open_envelope,
+    rotation_epoch,
+    seal_rotation,
+)
+from client.cursor import CursorState, CursorStore, FileCursorStore
+from client.errors import (
+    BadEnvelope,
+    ConfigError,
+    CryptoError,
+    NotSealed,
+    RelayError,
+    UnknownEpoch,
+    Unsupported,
+)
+from client.events import Event, Gap, KeyMissing, RelayReset, Unopenable, WorkspaceEvent
+from client.feeds import (
+    FeedItem,
+    History,
+    TransportMode,
+    catch_up_feed,
+    poll_feed,
+    stream_feed,
+)
+from client.http import AsyncRelayClient, Row
+from client.retry import Backoff
+from client.wire import GapNotice
+
+__all__ = ["ENV_VARS", "TransportMode", "Workspace"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The environment variables `Workspace.from_env` (and `python -m client`) read.
+ENV_VARS = {
+    "HIVE_RELAY_URL": "relay base URL, e.g. https://relay.example.com",
+    "HIVE_WORKSPACE": "workspace id",
+    "HIVE_WORKSPACE_KEY": "workspace key: 64 hex characters, or a passphrase (Argon2id)",
+    "HIVE_RELAY_ACCESS_TOKEN": "bearer token, when the relay requires one",
+    "HIVE_WORKSPACE_KEY_EPOCH": "key epoch of HIVE_WORKSPACE_KEY (default 0)",
+    "HIVE_DEVICE_ID": "this device's id in key rotations (with HIVE_DEVICE_KEY)",
+    "HIVE_DEVICE_KEY": "this device's X25519 secret, 64 hex characters",
+    "HIVE_CURSOR_FILE": "file to persist the read cursor in",
+}
+
+_TRANSPORTS = ("auto", "sse", "nudge", "longpoll", "poll")
+# Best first; "auto" walks this list from the last transport that worked.
+_PREFERENCE: tuple[TransportMode, ...] = ("sse", "nudge", "longpoll", "poll")
+
+
+class Workspace:
+    """One workspace on one relay, seen through this program's keys.
+
+    Arguments:
+        url: the relay's base URL.
+        workspace: the workspace id (1-200 of `A-Z a-z 0-9 . _ ~ : @ -`).
+        key: a `Keyring`, a `WorkspaceKey`, or text (64 hex, else a passphrase).
+        token: bearer token for relays that require one.
+        key_epoch: the epoch of `key` when it is a single key (default 0).
+        device: this device's identity, to adopt key rotations sealed to it.
+        cursor_store: where to persist the cursor (default: memory only).
+        seal_format: "hive" (default, readable by Hive devices) or "compact".
+        allow_plaintext: hand over unsealed (plaintext) envelopes as events.
+        transport: "auto" (best offered) or force one of sse/nudge/longpoll/poll.
+        poll_interval: seconds between reads when only plain polling works.
+        long_poll_wait: seconds each long-poll read may be held by the relay.
+        reconnect: backoff between reconnects after a failure.
+        key_retry: backoff between keyring re-reads while a key epoch is missing.
+        send_attempts: attempts per send on retryable failures (same idempotency key).
+        client: an `AsyncRelayClient` to use (not closed by this workspace).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        workspace: str,
+        key: Keyring | WorkspaceKey | str,
+        *,
+        token: str | None = None,
+        key_epoch: int = 0,
+        device: Device | None = None,
+        cursor_store: CursorStore | None = None,
+        seal_format: SealFormat = "hive",
+        allow_plaintext: bool = False,
+        transport: TransportMode = "auto",
+        poll_interval: float = 2.0,
+        long_poll_wait: float = 25.0,
+        reconnect: Backoff | None = None,
+        key_retry: Backoff | None = None,
+        send_attempts: int = 5,
+        client: AsyncRelayClient | None = None,
+    ) -> None:
+        if transport not in _TRANSPORTS:
+            raise ConfigError(f"transport must be one of {', '.join(_TRANSPORTS)}")
+        if seal_format not in ("hive", "compact"):
+            raise ConfigError("seal_format must be 'hive' or 'compact'")
+        if send_attempts < 1:
+            raise ConfigError("send_attempts must be at least 1")
+        if not 0 < long_poll_wait <= 60:
+            raise ConfigError("long_poll_wait must be in (0, 60] seconds")
+        if poll_interval <= 0:
+            raise ConfigError("poll_interval must be positive")
+        if isinstance(key, Keyring):
+            self.keyring = key
+        elif isinstance(key, WorkspaceKey):
+            self.keyring = Keyring.single(key, key_epoch)
+        else:
+            self.keyring = Keyring.single(WorkspaceKey.parse(key), key_epoch)
+        if len(self.keyring) == 0:
+            raise ConfigError("the keyring is empty: a workspace needs at least one key")
+        self.client = client or AsyncRelayClient(url, token)
+        self._owns_client = client is None
+        self.workspace = workspace
+        self.device = device
+        self.cursor_store = cursor_store
+        self.seal_format: SealFormat = seal_format
+        self.allow_plaintext = allow_plaintext
+        self.poll_interval = poll_interval
+        self.long_poll_wait = long_poll_wait
+        self.reconnect = reconnect or Backoff()
+        self.key_retry = key_retry or Backoff(initial=1.0, maximum=60.0)
+        self.send_attempts = send_attempts
+        self._requested_transport: TransportMode = transport
+        self._detected: TransportMode | None = None
+        self._cursor = 0
+        self._relay_epoch: str | None = None
+        self._loaded = False
+        self._stored: CursorState | None = None
+        self._reported_gap: tuple[int, int | None] | None = None
+        self._generation = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Workspace:
+        """Build from `HIVE_RELAY_URL`, `HIVE_WORKSPACE`, `HIVE_WORKSPACE_KEY` and friends.
+
+        Keyword `overrides` (the constructor's arguments: url, workspace, key,
+        token, key_epoch, device, cursor_store, …) win over the environment.
+        See `ENV_VARS` for every variable read.
+        """
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def required(arg: str, name: str) -> Any:
+            if arg in overrides:
+                return overrides.pop(arg)
+            value = get(name)
+            if value is None:
+                raise ConfigError(f"{name} is not set ({ENV_VARS[name]})")
+            return value
+
+        url = required("url", "HIVE_RELAY_URL")
+        workspace = required("workspace", "HIVE_WORKSPACE")
+        # The key is read raw: a passphrase may have meaningful surrounding spaces.
+        if "key" in overrides:
+            key = overrides.pop("key")
+        elif env.get("HIVE_WORKSPACE_KEY"):
+            key = env["HIVE_WORKSPACE_KEY"]
+        else:
+            raise ConfigError(f"HIVE_WORKSPACE_KEY is not set ({ENV_VARS['HIVE_WORKSPACE_KEY']})")
+        overrides.setdefault("token", get("HIVE_RELAY_ACCESS_TOKEN"))
+        if "key_epoch" not in overrides and get("HIVE_WORKSPACE_KEY_EPOCH") is not None:
+            overrides["key_epoch"] = _parse_epoch(get("HIVE_WORKSPACE_KEY_EPOCH") or "")
+        if "device" not in overrides:
+            overrides["device"] = device_from_env(env)
+        if "cursor_store" not in overrides and get("HIVE_CURSOR_FILE"):
+            overrides["cursor_store"] = FileCursorStore(get("HIVE_CURSOR_FILE") or "")
+        try:
+            return cls(url, workspace, key, **overrides)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(str(exc)) from None
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (when this workspace made it)."""
+        if self._owns_client:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> Workspace:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def cursor(self) -> int:
+        """The seq of the last envelope handed to the caller (0 before any)."""
+        return self._cursor
+
+    @property
+    def relay_epoch(self) -> str | None:
+        """The relay history epoch last seen (None before the first read)."""
+        return self._relay_epoch
+
+    @property
+    def transport(self) -> TransportMode | None:
+        """The transport in use or last used: sse, nudge, longpoll or poll (None before any)."""
+        return self._detected
+
+    # ------------------------------------------------------------------ sending
+
+    def seal(self, obj: Any, *, format: SealFormat | None = None) -> bytes:
+        """The sealed body for `obj` (JSON-encoded; `bytes` are taken as JSON text as-is)."""
+        if isinstance(obj, bytes | bytearray | memoryview):
+            plaintext = bytes(obj)
+            try:
+                msgspec.json.decode(plaintext)
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"send() got bytes that are not JSON: {exc}") from None
+        else:
+            plaintext = msgspec.json.encode(obj)
+        return self.keyring.seal(
+            plaintext, format=format or self.seal_format, workspace=self.workspace
+        )
+
+    async def send(self, obj: Any, *, format: SealFormat | None = None) -> int:
+        """Seal `obj` with the newest key and append it; returns its seq.
+
+        Retryable failures (unreachable, 503, 429) are retried with backoff,
+        re-sending the same sealed bytes under the same idempotency key, so the
+        relay appends it once however often the answer was lost.
+        """
+        body = self.seal(obj, format=format)
+        key = uuid.uuid4().hex
+        result = await self._retrying(
+            lambda: self.client.push(self.workspace, body, idempotency_key=key)
+        )
+        return result.seq
+
+    async def send_many(
+        self, objs: Iterable[Any], *, format: SealFormat | None = None
+    ) -> list[int]:
+        """Seal and append many objects in batches of up to 1000; returns their seqs in order."""
+        bodies = [self.seal(obj, format=format) for obj in objs]
+        seqs: list[int] = []
+        for start in range(0, len(bodies), 1000):
+            chunk = bodies[start : start + 1000]
+            keys = [uuid.uuid4().hex for _ in chunk]
+            seqs += await self._retrying(
+                functools.partial(
+                    self.client.push_batch, self.workspace, chunk, idempotency_keys=keys
+                )
+            )
+        return seqs
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        for n in range(self.send_attempts):
+            try:
+                return await attempt()
+            except RelayError as exc:
+                if not exc.retryable or n + 1 == self.send_attempts:
+                    raise
+                delay = self.reconnect.delay(n, exc.retry_after)
+                log.info("send failed (%s); retrying in %.2fs", exc, delay)
+                await anyio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ keys
+
+    async def refresh_keyring(self) -> list[int]:
+        """Re-read the keyring and adopt every rotation sealed to this device; new epochs."""
+        if self.device is None:
+            return []
+        blobs = await self.client.get_keyring(self.workspace)
+        added = self.keyring.add_rotations(blobs, self.device)
+        if added:
+            log.info("adopted key epochs %s from the keyring", added)
+        return added
+
+    async def rotate(self, devices: Mapping[str, X25519PublicKey | bytes | str]) -> int:
+        """Make a new key epoch, seal it to `devices` and post it to the keyring; returns it.
+
+        `devices` maps device id to X25519 public key and must list every device
+        that stays (including this one, to adopt it elsewhere); a device left
+        out cannot open what is sealed from now on. This workspace seals with
+        the new key immediately.
+        """
+        published = 0
+        for blob in await self.client.get_keyring(self.workspace):
+            try:
+                published = max(published, rotation_epoch(blob))
+            except CryptoError:
+                continue
+        epoch = max(self.keyring.current_epoch, published) + 1
+        key = WorkspaceKey.generate()
+        await self.client.post_keyring(self.workspace, seal_rotation(key, epoch, devices))
+        self.keyring.add(epoch, key)
+        return epoch
+
+    # ------------------------------------------------------------------ cursor
+
+    async def _load_cursor(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.cursor_store is not None:
+            state = await anyio.to_thread.run_sync(self.cursor_store.load, self.workspace)
+            if state is not None:
+                self._cursor, self._relay_epoch = state.seq, state.relay_epoch
+                self._stored = state
+
+    async def commit(self) -> None:
+        """Persist the cursor now (it is also persisted each time the caller asks for more)."""
+        state = CursorState(seq=self._cursor, relay_epoch=self._relay_epoch)
+        if self.cursor_store is None or state == self._stored:
+            return
+        await anyio.to_thread.run_sync(self.cursor_store.save, self.workspace, state)
+        self._stored = state
+
+    # ------------------------------------------------------------------ following
+
+    def __aiter__(self) -> AsyncIterator[WorkspaceEvent]:
+        return self.events()
+
+    async def events(
+        self, *, after: int | None = None, live: bool = True
+    ) -> AsyncGenerator[WorkspaceEvent, None]:
+        """Opened events and signals in seq order, from the cursor (or `after`) on.
+
+        `live=True` follows forever over the best transport, reconnecting with
+        backoff; `live=False` ends once caught up (or at a missing key epoch).
+        Raises `RelayError` only for failures a retry cannot fix (401, 403…).
+
+        One cursor, one reader: a newer `events()` iteration supersedes older
+        ones, which raise `RuntimeError` if resumed. (Leaving a loop with
+        `break` is therefore enough; no need to close the iterator first.)
+        """
+        self._generation += 1
+        generation = self._generation
+        async with aclosing(self._events(after, live)) as inner:
+            async for event in inner:
+                self._check_generation(generation)
+                yield event
+                self._check_generation(generation)
+
+    def _check_generation(self, generation: int) -> None:
+        if generation != self._generation:
+            raise RuntimeError("a newer events() iteration of this workspace superseded this one")
+
+    async def _events(self, after: int | None, live: bool) -> AsyncGenerator[WorkspaceEvent, None]:
+        await self._load_cursor()
+        if after is not None:
+            if after < 0:
+                raise ValueError("after is a non-negative seq")
+            self._cursor = after
+        failures = 0
+        reported_stall: int | None = None
+        while True:
+            stalled: KeyMissing | None = None
+            try:
+                async with aclosing(self._feed(live)) as feed:
+                    async for item in feed:
+                        failures = 0
+                        for event in await self._handle(item):
+                            if isinstance(event, KeyMissing):
+                                stalled = event
+                                break
+                            self._hand_over(event)
+                            yield event
+                            await self.commit()
+                        if stalled is not None:
+                            break
+            except RelayError as exc:
+                if not exc.retryable or not live:
+                    raise
+                self._detected = None if self._requested_transport == "auto" else self._detected
+                delay = self.reconnect.delay(failures, exc.retry_after)
+                failures += 1
+                log.info("relay connection failed (%s); reconnecting in %.2fs", exc, delay)
+                await anyio.sleep(delay)
+                continue
+            if stalled is None:
+                if not live:
+                    return
+                # The stream ended cleanly (relay restart, slow-consumer cut): resume.
+                await anyio.sleep(self.reconnect.delay(failures))
+                failures += 1
+                continue
+            if reported_stall != stalled.seq:
+                reported_stall = stalled.seq
+                yield stalled
+            if not live:
+                return
+            await self._wait_for_key(stalled)
+
+    async def _wait_for_key(self, stalled: KeyMissing) -> None:
+        attempt = 0
+        while stalled.epoch not in self.keyring:
+            await anyio.sleep(self.key_retry.delay(attempt))
+            attempt += 1
+            try:
+                await self.refresh_keyring()
+            except RelayError as exc:
+                if not exc.retryable:
+                    raise
+                log.info("keyring read failed (%s); retrying", exc)
+
+    def _hand_over(self, event: WorkspaceEvent) -> None:
+        if isinstance(event, Event | Unopenable):
+            self._cursor = event.seq
+
+    def _feed(self, live: bool) -> AsyncGenerator[FeedItem, None]:
+        after = self._cursor
+        if not live:
+            return catch_up_feed(self.client, self.workspace, after)
+        return self._live_feed(after)
+
+    def _set_mode(self, mode: TransportMode) -> None:
+        self._detected = mode
+
+    async def _live_feed(self, after: int) -> AsyncGenerator[FeedItem, None]:
+        requested = self._requested_transport
+        order: tuple[TransportMode, ...]
+        if requested != "auto":
+            order = (requested,)
+        elif self._detected is None:
+            order = _PREFERENCE
+        else:
+            order = _PREFERENCE[_PREFERENCE.index(self._detected) :]
+        for mode in order:
+            try:
+                if mode in ("sse", "nudge"):
+                    feed = stream_feed(
+                        self.client,
+                        self.workspace,
+                        after,
+                        bodies=mode == "sse",
+                        on_mode=self._set_mode,
+                    )
+                else:
+                    feed = poll_feed(
+                        self.client,
+                        self.workspace,
+                        after,
+                        wait=self.long_poll_wait if mode == "longpoll" else 0,
+                        poll_interval=self.poll_interval,
+                        on_mode=self._set_mode,
+                    )
+                async with aclosing(feed):
+                    async for item in feed:
+                        yield item
+                return
+            except Unsupported:
+                if requested != "auto":
+                    raise
+                log.info("the relay does not offer the %s transport; trying the next", mode)
+        raise Unsupported("the relay offers no transport this client can follow")
+
+    # ------------------------------------------------------------------ opening
+
+    async def _handle(self, item: FeedItem) -> list[WorkspaceEvent]:
+        if isinstance(item, History):
+            events: list[WorkspaceEvent] = []
+            reset = self._note_epoch(item.epoch)
+            if reset is not None:
+                events.append(reset)
+            if item.gap:
+                events += self._gap(item.oldest)
+            return events
+        if isinstance(item, GapNotice):
+            return self._gap(item.oldest)
+        if item.seq <= self._cursor:
+            return []  # already handed over (a replay after reconnecting)
+        return [await self._open(item)]
+
+    def _note_epoch(self, epoch: str | None) -> RelayReset | None:
+        if epoch is None:
+            return None
+        previous, self._relay_epoch = self._relay_epoch, epoch
+        if previous is not None and previous != epoch:
+            return RelayReset(previous=previous, current=epoch)
+        return None
+
+    def _gap(self, oldest: int | None) -> list[WorkspaceEvent]:
+        mark = (self._cursor, oldest)
+        if mark == self._reported_gap:
+            return []
+        self._reported_gap = mark
+        return [Gap(after=self._cursor, oldest=oldest)]
+
+    async def _open(self, row: Row) -> WorkspaceEvent:
+        try:
+            try:
+                opened = open_envelope(row.body, self.keyring, workspace=self.workspace)
+            except UnknownEpoch as exc:
+                await self.refresh_keyring()
+                if exc.epoch not in self.keyring:
+                    return KeyMissing(seq=row.seq, epoch=exc.epoch)
+                opened = open_envelope(row.body, self.keyring, workspace=self.workspace)
+            plaintext, key_epoch = opened.plaintext, opened.epoch
+        except NotSealed as exc:
+            if not self.allow_plaintext:
+                return Unopenable(seq=row.seq, error=exc, body=row.body)
+            plaintext, key_epoch = row.body, None
+        except CryptoError as exc:
+            return Unopenable(seq=row.seq, error=exc, body=row.body)
+        try:
+            data = msgspec.json.decode(plaintext)
+        except msgspec.DecodeError:
+            error = BadEnvelope("the opened plaintext is not JSON")
+            return Unopenable(seq=row.seq, error=error, body=row.body)
+        return Event(seq=row.seq, data=data, key_epoch=key_epoch, plaintext=plaintext)
+
+
+def _parse_epoch(text: str) -> int:
+    try:
+        epoch = int(text)
+    except ValueError:
+        raise ConfigError(f"HIVE_WORKSPACE_KEY_EPOCH: {text!r} is not a whole number") from None
+    if not 0 <= epoch <= 0xFFFFFFFF:
+        raise ConfigError("HIVE_WORKSPACE_KEY_EPOCH must be in 0..4294967295")
+    return epoch
+
+
+def device_from_env(env: Mapping[str, str]) -> Device | None:
+    """This device's identity from `HIVE_DEVICE_ID` and `HIVE_DEVICE_KEY`, or None."""
+    device_id = env.get("HIVE_DEVICE_ID", "").strip()
+    secret = env.get("HIVE_DEVICE_KEY", "").strip()
+    if not device_id and not secret:
+        return None
+    if not device_id or not secret:
+        raise ConfigError("set both HIVE_DEVICE_ID and HIVE_DEVICE_KEY, or neither")
+    try:
+        return Device.from_hex(device_id, secret)
+    except ValueError as exc:
+        raise ConfigError(f"HIVE_DEVICE_KEY: {exc}") from None
