@@ -72,5 +72,13 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     a = p.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=a.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning", backlog=2048)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=a.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        backlog=2048,
+    )

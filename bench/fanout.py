@@ -20,9 +20,13 @@ from urllib.parse import urlsplit
 import httpx
 
 
-async def open_stream(host: str, port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_stream(
+    host: str, port: int, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
@@ -30,8 +34,17 @@ async def open_stream(host: str, port: int, path: str) -> tuple[asyncio.StreamRe
     return reader, writer
 
 
-async def subscriber(host: str, port: int, ws: str, latencies: list[float], counts: list[int],
-                     idx: int, ready: asyncio.Event, ready_count: list[int], total: int) -> None:
+async def subscriber(
+    host: str,
+    port: int,
+    ws: str,
+    latencies: list[float],
+    counts: list[int],
+    idx: int,
+    ready: asyncio.Event,
+    ready_count: list[int],
+    total: int,
+) -> None:
     reader, _ = await open_stream(host, port, f"/v1/workspaces/{ws}/events?bodies=1")
     ready_count[0] += 1
     if ready_count[0] == total:
@@ -44,7 +57,7 @@ async def subscriber(host: str, port: int, ws: str, latencies: list[float], coun
         i = line.find(b"data: ")
         if i < 0:
             continue
-        row = json.loads(line[i + 6:])
+        row = json.loads(line[i + 6 :])
         latencies.append(time.time() - row["body"]["t"])
         counts[idx] += 1
 
@@ -57,8 +70,10 @@ async def fanout(url: str, n: int, rate: float, seconds: float) -> dict:
     counts = [0] * n
     ready = asyncio.Event()
     ready_count = [0]
-    tasks = [asyncio.create_task(subscriber(host, port, ws, latencies, counts, i, ready,
-                                            ready_count, n)) for i in range(n)]
+    tasks = [
+        asyncio.create_task(subscriber(host, port, ws, latencies, counts, i, ready, ready_count, n))
+        for i in range(n)
+    ]
     await asyncio.wait_for(ready.wait(), 60)
     await asyncio.sleep(0.5)
     sent = 0
@@ -67,8 +82,10 @@ async def fanout(url: str, n: int, rate: float, seconds: float) -> dict:
         while time.monotonic() - start < seconds:
             target = start + sent / rate
             await asyncio.sleep(max(0.0, target - time.monotonic()))
-            r = await c.post(f"/v1/workspaces/{ws}/envelopes",
-                             json={"t": time.time(), "i": sent, "pad": "x" * 900})
+            r = await c.post(
+                f"/v1/workspaces/{ws}/envelopes",
+                json={"t": time.time(), "i": sent, "pad": "x" * 900},
+            )
             r.raise_for_status()
             sent += 1
     deadline = time.monotonic() + 10
@@ -91,8 +108,12 @@ async def hold(url: str, n: int) -> None:
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     streams = []
     for start in range(0, n, 250):
-        batch = await asyncio.gather(*(open_stream(host, port, f"/v1/workspaces/idle-{i % 50}/events")
-                                       for i in range(start, min(n, start + 250))))
+        batch = await asyncio.gather(
+            *(
+                open_stream(host, port, f"/v1/workspaces/idle-{i % 50}/events")
+                for i in range(start, min(n, start + 250))
+            )
+        )
         streams += batch
     print(f"held {len(streams)}", flush=True)
     await asyncio.Event().wait()
@@ -110,6 +131,7 @@ def main() -> None:
     a = p.parse_args()
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass

@@ -16,11 +16,11 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import resource
 import time
 from pathlib import Path
 
@@ -74,8 +74,13 @@ class Ceiling:
 
 
 def relay_env(**extra: str) -> dict[str, str]:
-    return {"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_ACCESS_LOG": "false",
-            "HIVE_RELAY_MAX_SSE": "0", "HIVE_RELAY_MAX_SSE_PER_CLIENT": "0", **extra}
+    return {
+        "HIVE_RELAY_PUSH_RATE": "0",
+        "HIVE_RELAY_ACCESS_LOG": "false",
+        "HIVE_RELAY_MAX_SSE": "0",
+        "HIVE_RELAY_MAX_SSE_PER_CLIENT": "0",
+        **extra,
+    }
 
 
 def fill(base: str, ws: str, n: int, size: int = 1024) -> list[int]:
@@ -106,24 +111,46 @@ def bench_publish_and_read(rounds: int, seconds: int) -> list[tuple[str, str, st
         seqs_100k = fill(relay.url, "r100k", 100_000)
         pub_url = relay.url + "/v1/workspaces/pub/envelopes"
         ceil_pub, relay_pub, read_1k, read_100k, ceil_read, catchup, ceil_catchup = (
-            [], [], [], [], [], [], [])
-        page5 = len(httpx.get(
-            relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5").content)
-        catch_size = len(httpx.get(
-            relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", timeout=30).content)
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
+        page5 = len(
+            httpx.get(
+                relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5"
+            ).content
+        )
+        catch_size = len(
+            httpx.get(
+                relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", timeout=30
+            ).content
+        )
         for _ in range(rounds):
             ceil_pub.append(wrk(ceiling.url + "/append", seconds, 32, "post_unique.lua"))
             relay_pub.append(wrk(pub_url, seconds, 32, "post_unique.lua"))
             ceil_read.append(wrk(ceiling.url + f"/read?size={page5}", seconds, 32))
-            read_1k.append(wrk(
-                relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5",
-                seconds, 32))
-            read_100k.append(wrk(
-                relay.url + f"/v1/workspaces/r100k/envelopes?after={seqs_100k[-6]}&limit=5",
-                seconds, 32))
+            read_1k.append(
+                wrk(
+                    relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5",
+                    seconds,
+                    32,
+                )
+            )
+            read_100k.append(
+                wrk(
+                    relay.url + f"/v1/workspaces/r100k/envelopes?after={seqs_100k[-6]}&limit=5",
+                    seconds,
+                    32,
+                )
+            )
             ceil_catchup.append(wrk(ceiling.url + f"/read?size={catch_size}", seconds, 8))
-            catchup.append(wrk(
-                relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", seconds, 8))
+            catchup.append(
+                wrk(relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", seconds, 8)
+            )
         cp, cps = median_spread(ceil_pub)
         rp, rps = median_spread(relay_pub)
         r1, r1s = median_spread(read_1k)
@@ -133,17 +160,37 @@ def bench_publish_and_read(rounds: int, seconds: int) -> list[tuple[str, str, st
         rc, rcs = median_spread(catchup)
         rows += [
             ("Ceiling: append body to a list (POST)", f"{cp:,.0f} req/s ±{cps:.0f}%", "1.00", ""),
-            ("Unique 1 KiB publish at the 50,000 cap", f"{rp:,.0f} req/s ±{rps:.0f}%",
-             f"{rp / cp:.2f}", "≥ 0.7 (issue 2), ≥ 0.8 (issue 7)"),
-            ("Ceiling: prebuilt bytes, size of a 5-row page", f"{cr:,.0f} req/s ±{crs:.0f}%",
-             "1.00", ""),
+            (
+                "Unique 1 KiB publish at the 50,000 cap",
+                f"{rp:,.0f} req/s ±{rps:.0f}%",
+                f"{rp / cp:.2f}",
+                "≥ 0.7 (issue 2), ≥ 0.8 (issue 7)",
+            ),
+            (
+                "Ceiling: prebuilt bytes, size of a 5-row page",
+                f"{cr:,.0f} req/s ±{crs:.0f}%",
+                "1.00",
+                "",
+            ),
             ("Newest 5 rows, 1,000 backlog", f"{r1:,.0f} req/s ±{r1s:.0f}%", f"{r1 / cr:.2f}", ""),
-            ("Newest 5 rows, 100,000 backlog", f"{r2:,.0f} req/s ±{r2s:.0f}%", f"{r2 / cr:.2f}",
-             f"100k/1k = {r2 / r1:.2f} (target within 15%: ≥ 0.85)"),
-            ("Ceiling: prebuilt bytes, size of 5,000 rows", f"{cc:,.0f} req/s ±{ccs:.0f}%",
-             "1.00", ""),
-            ("Catch-up read of 5,000 rows from cursor 0", f"{rc:,.0f} req/s ±{rcs:.0f}%",
-             f"{rc / cc:.2f}", "≥ 0.9 (issue 7)"),
+            (
+                "Newest 5 rows, 100,000 backlog",
+                f"{r2:,.0f} req/s ±{r2s:.0f}%",
+                f"{r2 / cr:.2f}",
+                f"100k/1k = {r2 / r1:.2f} (target within 15%: ≥ 0.85)",
+            ),
+            (
+                "Ceiling: prebuilt bytes, size of 5,000 rows",
+                f"{cc:,.0f} req/s ±{ccs:.0f}%",
+                "1.00",
+                "",
+            ),
+            (
+                "Catch-up read of 5,000 rows from cursor 0",
+                f"{rc:,.0f} req/s ±{rcs:.0f}%",
+                f"{rc / cc:.2f}",
+                "≥ 0.9 (issue 7)",
+            ),
         ]
     return rows
 
@@ -152,18 +199,33 @@ def bench_fanout(subscribers: int, rate: float, seconds: float) -> list[tuple[st
     out = []
     with RelayProcess(env=relay_env()) as relay:
         res = subprocess.run(
-            [sys.executable, str(HERE / "fanout.py"), "--url", relay.url,
-             "--subscribers", str(subscribers), "--rate", str(rate), "--seconds", str(seconds)],
-            capture_output=True, text=True, check=True, timeout=seconds + 120,
+            [
+                sys.executable,
+                str(HERE / "fanout.py"),
+                "--url",
+                relay.url,
+                "--subscribers",
+                str(subscribers),
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(seconds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 120,
         )
         data = json.loads(res.stdout.strip().splitlines()[-1])
-    out.append((
-        f"SSE fan-out, {subscribers} subscribers with bodies, {rate:g} env/s",
-        f"p50 {data['p50_ms']:.1f} ms, p99 {data['p99_ms']:.1f} ms",
-        "",
-        f"{'every' if data['complete'] else 'NOT every'} envelope to every subscriber "
-        f"({data['delivered']}/{data['expected']}); target p99 < 50 ms",
-    ))
+    out.append(
+        (
+            f"SSE fan-out, {subscribers} subscribers with bodies, {rate:g} env/s",
+            f"p50 {data['p50_ms']:.1f} ms, p99 {data['p99_ms']:.1f} ms",
+            "",
+            f"{'every' if data['complete'] else 'NOT every'} envelope to every subscriber "
+            f"({data['delivered']}/{data['expected']}); target p99 < 50 ms",
+        )
+    )
     return out
 
 
@@ -172,9 +234,16 @@ def bench_idle_sse(connections: int) -> list[tuple[str, str, str, str]]:
         assert relay.proc is not None
         before = rss_kib(relay.proc.pid)
         holder = subprocess.Popen(
-            [sys.executable, str(HERE / "fanout.py"), "--url", relay.url, "--hold",
-             str(connections)],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(HERE / "fanout.py"),
+                "--url",
+                relay.url,
+                "--hold",
+                str(connections),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert holder.stdout is not None
         line = holder.stdout.readline()  # "held N" once every stream is open
@@ -184,8 +253,14 @@ def bench_idle_sse(connections: int) -> list[tuple[str, str, str, str]]:
         holder.terminate()
         holder.wait(30)
     per = (after - before) / max(1, held)
-    return [(f"Idle SSE connections held ({held:,})", f"{per:.1f} KiB RSS each",
-             "", f"RSS {before / 1024:.0f} → {after / 1024:.0f} MiB; target ≤ 25 KiB")]
+    return [
+        (
+            f"Idle SSE connections held ({held:,})",
+            f"{per:.1f} KiB RSS each",
+            "",
+            f"RSS {before / 1024:.0f} → {after / 1024:.0f} MiB; target ≤ 25 KiB",
+        )
+    ]
 
 
 def bench_memory(envelopes: int) -> list[tuple[str, str, str, str]]:
@@ -196,40 +271,60 @@ def bench_memory(envelopes: int) -> list[tuple[str, str, str, str]]:
         fill(relay.url, "mem", envelopes)
         after = rss_kib(relay.proc.pid)
     per = (after - before) * 1024 / envelopes
-    return [(f"RSS growth per retained 1 KiB envelope ({envelopes:,})", f"{per:,.0f} bytes",
-             f"{per / 1024:.2f}x body", "target ≤ 1.5x (issue 7)")]
+    return [
+        (
+            f"RSS growth per retained 1 KiB envelope ({envelopes:,})",
+            f"{per:,.0f} bytes",
+            f"{per / 1024:.2f}x body",
+            "target ≤ 1.5x (issue 7)",
+        )
+    ]
 
 
 def bench_snapshot(envelopes: int) -> list[tuple[str, str, str, str]]:
-    res = subprocess.run([sys.executable, str(HERE / "snapshot_stall.py"), str(envelopes)],
-                         capture_output=True, text=True, check=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(HERE / "snapshot_stall.py"), str(envelopes)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     d = json.loads(res.stdout)
-    return [(f"Snapshot of {envelopes:,} 1 KiB envelopes", f"{d['write_s']:.2f} s to write "
-             f"{d['bytes'] / 2**20:.0f} MiB", "",
-             f"longest event-loop stall {d['max_stall_ms']:.1f} ms "
-             f"(consistent copy on the loop: {d['copy_ms']:.1f} ms)")]
+    return [
+        (
+            f"Snapshot of {envelopes:,} 1 KiB envelopes",
+            f"{d['write_s']:.2f} s to write {d['bytes'] / 2**20:.0f} MiB",
+            "",
+            f"longest event-loop stall {d['max_stall_ms']:.1f} ms "
+            f"(consistent copy on the loop: {d['copy_ms']:.1f} ms)",
+        )
+    ]
 
 
 def write_doc(rows: list[tuple[str, str, str, str]], commands: str) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    table = ["| measure | figure (median ± spread) | ratio to ceiling | target / note |",
-             "|---|---|---|---|"]
+    table = [
+        "| measure | figure (median ± spread) | ratio to ceiling | target / note |",
+        "|---|---|---|---|",
+    ]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    block = "\n".join([
-        BEGIN,
-        f"Measured {now} on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}.",
-        "",
-        *table,
-        "",
-        "Produced by:",
-        "",
-        "```",
-        commands,
-        "```",
-        END,
-    ])
+    block = "\n".join(
+        [
+            BEGIN,
+            f"Measured {now} on {os.cpu_count()} cores ({cpu}), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}.",
+            "",
+            *table,
+            "",
+            "Produced by:",
+            "",
+            "```",
+            commands,
+            "```",
+            END,
+        ]
+    )
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     DOC.write_text(text)
@@ -240,8 +335,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs")
-    p.add_argument("--only", choices=["http", "fanout", "idle", "memory", "snapshot"],
-                   default=None)
+    p.add_argument("--only", choices=["http", "fanout", "idle", "memory", "snapshot"], default=None)
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)

@@ -23,7 +23,9 @@ async def main(n: int) -> dict[str, float]:
     pad = b"p" * 990
     for start in range(0, n, 1000):
         bodies = [b'{"i":%d,"p":"%s"}' % (i, pad) for i in range(start, min(n, start + 1000))]
-        await store.append_batch("w", bodies, [b"k%d" % i for i in range(start, start + len(bodies))])
+        await store.append_batch(
+            "w", bodies, [b"k%d" % i for i in range(start, start + len(bodies))]
+        )
     gaps: list[float] = []
 
     async def ticker() -> None:
@@ -47,8 +49,13 @@ async def main(n: int) -> dict[str, float]:
         total = time.perf_counter() - start
         t.cancel()
         size = (Path(tmp) / "relay.snapshot").stat().st_size
-    return {"envelopes": n, "write_s": total, "max_stall_ms": max(gaps) * 1000,
-            "copy_ms": copy_ms, "bytes": size}
+    return {
+        "envelopes": n,
+        "write_s": total,
+        "max_stall_ms": max(gaps) * 1000,
+        "copy_ms": copy_ms,
+        "bytes": size,
+    }
 
 
 if __name__ == "__main__":

@@ -30,10 +30,26 @@ def workspace_id(request: Request) -> str:
     return ws
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """One request header (name in lower case), or None.
+
+    Starlette's `request.headers.get` scans the header list and raises and
+    catches a KeyError for every absent header; the hot handlers ask for three
+    that are usually absent. A dict of the raw headers, made once per request,
+    answers each in one lookup.
+    """
+    scope = request.scope
+    raw = scope.get("relay.headers")
+    if raw is None:
+        raw = scope["relay.headers"] = dict(scope["headers"])
+    value = raw.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
 def authorize(relay: Relay, request: Request, ws: str | None) -> Grant:
     """The caller's grant, or a 401/403 RelayError. `ws=None` checks the token only."""
     try:
-        grant = relay.policy.authenticate(bearer_token(request.headers.get("authorization")))
+        grant = relay.policy.authenticate(bearer_token(header(request, b"authorization")))
     except Denied as exc:
         raise RelayError(
             exc.status, exc.code, exc.message, headers={"www-authenticate": "Bearer"}
@@ -53,7 +69,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     Content-Length, when sent, is checked first; a chunked body is counted as
     it arrives and refused as soon as it passes the limit.
     """
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None:
         if not declared.isdigit():
             raise bad_request("invalid_content_length", "Content-Length is not a number")

@@ -13,6 +13,7 @@ from relay.api.common import (
     MAX_U64,
     authorize,
     check_json,
+    header,
     int_param,
     read_body,
     workspace_id,
@@ -34,11 +35,10 @@ def _header_key(value: str, name: str) -> bytes:
 
 
 def dedup_key(request: Request, body: bytes) -> bytes:
-    headers = request.headers
-    value = headers.get("idempotency-key")
+    value = header(request, b"idempotency-key")
     if value is not None:
         return _header_key(value, "Idempotency-Key")
-    value = headers.get("x-hive-event-id")
+    value = header(request, b"x-hive-event-id")
     if value is not None:
         return _header_key(value, "X-Hive-Event-Id")
     return hashlib.sha256(body).digest()
