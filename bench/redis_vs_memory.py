@@ -1,0 +1,211 @@
+"""Publish rate and SSE fan-out latency: the Redis store next to the memory store.
+
+    .venv/bin/python bench/redis_vs_memory.py [--posts 3000] [--subscribers 100]
+
+One run, one machine, one Python asyncio load client (this process), a relay
+subprocess per store: memory; Redis (a private redis-server with AOF, appendfsync
+everysec, unless REDIS_URL is set); and two relays sharing that Redis with the
+subscribers on one and the publisher on the other (fan-out across instances).
+Request counts are bounded; figures are for comparison within the run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.relayproc import RelayProcess, free_port  # noqa: E402
+
+ENV = {
+    "HIVE_RELAY_PUSH_RATE": "0",
+    "HIVE_RELAY_ACCESS_LOG": "false",
+    "HIVE_RELAY_MAX_SSE": "0",
+    "HIVE_RELAY_MAX_SSE_PER_CLIENT": "0",
+}
+
+
+class Row(msgspec.Struct):
+    seq: int
+    body: dict
+
+
+async def post(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
+) -> bytes:
+    """One keep-alive HTTP/1.1 POST (httpx's pool is the bottleneck at this rate)."""
+    writer.write(
+        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(body), body)
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace"))
+    size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return await reader.readexactly(size)
+
+
+async def publish_rate(url: str, posts: int, conns: int) -> float:
+    host, port = url.removeprefix("http://").split(":")
+    path = f"/v1/workspaces/pub-{time.time_ns()}/envelopes"
+    pad = b"x" * 900
+    counter = iter(range(posts))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for i in counter:
+            await post(reader, writer, path, b'{"i":%d,"pad":"%b"}' % (i, pad))
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    return posts / (time.perf_counter() - start)
+
+
+async def subscriber(url: str, ws: str, lat: list[float], ready: asyncio.Barrier, n: int) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    path = f"/v1/workspaces/{ws}/events?bodies=1"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await ready.wait()
+    got = 0
+    try:
+        while got < n:
+            line = await reader.readline()
+            i = line.find(b"data: {")
+            if i < 0:
+                continue
+            row = msgspec.json.decode(line[i + 6 :].rstrip(), type=Row)
+            lat.append(time.time() - row.body["t"])
+            got += 1
+    finally:
+        writer.close()
+
+
+async def fanout(pub_url: str, sub_url: str, subs: int, events: int, rate: float) -> dict:
+    ws = f"fan-{time.time_ns()}"
+    lat: list[float] = []
+    ready = asyncio.Barrier(subs + 1)
+    tasks = [asyncio.create_task(subscriber(sub_url, ws, lat, ready, events)) for _ in range(subs)]
+    await asyncio.wait_for(ready.wait(), 60)
+    await asyncio.sleep(0.3)
+    host, port = pub_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    start = time.monotonic()
+    for i in range(events):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        body = b'{"t":%r,"i":%d,"pad":"%b"}' % (time.time(), i, b"x" * 900)
+        await post(reader, writer, f"/v1/workspaces/{ws}/envelopes", body)
+    writer.close()
+    done, pending = await asyncio.wait(tasks, timeout=30)
+    for t in pending:
+        t.cancel()
+    lat.sort()
+    return {
+        "p50": statistics.median(lat) * 1000,
+        "p99": lat[max(0, int(len(lat) * 0.99) - 1)] * 1000,
+        "complete": len(lat) == subs * events and not pending,
+    }
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.url = os.environ.get("REDIS_URL", "")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Redis:
+        if self.url:
+            return self
+        binary = shutil.which("redis-server")
+        if binary is None:
+            sys.exit("redis-server is not installed (or set REDIS_URL)")
+        port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+             "--maxmemory-policy", "noeviction", "--logfile", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def measure(pub: str, sub: str, a: argparse.Namespace, publish: bool) -> list[str]:
+    rate = await publish_rate(pub, a.posts, a.conns) if publish else None
+    fan = await fanout(pub, sub, a.subscribers, a.events, a.rate)
+    return [
+        f"{rate:,.0f}" if rate else "–",
+        f"{fan['p50']:.1f}",
+        f"{fan['p99']:.1f}",
+        "yes" if fan["complete"] else "NO",
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--posts", type=int, default=3000, help="POSTs for the publish rate")
+    p.add_argument("--conns", type=int, default=16, help="concurrent publishers")
+    p.add_argument("--subscribers", type=int, default=100, help="SSE subscribers")
+    p.add_argument("--events", type=int, default=100, help="envelopes fanned out")
+    p.add_argument("--rate", type=float, default=50, help="fan-out envelopes per second")
+    a = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    rows = []
+    with RelayProcess(env=ENV) as relay:
+        rows.append(["memory", *asyncio.run(measure(relay.url, relay.url, a, True))])
+    with (
+        Redis() as redis,
+        RelayProcess(env={**ENV, "HIVE_RELAY_STORE": redis.url}) as one,
+        RelayProcess(env={**ENV, "HIVE_RELAY_STORE": redis.url}) as two,
+    ):
+        rows.append(["redis", *asyncio.run(measure(one.url, one.url, a, True))])
+        across = asyncio.run(measure(one.url, two.url, a, False))
+        rows.append(["redis, 2 relays (pub A, sub B)", *across])
+    head = ["store", "publish/s", "fan-out p50 ms", "p99 ms", "all delivered"]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    print(
+        f"\n{a.posts} POSTs over {a.conns} connections; fan-out: {a.subscribers} SSE "
+        f"subscribers, {a.events} envelopes at {a.rate:g}/s (~1 KiB bodies)\n"
+    )
+    for r in [head, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""A private `redis-server` for tests: a free loopback port, a temp dir, AOF when asked.
+
+    with RedisServer(aof=True) as server:
+        server.url              # redis://127.0.0.1:<port>/0
+        server.kill()           # SIGKILL; server.start() brings it back on the same
+        server.start()          # port and directory (AOF replayed)
+
+`redis_url()` is the one the store tests use: `REDIS_URL` when set (it must name a
+disposable database: tests flush it), else a private server. Tests that kill or pause
+Redis need a server of their own and skip under `REDIS_URL`. Without the
+`redis-server` binary those tests skip (fail in CI) naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.relayproc import free_port
+
+STARTUP_TIMEOUT = 15.0
+
+
+def _sync_client(url: str):  # type: ignore[no-untyped-def]
+    redis = pytest.importorskip("redis", reason="the redis extra is not installed")
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+
+
+class RedisServer:
+    def __init__(self, aof: bool = False, fsync: str = "always") -> None:
+        self.binary = require_tool("redis-server")
+        self.port = free_port()
+        self.aof = aof
+        self.fsync = fsync
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.aof else "no",
+            "--appendfsync",
+            self.fsync,
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(self.dir / "redis.log"),
+            "--daemonize",
+            "no",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        client = _sync_client(self.url)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited:\n{self.logs()}")
+                try:
+                    if client.ping():
+                        return
+                except Exception:  # not up yet (refused, loading)
+                    pass
+                time.sleep(0.05)
+            raise RuntimeError(f"redis-server did not start:\n{self.logs()}")
+        finally:
+            client.close()
+
+    def logs(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.dir / "redis.log").read_text(errors="replace")
+        return ""
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown work, like a crash or a lost machine."""
+        self._signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.resume()
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def client(self):  # type: ignore[no-untyped-def]
+        return _sync_client(self.url)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_url() -> Iterator[str]:
+    """A disposable Redis for a test session: REDIS_URL, else a private server."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+def flush(url: str) -> None:
+    client = _sync_client(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def own_server_required() -> None:
+    """Tests that kill or pause Redis cannot use a shared REDIS_URL."""
+    if os.environ.get("REDIS_URL"):
+        pytest.skip("REDIS_URL is set: this test kills its own redis-server and needs one")
