@@ -28,7 +28,7 @@ from relay.api.envelopes import MAX_KEY_LEN, read_headers
 from relay.errors import RelayError, error_body, error_response
 from relay.hub import Subscriber, nudge_frame, sse_row_frame
 from relay.runtime import Relay
-from relay.store.base import Page, row_seq
+from relay.store.base import Page, StoreError, row_seq
 
 LOG = logging.getLogger("relay.live")
 REPLAY_PAGE = 1000
@@ -36,6 +36,7 @@ CONNECTED = b": connected\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 WS_GOING_AWAY = 1001
 WS_POLICY = 1008
+WS_SERVER_ERROR = 1011
 WS_TRY_LATER = 1013
 
 
@@ -81,6 +82,7 @@ class SSEStream(Response):
         self.cursor = cursor
         self.status_code = 200
         self.background = None
+        self.started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = self.relay
@@ -97,7 +99,18 @@ class SSEStream(Response):
                     tg.start_soon(watch_disconnect)
                     sub.on_overflow = sub_cancel
                     sub.replaying = True
-                    await self._stream(sub, send)
+                    try:
+                        await self._stream(sub, send)
+                    except StoreError:
+                        if not self.started:
+                            raise  # still a normal 503 answer
+                        # Mid-stream the answer has begun: end it; the client resumes
+                        # from its last id and meets the 503 while the store is down.
+                        LOG.warning("the store failed during a live stream; ending it")
+                        with anyio.move_on_after(1):
+                            await send(
+                                {"type": "http.response.body", "body": b"", "more_body": False}
+                            )
                     tg.cancel_scope.cancel()
                 if sub.overflowed:
                     relay.metrics.slow_consumers.inc()
@@ -120,6 +133,7 @@ class SSEStream(Response):
             *((k.encode(), v.encode()) for k, v in headers.items()),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+        self.started = True
         first = CONNECTED
         if self.bodies:
             if page.gap(cursor):
@@ -374,7 +388,11 @@ class WsSession:
                 self.replay_from = None
                 sub.take()
                 sub.replaying = True
-                await self._replay(sub, send_text)
+                try:
+                    await self._replay(sub, send_text)
+                except StoreError:
+                    self.close_code, self.close_reason = WS_SERVER_ERROR, "store unavailable"
+                    return
                 sub.replaying = False
                 continue
             items = sub.take()
