@@ -120,7 +120,7 @@ class _Verified:
 class SignedTokenPolicy:
     """Ed25519-signed `hrt1.<b64url(claims)>.<b64url(sig)>` tokens."""
 
-    public_key: Ed25519PublicKey
+    public_keys: list[Ed25519PublicKey]
     name: str = "signed"
     cache_size: int = 10_000
     # Verified tokens by digest, so a busy device does not cost a signature check per request.
@@ -150,9 +150,18 @@ class SignedTokenPolicy:
         except ValueError:
             raise unauthorized("the bearer token is not valid base64url") from None
         try:
-            self.public_key.verify(sig, f"{parts[0]}.{parts[1]}".encode("ascii"))
-        except (InvalidSignature, UnicodeEncodeError):
-            raise unauthorized("the bearer token's signature does not verify") from None
+            signed = f"{parts[0]}.{parts[1]}".encode("ascii")
+        except UnicodeEncodeError:
+            raise unauthorized("the bearer token is not an hrt1 token") from None
+        # Several keys during a rotation: a token signed by any of them is valid.
+        for key in self.public_keys:
+            try:
+                key.verify(sig, signed)
+                break
+            except InvalidSignature:
+                continue
+        else:
+            raise unauthorized("the bearer token's signature does not verify")
         try:
             claims = json.loads(claims_raw)
         except ValueError:
@@ -212,14 +221,18 @@ def parse_key_bytes(text: str, setting: str) -> bytes:
 
 def policy_from_settings(settings: Settings) -> AccessPolicy:
     if settings.token_pubkey.strip():
-        raw = parse_key_bytes(settings.token_pubkey, "HIVE_RELAY_TOKEN_PUBKEY")
-        try:
-            key = Ed25519PublicKey.from_public_bytes(raw)
-        except ValueError:
-            raise SettingsError(
-                "HIVE_RELAY_TOKEN_PUBKEY: not a usable Ed25519 public key"
-            ) from None
-        return SignedTokenPolicy(key)
+        keys = []
+        for part in settings.token_pubkey.split(","):
+            if not part.strip():
+                continue
+            raw = parse_key_bytes(part, "HIVE_RELAY_TOKEN_PUBKEY")
+            try:
+                keys.append(Ed25519PublicKey.from_public_bytes(raw))
+            except ValueError:
+                raise SettingsError(
+                    "HIVE_RELAY_TOKEN_PUBKEY: not a usable Ed25519 public key"
+                ) from None
+        return SignedTokenPolicy(keys)
     tokens: list[str] = []
     if settings.access_tokens.strip():
         tokens += [t.strip() for t in settings.access_tokens.split(",") if t.strip()]

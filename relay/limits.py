@@ -18,11 +18,13 @@ from relay.errors import RelayError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_address(scope: Scope, trusted: Sequence[Network]) -> str:
+def client_address(scope: Scope, trusted: Sequence[Network], ip_header: bytes = b"") -> str:
     """The socket peer, or the forwarded client when the peer is a trusted proxy.
 
-    X-Forwarded-For is read right to left, skipping trusted proxies; the first
-    untrusted address is the client. Without trusted proxies the header is ignored.
+    From a trusted proxy, `ip_header` (e.g. Fly-Client-IP, which Fly.io's edge
+    sets) wins when present and holds an address; otherwise X-Forwarded-For is
+    read right to left, skipping trusted proxies, and the first untrusted
+    address is the client. Without trusted proxies both headers are ignored.
     """
     client = scope.get("client")
     peer = client[0] if client else "unknown"
@@ -30,6 +32,10 @@ def client_address(scope: Scope, trusted: Sequence[Network]) -> str:
         return peer
     forwarded: list[str] = []
     for name, value in scope.get("headers", ()):
+        if ip_header and name == ip_header:
+            named = value.decode("latin-1").strip()
+            if _is_ip(named):
+                return named
         if name == b"x-forwarded-for":
             forwarded += [p.strip() for p in value.decode("latin-1").split(",")]
     for hop in reversed(forwarded):

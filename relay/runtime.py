@@ -30,7 +30,8 @@ class Relay:
     started: float = field(default_factory=time.time)
 
     def client(self, scope: Scope) -> str:
-        return client_address(scope, self._trusted)
+        return client_address(scope, self._trusted, self._ip_header)
 
     def __post_init__(self) -> None:
         self._trusted = self.settings.trusted_networks
+        self._ip_header = self.settings.client_ip_header.strip().lower().encode("latin-1")

@@ -24,11 +24,24 @@ class SettingsError(ValueError):
     """A setting is present but unusable. The message names it."""
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _machine_memory() -> int:
+    """Physical memory, or the container's memory limit when that is lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 4096 * MIB
+        total = 4096 * MIB
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 def default_max_bytes() -> int:
@@ -248,7 +261,8 @@ KNOBS: tuple[Knob, ...] = (
         "--token-pubkey",
         "str",
         "",
-        "Ed25519 public key (64 hex or base64) that signs hrt1 access tokens",
+        "Ed25519 public key (64 hex or base64) that signs hrt1 access tokens; "
+        "several, comma-separated, while rotating keys",
     ),
     Knob(
         "HIVE_RELAY_ACCESS_TOKENS",
@@ -277,6 +291,14 @@ KNOBS: tuple[Knob, ...] = (
         "str",
         "",
         "comma-separated proxy addresses/CIDRs whose X-Forwarded-For is believed",
+    ),
+    Knob(
+        "HIVE_RELAY_CLIENT_IP_HEADER",
+        "--client-ip-header",
+        "str",
+        "",
+        "a header that trusted proxies set to the client address (e.g. Fly-Client-IP); "
+        "used instead of X-Forwarded-For when present",
     ),
     Knob(
         "HIVE_RELAY_CORS_ORIGINS",
@@ -419,6 +441,7 @@ class Settings:
     access_tokens_file: str = ""
     metrics_token: str = ""
     trusted_proxies: str = ""
+    client_ip_header: str = ""
     cors_origins: str = ""
     shutdown_timeout: float = 10.0
     log_format: str = "text"
