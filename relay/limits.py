@@ -27,13 +27,13 @@ def client_address(scope: Scope, trusted: Sequence[Network], ip_header: bytes = 
     address is the client. Without trusted proxies both headers are ignored.
     """
     client = scope.get("client")
-    peer = client[0] if client else "unknown"
+    peer: str = client[0] if client else "unknown"
     if not trusted or not _is_trusted(peer, trusted):
         return peer
     forwarded: list[str] = []
     for name, value in scope.get("headers", ()):
         if ip_header and name == ip_header:
-            named = value.decode("latin-1").strip()
+            named: str = value.decode("latin-1").strip()
             if _is_ip(named):
                 return named
         if name == b"x-forwarded-for":
