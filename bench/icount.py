@@ -46,7 +46,11 @@ def _run(kind: str, case: str, n: int) -> int:
     env = relay_env({"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_ACCESS_LOG": "false"})
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *_server_cmd(kind, port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while True:
@@ -84,8 +88,12 @@ def _run(kind: str, case: str, n: int) -> int:
                 conn.request("POST", target + "/batch", json.dumps(batch))
                 conn.getresponse().read()
         for i in range(n):
-            conn.request("POST", target, json.dumps({"n": f"{os.getpid()}-{i}", "p": PAD}),
-                         {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                target,
+                json.dumps({"n": f"{os.getpid()}-{i}", "p": PAD}),
+                {"Content-Type": "application/json"},
+            )
             conn.getresponse().read()
     conn.close()
     proc.send_signal(signal.SIGTERM)
@@ -113,8 +121,16 @@ def main() -> int:
     for case in cases:
         ceiling = per_request("ceiling", case, a.base, a.extra)
         relay = per_request("relay", case, a.base, a.extra)
-        print(json.dumps({"case": case, "ceiling_instr": round(ceiling),
-                          "relay_instr": round(relay), "ratio": round(ceiling / relay, 3)}))
+        print(
+            json.dumps(
+                {
+                    "case": case,
+                    "ceiling_instr": round(ceiling),
+                    "relay_instr": round(relay),
+                    "ratio": round(ceiling / relay, 3),
+                }
+            )
+        )
     return 0
 
 

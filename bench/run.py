@@ -35,11 +35,15 @@ DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
 
 
-def wrk(url: str, seconds: int, conns: int, script: str | None = None) -> float:
+def wrk(
+    url: str, seconds: int, conns: int, script: str | None = None, env: dict[str, str] | None = None
+) -> float:
     cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script:
         cmd += ["-s", str(HERE / script)]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}
+    ).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"wrk saw {errors.group(1)} error responses:\n{out}")
@@ -195,6 +199,108 @@ def bench_publish_and_read(rounds: int, seconds: int) -> list[tuple[str, str, st
     return rows
 
 
+def bench_batch_ws_scale(rounds: int, seconds: int) -> list[tuple[str, str, str, str]]:
+    rows = []
+    with RelayProcess(env=relay_env()) as relay:
+        ws_base = f"ws://127.0.0.1:{relay.port}/v1/workspaces"
+        single, batch, wsrate, spread = [], [], [], []
+        for _ in range(rounds):
+            single.append(
+                wrk(relay.url + "/v1/workspaces/one/envelopes", seconds, 32, "post_unique.lua")
+            )
+            spread.append(wrk(relay.url, seconds, 32, "post_spread.lua", {"WORKSPACES": "1000"}))
+            batch.append(
+                100
+                * wrk(
+                    relay.url + "/v1/workspaces/batch/envelopes/batch", seconds, 8, "post_batch.lua"
+                )
+            )
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "wspub.py"),
+                    "--url",
+                    f"{ws_base}/wspub/ws",
+                    "--sockets",
+                    "4",
+                    "--seconds",
+                    str(seconds),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=seconds + 120,
+            )
+            wsrate.append(json.loads(res.stdout)["rate"])
+        s1, s1s = median_spread(single)
+        sp, sps = median_spread(spread)
+        b, bs = median_spread(batch)
+        w, wss = median_spread(wsrate)
+        rows += [
+            ("Publish, 1 workspace (single POST)", f"{s1:,.0f} env/s ±{s1s:.0f}%", "", ""),
+            (
+                "Publish spread over 1,000 workspaces",
+                f"{sp:,.0f} env/s ±{sps:.0f}%",
+                "",
+                f"1,000 / 1 workspace = {sp / s1:.2f} (flat: O(1) per append)",
+            ),
+            (
+                "Batch publish, 100 bodies per request",
+                f"{b:,.0f} env/s ±{bs:.0f}%",
+                "",
+                "target ≥ 100,000 env/s",
+            ),
+            (
+                "WebSocket publish, 4 sockets, 256 pub frames in flight",
+                f"{w:,.0f} env/s ±{wss:.0f}%",
+                "",
+                f"{w / s1:.2f}x the single-POST rate; target ≥ 1.5x",
+            ),
+        ]
+        # Read cost against backlog size: newest 5 rows.
+        seqs = {n: fill(relay.url, f"backlog{n}", n) for n in (1_000, 10_000, 100_000)}
+        rates = {}
+        for n, sq in seqs.items():
+            url = relay.url + f"/v1/workspaces/backlog{n}/envelopes?after={sq[-6]}&limit=5"
+            rates[n] = median_spread([wrk(url, seconds, 32) for _ in range(rounds)])
+        for n, (r, spr) in rates.items():
+            rows.append(
+                (
+                    f"Newest 5 rows at a {n:,} backlog",
+                    f"{r:,.0f} req/s ±{spr:.0f}%",
+                    "",
+                    f"{r / rates[1_000][0]:.2f} of the 1,000-backlog rate (flat: O(log n))",
+                )
+            )
+    return rows
+
+
+def bench_icount() -> list[tuple[str, str, str, str]]:
+    res = subprocess.run(
+        [sys.executable, str(HERE / "icount.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
+    rows = []
+    for line in res.stdout.strip().splitlines():
+        d = json.loads(line)
+        what = {
+            "publish": "unique 1 KiB publish at the 50,000 cap",
+            "read": "newest 5 rows of a 1,000 backlog",
+        }[d["case"]]
+        rows.append(
+            (
+                f"Server instructions per request, {what} (callgrind)",
+                f"{d['relay_instr']:,} (ceiling {d['ceiling_instr']:,})",
+                f"{d['ratio']:.2f}",
+                "repeatable on a busy machine; ceiling/relay ≈ the rate ratio",
+            )
+        )
+    return rows
+
+
 def bench_fanout(subscribers: int, rate: float, seconds: float) -> list[tuple[str, str, str, str]]:
     out = []
     with RelayProcess(env=relay_env()) as relay:
@@ -335,7 +441,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs")
-    p.add_argument("--only", choices=["http", "fanout", "idle", "memory", "snapshot"], default=None)
+    p.add_argument(
+        "--only",
+        default=None,
+        choices=["http", "scale", "fanout", "idle", "memory", "snapshot", "icount"],
+    )
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)
@@ -348,10 +458,16 @@ def main() -> int:
     rows: list[tuple[str, str, str, str]] = []
     if args.only in (None, "http"):
         rows += bench_publish_and_read(args.rounds, args.seconds)
+    if args.only in (None, "scale"):
+        rows += bench_batch_ws_scale(args.rounds, args.seconds)
+    if args.only in (None, "icount"):
+        rows += bench_icount()
     if args.only in (None, "fanout"):
         rows += bench_fanout(200, 20, 10 if not args.quick else 4)
+        rows += bench_fanout(1000, 20, 10 if not args.quick else 4)
     if args.only in (None, "idle"):
         rows += bench_idle_sse(5000)
+        rows += bench_idle_sse(10_000)
     if args.only in (None, "memory"):
         rows += bench_memory(50_000)
     if args.only in (None, "snapshot"):

@@ -115,6 +115,9 @@ def _serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout)),
         h11_max_incomplete_event_size=settings.header_limit,
         ws_max_size=settings.max_body_bytes + 64 * 1024,
+        # Ciphertext does not compress, and compressing secrets next to data an
+        # attacker chooses is how CRIME/BREACH-style leaks start: no deflate.
+        ws_per_message_deflate=False,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         proxy_headers=False,

@@ -68,7 +68,17 @@ def ws_env_frame(row: bytes) -> str:
 
 
 class Subscriber:
-    __slots__ = ("closed", "items", "limit", "on_overflow", "overflowed", "replaying", "wake", "ws")
+    __slots__ = (
+        "active",
+        "closed",
+        "items",
+        "limit",
+        "on_overflow",
+        "overflowed",
+        "replaying",
+        "wake",
+        "ws",
+    )
 
     def __init__(self, ws: str, limit: int) -> None:
         self.ws = ws
@@ -81,8 +91,12 @@ class Subscriber:
         # live, it ends the stream through on_overflow (set by the stream).
         self.replaying = False
         self.on_overflow: Callable[[], None] | None = None
+        # False for a WebSocket that only publishes: appends neither queue nor wake it.
+        self.active = True
 
     def push(self, items: list[Item]) -> None:
+        if not self.active:
+            return
         if self.limit:
             if len(self.items) + len(items) > self.limit:
                 self.overflowed = True

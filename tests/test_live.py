@@ -246,6 +246,9 @@ async def test_websocket_pub_sub_ack_env_and_errors(relay: RelayProcess) -> None
         before = await push(c, "wsrt", {"i": 0})
         async with websockets.connect(ws_url(relay, "wsrt")) as sock:
             assert sock.response.headers["x-relay-head"] == str(before)
+            # The client offers permessage-deflate; the relay declines it (ciphertext
+            # does not compress, and compression beside secrets invites CRIME-style leaks).
+            assert "sec-websocket-extensions" not in sock.response.headers
             await sock.send(json.dumps({"op": "pub", "body": {"i": 1}, "key": "k1", "ref": "r1"}))
             ack = json.loads(await asyncio.wait_for(sock.recv(), WAIT))
             assert ack["op"] == "ack" and ack["ref"] == "r1" and ack["duplicate"] is False

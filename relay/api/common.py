@@ -93,29 +93,41 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def check_json(body: bytes, what: str = "the body") -> None:
-    """Reject anything but exactly one valid UTF-8 JSON value."""
+def parse_json(body: bytes, kind: type[T], what: str = "the body") -> T:
+    """Decode exactly one valid UTF-8 JSON value as `kind`, in one pass.
+
+    Syntax errors are `400 invalid_json`; a valid value of the wrong shape is
+    `400 invalid_body` (callers may catch ShapeError to say more).
+    """
     if not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
             raise bad_request("invalid_json", f"{what} is not valid UTF-8") from None
     try:
-        msgspec.json.decode(body, type=msgspec.Raw)
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ShapeError("invalid_body", f"{what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise bad_request("invalid_json", f"{what} is not one valid JSON value: {exc}") from None
     except RecursionError:
         raise bad_request("invalid_json", f"{what} is nested too deeply") from None
 
 
+class ShapeError(RelayError):
+    """Valid JSON of the wrong shape (400 invalid_body unless a caller says more)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(400, code, message)
+
+
+def check_json(body: bytes, what: str = "the body") -> None:
+    """Reject anything but exactly one valid UTF-8 JSON value."""
+    parse_json(body, msgspec.Raw, what)
+
+
 def decode_as(body: bytes, kind: type[T], what: str) -> T:
-    check_json(body, what)
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        raise bad_request("invalid_body", f"{what}: {exc}") from None
-    except (msgspec.DecodeError, RecursionError) as exc:  # pragma: no cover - check_json passed
-        raise bad_request("invalid_json", f"{what}: {exc}") from None
+    return parse_json(body, kind, what)
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

@@ -11,10 +11,12 @@ from starlette.responses import Response
 
 from relay.api.common import (
     MAX_U64,
+    ShapeError,
     authorize,
     check_json,
     header,
     int_param,
+    parse_json,
     read_body,
     workspace_id,
 )
@@ -86,19 +88,18 @@ async def post_batch(request: Request) -> Response:
     authorize(relay, request, ws)
     limit_push(relay, request)
     body = await read_body(request, relay.settings.max_body_bytes)
-    check_json(body)
     try:
-        elements = msgspec.json.decode(body, type=list[msgspec.Raw])
-    except msgspec.ValidationError:
+        elements = parse_json(body, list[msgspec.Raw])  # validates every element too
+    except ShapeError:
         raise bad_request("invalid_batch", "the batch body must be a JSON array") from None
     if not 1 <= len(elements) <= MAX_BATCH:
         raise bad_request("invalid_batch", f"a batch holds 1–{MAX_BATCH} envelopes")
     bodies = [bytes(e) for e in elements]
-    header = request.headers.get("idempotency-keys")
-    if header is None:
+    keys_header = header(request, b"idempotency-keys")
+    if keys_header is None:
         keys = [hashlib.sha256(b).digest() for b in bodies]
     else:
-        parts = [p.strip() for p in header.split(",")]
+        parts = [p.strip() for p in keys_header.split(",")]
         if len(parts) != len(bodies):
             raise bad_request(
                 "invalid_idempotency_key",
@@ -116,7 +117,7 @@ async def post_batch(request: Request) -> Response:
     out = msgspec.json.encode(
         {"seqs": [s for s, _ in results], "duplicates": [d for _, d in results]}
     )
-    return Response(out, media_type="application/json")
+    return JSONBytes(out)
 
 
 def read_headers(page: Page, after: int, epoch: str) -> dict[str, str]:

@@ -282,6 +282,7 @@ class WsSession:
             async with anyio.create_task_group() as tg:
                 sub.on_overflow = tg.cancel_scope.cancel
                 sub.replaying = False
+                sub.active = False  # until the client sends `sub`
                 tg.start_soon(self._reader, sub, tg.cancel_scope.cancel)
                 await self._writer(sub)
                 tg.cancel_scope.cancel()
@@ -325,6 +326,7 @@ class WsSession:
                         self._post(sub, _ws_error("invalid_after", "after must be a seq"))
                         continue
                     self.replay_from = after
+                    sub.active = True
                     sub.wake.set()
                 elif op.op == "pub":
                     self._post(sub, await self._publish(op, max_body))
