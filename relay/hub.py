@@ -13,7 +13,6 @@ cursor. Long-poll waiters only need waking and keep no items.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -67,6 +66,53 @@ def ws_env_frame(row: bytes) -> str:
     return '{"op":"env",' + row[1:].decode("utf-8")
 
 
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class Wake:
+    """A resettable wake-up flag, lighter than asyncio.Event.
+
+    Thousands of idle streams each hold one: Event keeps a deque of waiters
+    (over half a kilobyte even when empty) and wait_for wraps each wait in a
+    new Task; this holds one future, only while someone waits.
+    """
+
+    __slots__ = ("flag", "waiter")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.waiter: asyncio.Future[bool] | None = None
+
+    def set(self) -> None:
+        self.flag = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True once set; False if `timeout` seconds pass first."""
+        if self.flag:
+            return True
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            woken: bool = await waiter
+            return woken
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
 class Subscriber:
     __slots__ = (
         "active",
@@ -83,8 +129,8 @@ class Subscriber:
     def __init__(self, ws: str, limit: int) -> None:
         self.ws = ws
         self.limit = limit  # 0 = a waiter that keeps no items
-        self.items: deque[Item] = deque()
-        self.wake = asyncio.Event()
+        self.items: list[Item] = []
+        self.wake = Wake()
         self.overflowed = False
         self.closed = False
         # While replaying from the store an overflow only means "re-read"; when
@@ -112,8 +158,8 @@ class Subscriber:
         self.wake.set()
 
     def take(self) -> list[Item]:
-        items = list(self.items)
-        self.items.clear()
+        items = self.items
+        self.items = []
         self.wake.clear()
         return items
 
@@ -126,11 +172,7 @@ class Subscriber:
         """
         if self.items or self.closed or self.overflowed:
             return True
-        try:
-            await asyncio.wait_for(self.wake.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self.wake.wait(timeout)
 
 
 class Hub:

@@ -9,6 +9,7 @@ ends cleanly when the relay shuts down or the subscriber falls too far behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -88,22 +89,28 @@ class SSEStream(Response):
         relay = self.relay
         try:
             with relay.hub.subscribe(self.ws, relay.settings.stream_buffer) as sub:
-                async with anyio.create_task_group() as tg:
-                    sub_cancel = tg.cancel_scope.cancel
+                # A bare cancel scope and one plain task (not a task group): an idle
+                # stream is mostly what it holds while it waits (docs/benchmarks.md).
+                with anyio.CancelScope() as cancel_scope:
 
                     async def watch_disconnect() -> None:
                         while (await receive())["type"] != "http.disconnect":
                             pass
-                        sub_cancel()
+                        cancel_scope.cancel()
 
-                    tg.start_soon(watch_disconnect)
-                    sub.on_overflow = sub_cancel
+                    watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+                    sub.on_overflow = cancel_scope.cancel
                     sub.replaying = True
                     try:
                         await self._stream(sub, send)
-                    except StoreError:
-                        if not self.started:
-                            raise  # still a normal 503 answer
+                    except StoreError as exc:
+                        if not self.started:  # still a normal JSON error answer
+                            status = exc.status if exc.status in (413, 503) else 503
+                            retry = {"retry-after": str(exc.retry_after or 1)}
+                            await error_response(status, exc.code, exc.message, retry)(
+                                scope, receive, send
+                            )
+                            return
                         # Mid-stream the answer has begun: end it; the client resumes
                         # from its last id and meets the 503 while the store is down.
                         LOG.warning("the store failed during a live stream; ending it")
@@ -111,7 +118,8 @@ class SSEStream(Response):
                             await send(
                                 {"type": "http.response.body", "body": b"", "more_body": False}
                             )
-                    tg.cancel_scope.cancel()
+                    finally:
+                        watcher.cancel()
                 if sub.overflowed:
                     relay.metrics.slow_consumers.inc()
                     LOG.info("disconnected a slow SSE subscriber")
