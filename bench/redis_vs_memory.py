@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -179,6 +180,7 @@ def main() -> None:
     p.add_argument("--subscribers", type=int, default=100, help="SSE subscribers")
     p.add_argument("--events", type=int, default=100, help="envelopes fanned out")
     p.add_argument("--rate", type=float, default=50, help="fan-out envelopes per second")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
     a = p.parse_args()
     try:
         import uvloop
@@ -198,6 +200,9 @@ def main() -> None:
         across = asyncio.run(measure(one.url, two.url, a, False))
         rows.append(["redis, 2 relays (pub A, sub B)", *across])
     head = ["store", "publish/s", "fan-out p50 ms", "p99 ms", "all delivered"]
+    if a.json:
+        print(json.dumps([dict(zip(head, r, strict=True)) for r in rows]))
+        return
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     print(
         f"\n{a.posts} POSTs over {a.conns} connections; fan-out: {a.subscribers} SSE "

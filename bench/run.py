@@ -257,6 +257,47 @@ def bench_batch_ws_scale(rounds: int, seconds: int) -> list[tuple[str, str, str,
                 f"{w / s1:.2f}x the single-POST rate; target ≥ 1.5x",
             ),
         ]
+        # Read cost against the number of workspaces: the first 5 of 10 rows.
+        pad = "r" * 990
+        with httpx.Client(base_url=relay.url, timeout=60) as c:
+            for i in range(1000):
+                c.post(
+                    f"/v1/workspaces/rspread-{i}/envelopes/batch",
+                    json=[{"i": j, "p": pad} for j in range(10)],
+                ).raise_for_status()
+        one = median_spread(
+            [
+                wrk(
+                    relay.url,
+                    seconds,
+                    32,
+                    "get_spread.lua",
+                    {"WORKSPACES": "1", "PREFIX": "rspread"},
+                )
+                for _ in range(rounds)
+            ]
+        )
+        many = median_spread(
+            [
+                wrk(
+                    relay.url,
+                    seconds,
+                    32,
+                    "get_spread.lua",
+                    {"WORKSPACES": "1000", "PREFIX": "rspread"},
+                )
+                for _ in range(rounds)
+            ]
+        )
+        rows += [
+            ("Read 5 rows, 1 workspace", f"{one[0]:,.0f} req/s ±{one[1]:.0f}%", "", ""),
+            (
+                "Read 5 rows spread over 1,000 workspaces",
+                f"{many[0]:,.0f} req/s ±{many[1]:.0f}%",
+                "",
+                f"1,000 / 1 workspace = {many[0] / one[0]:.2f} (flat: O(1) lookup)",
+            ),
+        ]
         # Read cost against backlog size: newest 5 rows.
         seqs = {n: fill(relay.url, f"backlog{n}", n) for n in (1_000, 10_000, 100_000)}
         rates = {}
@@ -272,6 +313,28 @@ def bench_batch_ws_scale(rounds: int, seconds: int) -> list[tuple[str, str, str,
                     f"{r / rates[1_000][0]:.2f} of the 1,000-backlog rate (flat: O(log n))",
                 )
             )
+    return rows
+
+
+def bench_redis() -> list[tuple[str, str, str, str]]:
+    res = subprocess.run(
+        [sys.executable, str(HERE / "redis_vs_memory.py"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+    rows = []
+    for r in json.loads(res.stdout.strip().splitlines()[-1]):
+        rows.append(
+            (
+                f"Store {r['store']}: publish (Python client, 16 connections)",
+                f"{r['publish/s']} env/s",
+                "",
+                f"fan-out to 100 SSE: p50 {r['fan-out p50 ms']} ms, p99 {r['p99 ms']} ms, "
+                f"all delivered: {r['all delivered']}",
+            )
+        )
     return rows
 
 
@@ -444,7 +507,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         default=None,
-        choices=["http", "scale", "fanout", "idle", "memory", "snapshot", "icount"],
+        choices=["http", "scale", "fanout", "idle", "memory", "snapshot", "icount", "redis"],
     )
     args = p.parse_args()
     if shutil.which("wrk") is None:
@@ -472,6 +535,8 @@ def main() -> int:
         rows += bench_memory(50_000)
     if args.only in (None, "snapshot"):
         rows += bench_snapshot(50_000)
+    if args.only in (None, "redis") and shutil.which("redis-server"):
+        rows += bench_redis()
     for r in rows:
         print(" | ".join(r))
     cmd = "make bench   # = .venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
