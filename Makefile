@@ -39,3 +39,16 @@ bench: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
+
+# Longer runs of the hardening tests (docs/security.md). Override the length with
+# HIVE_RELAY_FUZZ_EXAMPLES / HIVE_RELAY_STATEFUL_EXAMPLES and HIVE_RELAY_SOAK_SECS.
+.PHONY: fuzz soak
+
+fuzz: $(VENV)/.dev-installed
+	HIVE_RELAY_FUZZ_EXAMPLES=$${HIVE_RELAY_FUZZ_EXAMPLES:-500} \
+	HIVE_RELAY_STATEFUL_EXAMPLES=$${HIVE_RELAY_STATEFUL_EXAMPLES:-500} \
+	$(PY) -m pytest -q tests/test_fuzz.py tests/test_stateful.py $(PYTEST_ARGS)
+
+soak: $(VENV)/.dev-installed
+	HIVE_RELAY_SOAK_SECS=$${HIVE_RELAY_SOAK_SECS:-600} \
+	$(PY) -m pytest -q -s tests/test_soak.py $(PYTEST_ARGS)

@@ -86,6 +86,23 @@ def _raise_fd_limit() -> None:
         pass
 
 
+def _http_protocol(settings: Settings) -> type:
+    """uvicorn's httptools protocol with the relay's head limit and head/body timeout."""
+    from relay.server import RelayHttpProtocol
+
+    limits = {
+        "head_limit": settings.header_limit,
+        "head_timeout": max(1.0, settings.keepalive_timeout),
+    }
+    return type("RelayHttp", (RelayHttpProtocol,), limits)
+
+
+def _ws_protocol() -> type:
+    from relay.server import RelayWebSocketProtocol
+
+    return RelayWebSocketProtocol
+
+
 def _serve(settings: Settings) -> int:
     import uvicorn
 
@@ -107,8 +124,8 @@ def _serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        http=_http_protocol(settings),
+        ws=_ws_protocol(),
         lifespan="on",
         backlog=settings.backlog,
         timeout_keep_alive=int(max(1, settings.keepalive_timeout)),

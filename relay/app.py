@@ -69,6 +69,7 @@ class RequestLog:
                 status = 403
             elif kind == "websocket.http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *_SECURITY]
             await send(message)
 
         head = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
@@ -194,7 +195,10 @@ def _disconnected(request: Request, exc: Exception) -> Response:
 
 def _server_error(request: Request, exc: Exception) -> Response:
     # uvicorn logs the traceback; the client only learns that it was our fault.
-    return error_response(500, "internal_error", "the relay hit an unexpected error")
+    # Sent by Starlette's outermost middleware, past RequestLog: add the security headers.
+    return error_response(
+        500, "internal_error", "the relay hit an unexpected error", SECURITY_HEADERS
+    )
 
 
 def build_relay(settings: Settings, store: Store | None = None) -> Relay:
@@ -339,6 +343,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app = Starlette(
         routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
     )
+    app.router.redirect_slashes = False  # no redirect built from the client's Host header
     app.state.relay = relay
     app.state.snapshots = snapshots
     return app

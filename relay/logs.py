@@ -49,7 +49,10 @@ class _DropPathLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg if isinstance(record.msg, str) else ""
         return not (
-            msg.startswith('%s - "WebSocket') or msg in ("connection open", "connection closed")
+            msg.startswith('%s - "WebSocket')
+            or msg in ("connection open", "connection closed")
+            # The websockets library's debug lines: hand-shake headers (tokens) and frames.
+            or (record.levelno <= logging.DEBUG and msg.startswith(("< ", "> ", "= ", "! ")))
         )
 
 

@@ -11,19 +11,40 @@ from typing import Any
 from relay import __version__
 
 WS_PATTERN = r"^[A-Za-z0-9._~:@-]{1,200}$"
+MAX_U64 = (1 << 64) - 1
+
+
+def uint_pattern(high: int) -> str:
+    """A regex for the decimal whole numbers 0..high, leading zeros allowed."""
+    digits = str(high)
+    parts = [f"[0-9]{{1,{len(digits) - 1}}}"] if len(digits) > 1 else []
+    # Numbers with as many digits as `high`: equal on a prefix, then smaller at one digit.
+    for i, d in enumerate(digits):
+        rest = len(digits) - i - 1
+        low = "1" if i == 0 and len(digits) > 1 else "0"
+        if int(d) > int(low):
+            top = int(d) - 1
+            span = low if top == int(low) else f"[{low}-{top}]"
+            parts.append(digits[:i] + span + (f"[0-9]{{{rest}}}" if rest else ""))
+    parts.append(digits)
+    return "0*(?:" + "|".join(parts) + ")"
+
+
+# Python's str.strip() whitespace within Latin-1 (how header values are read).
+_SPACE = r"[\t-\r\x1c-\x20\x85\xa0]*"
 
 _ERROR_CODES = {
     400: "invalid_workspace, invalid_json, invalid_body, invalid_after, invalid_limit, "
     "invalid_wait, invalid_batch, invalid_idempotency_key, invalid_device_id, "
-    "invalid_content_length, empty_payload",
+    "invalid_content_length, invalid_bodies, invalid_last_event_id, empty_payload",
     401: "unauthorized (with WWW-Authenticate: Bearer)",
     403: "forbidden: the token does not grant this workspace",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large, too_large, keyring_full, too_many_devices, relay_full",
     429: "rate_limited, pair_rate_limited (with Retry-After)",
-    503: "store_unavailable, too_many_pairings, shutting_down, too_many_streams, "
-    "too_many_streams_for_client (with Retry-After)",
+    503: "store_unavailable, relay_full (Redis store), too_many_pairings, shutting_down, "
+    "too_many_streams, too_many_streams_for_client (with Retry-After)",
 }
 
 
@@ -64,7 +85,7 @@ _AFTER = {
     "name": "after",
     "in": "query",
     "description": "Cursor: return rows with a larger seq (default 0)",
-    "schema": {"type": "integer", "minimum": 0, "maximum": 18446744073709551615},
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_U64},
 }
 _LIMIT = {
     "name": "limit",
@@ -108,9 +129,43 @@ _DEVICE_MAP = _json(
     {"type": "object", "additionalProperties": _ANY_JSON},
     "Device id → its latest data",
 )
+# One Server-Sent Event as a client parses it (comments such as `: connected` and
+# `: keep-alive` are not events). As in OpenAPI 3.1 practice, the schema of a
+# text/event-stream response describes each event of the stream.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {
+            "description": "`message` (the default), or `gap` when the cursor is below "
+            "dropped history",
+            "enum": ["message", "gap"],
+        },
+        "id": {
+            "description": "The row's seq (bodies=1): a resume cursor for Last-Event-ID",
+            "type": "string",
+            "pattern": "^[0-9]{1,20}$",
+        },
+        "retry": {"type": "integer"},
+        "data": {
+            "description": 'A nudge `{"seq":N}`, a whole row `{"seq":N,"body":...}` '
+            '(bodies=1), or, for `event: gap`, `{"oldest":N}`',
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/Nudge"},
+                    {"$ref": "#/components/schemas/Row"},
+                    {"$ref": "#/components/schemas/Gap"},
+                ]
+            },
+        },
+    },
+}
 _SSE = {
-    "description": "text/event-stream",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "description": "text/event-stream: `: connected`, then one event per appended envelope "
+    "(the schema describes each event)",
+    "content": {"text/event-stream": {"schema": _SSE_EVENT}},
     "headers": _READ_HEADERS,
 }
 
@@ -277,8 +332,12 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "Last-Event-ID",
                         "in": "header",
-                        "description": "Resume cursor (bodies=1); wins over after",
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"},
+                        "description": "Resume cursor (bodies=1): a seq below 2^64; wins over "
+                        "after. Blank is the same as absent.",
+                        "schema": {
+                            "type": "string",
+                            "pattern": f"^{_SPACE}(?:{uint_pattern(MAX_U64)})?{_SPACE}$",
+                        },
                     },
                 ],
                 "responses": {"200": _SSE, **_errors(400, 401, 403, 503)},
@@ -359,7 +418,12 @@ def openapi_document() -> dict[str, Any]:
             "title": "hive-relay",
             "version": __version__,
             "description": "Content-blind relay for end-to-end-encrypted event envelopes "
-            "(the /v1 workspace-sync contract plus extensions).",
+            "(the /v1 workspace-sync contract plus extensions). Besides the answers listed "
+            "per operation, any request may be answered 431 headers_too_large (request line "
+            "and headers over HIVE_RELAY_HEADER_LIMIT), 404 not_found or 405 "
+            "method_not_allowed (with Allow) for a path or method the relay does not serve, "
+            "and 500 internal_error, which is always a relay bug. Errors are JSON "
+            '`{"error": "<code>", "message": "<sentence>"}`.',
         },
         "security": [{}, {"bearer": []}],
         "paths": paths,
@@ -405,6 +469,16 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object",
                     "required": ["seq", "body"],
                     "properties": {"seq": {"type": "integer", "minimum": 1}, "body": _ANY_JSON},
+                },
+                "Nudge": {
+                    "type": "object",
+                    "required": ["seq"],
+                    "properties": {"seq": {"type": "integer", "minimum": 0}},
+                },
+                "Gap": {
+                    "type": "object",
+                    "required": ["oldest"],
+                    "properties": {"oldest": {"type": "integer", "minimum": 0}},
                 },
                 "Pushed": {
                     "type": "object",

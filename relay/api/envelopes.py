@@ -37,13 +37,12 @@ def _header_key(value: str, name: str) -> bytes:
 
 
 def dedup_key(request: Request, body: bytes) -> bytes:
+    event_id = header(request, b"x-hive-event-id")
+    key = _header_key(event_id, "X-Hive-Event-Id") if event_id is not None else None
     value = header(request, b"idempotency-key")
     if value is not None:
         return _header_key(value, "Idempotency-Key")
-    value = header(request, b"x-hive-event-id")
-    if value is not None:
-        return _header_key(value, "X-Hive-Event-Id")
-    return hashlib.sha256(body).digest()
+    return key or hashlib.sha256(body).digest()
 
 
 def limit_push(relay: Relay, request: Request) -> None:

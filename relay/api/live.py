@@ -43,15 +43,14 @@ WS_TRY_LATER = 1013
 
 # ---------------------------------------------------------------------- SSE
 def _start_cursor(request: Request) -> int | None:
+    after = int_param(request, "after", 0, 0, MAX_U64) if "after" in request.query_params else None
     last_id = request.headers.get("last-event-id")
     if last_id is not None and last_id.strip():
         text = last_id.strip()
         if not text.isascii() or not text.isdigit() or int(text) > MAX_U64:
             raise RelayError(400, "invalid_last_event_id", "Last-Event-ID must be a seq")
         return int(text)
-    if "after" in request.query_params:
-        return int_param(request, "after", 0, 0, MAX_U64)
-    return None
+    return after
 
 
 async def events(request: Request) -> Response:
@@ -62,12 +61,12 @@ async def events(request: Request) -> Response:
     if bodies not in ("0", "1", "true", "false"):
         raise RelayError(400, "invalid_bodies", "bodies must be 1 or 0")
     with_bodies = bodies in ("1", "true")
-    cursor = _start_cursor(request) if with_bodies else None
+    cursor = _start_cursor(request)  # checked on every stream; used only with bodies
     client = relay.client(request.scope)
     if relay.hub.closing:
         raise RelayError(503, "shutting_down", "the relay is shutting down", retry_after=2)
     relay.slots.acquire(client)
-    return SSEStream(relay, ws, client, with_bodies, cursor)
+    return SSEStream(relay, ws, client, with_bodies, cursor if with_bodies else None)
 
 
 class SSEStream(Response):
@@ -292,7 +291,10 @@ class WsSession:
                 sub.replaying = False
                 sub.active = False  # until the client sends `sub`
                 tg.start_soon(self._reader, sub, tg.cancel_scope.cancel)
-                await self._writer(sub)
+                try:
+                    await self._writer(sub)
+                except WebSocketDisconnect:
+                    self.close_code = -1  # the client went away mid-send: not an error
                 tg.cancel_scope.cancel()
             if sub.overflowed:
                 relay.metrics.slow_consumers.inc()
