@@ -347,7 +347,8 @@ KNOBS: tuple[Knob, ...] = (
         "--keepalive-timeout",
         "float",
         5.0,
-        "seconds an idle keep-alive HTTP connection is kept open",
+        "seconds an idle keep-alive HTTP connection is kept open, and the longest a "
+        "request head, or a pause inside a request body, may take",
         1,
         3600,
     ),
