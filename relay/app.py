@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from relay import logs
 from relay.access import policy_from_settings
 from relay.api import envelopes, live, public, side
-from relay.errors import SECURITY_HEADERS, RelayError, error_response
+from relay.errors import SECURITY_HEADERS, RelayError, error_response, store_error_response
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots
 from relay.metrics import Metrics
@@ -157,9 +157,7 @@ def _relay_error(request: Request, exc: Exception) -> Response:
 
 def _store_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StoreError)
-    headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
-    status = exc.status if exc.status in (413, 503) else 503
-    return error_response(status, exc.code, exc.message, headers)
+    return store_error_response(exc)
 
 
 def _exception_group(request: Request, exc: Exception) -> Response:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgspec
 from starlette.responses import Response
 
+from relay.store.base import StoreError
+
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
@@ -44,6 +46,15 @@ def error_response(
         media_type="application/json",
         headers=headers,
     )
+
+
+def store_error_response(exc: StoreError) -> Response:
+    """A store's refusal as the JSON error answer: 413 for a bound, else 503 + Retry-After."""
+    status = exc.status if exc.status in (413, 503) else 503
+    headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
+    if status == 503 and headers is None:
+        headers = {"retry-after": "1"}
+    return error_response(status, exc.code, exc.message, headers)
 
 
 def bad_request(code: str, message: str) -> RelayError:

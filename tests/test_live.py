@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import weakref
 
 import httpx
 import pytest
@@ -34,12 +35,14 @@ async def push(client: httpx.AsyncClient, ws: str, body: object) -> int:
     return int(r.json()["seq"])
 
 
-_ITERS: dict[int, object] = {}
+# One raw-byte iterator per open stream. Weak keys: an id() could be reused by a
+# later stream and hand it a finished iterator.
+_ITERS: weakref.WeakKeyDictionary[httpx.Response, object] = weakref.WeakKeyDictionary()
 
 
 async def read_until(stream: httpx.Response, needle: bytes, buf: bytearray) -> bytes:
     """Read raw bytes into `buf` until it holds `needle` (one iterator per stream)."""
-    it = _ITERS.setdefault(id(stream), stream.aiter_raw())
+    it = _ITERS.setdefault(stream, stream.aiter_raw())
     async with asyncio.timeout(WAIT):
         while needle not in buf:
             buf += await it.__anext__()  # type: ignore[attr-defined]

@@ -126,10 +126,6 @@ def check_json(body: bytes, what: str = "the body") -> None:
     parse_json(body, msgspec.Raw, what)
 
 
-def decode_as(body: bytes, kind: type[T], what: str) -> T:
-    return parse_json(body, kind, what)
-
-
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query_params.get(name)
     if text is None:

@@ -20,7 +20,7 @@ from relay.api.common import (
     read_body,
     workspace_id,
 )
-from relay.errors import RelayError, bad_request
+from relay.errors import bad_request
 from relay.runtime import Relay
 from relay.store.base import Page
 
@@ -193,4 +193,4 @@ async def _long_poll(
     return page
 
 
-__all__ = ["RelayError", "get_envelopes", "post_batch", "post_envelope"]
+__all__ = ["get_envelopes", "post_batch", "post_envelope"]

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from relay.access import Denied, bearer_token
 from relay.api.common import MAX_U64, authorize, int_param, workspace_id
 from relay.api.envelopes import MAX_KEY_LEN, read_headers
-from relay.errors import RelayError, error_body, error_response
+from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, nudge_frame, sse_row_frame
 from relay.runtime import Relay
 from relay.store.base import Page, StoreError, row_seq
@@ -104,11 +104,7 @@ class SSEStream(Response):
                         await self._stream(sub, send)
                     except StoreError as exc:
                         if not self.started:  # still a normal JSON error answer
-                            status = exc.status if exc.status in (413, 503) else 503
-                            retry = {"retry-after": str(exc.retry_after or 1)}
-                            await error_response(status, exc.code, exc.message, retry)(
-                                scope, receive, send
-                            )
+                            await store_error_response(exc)(scope, receive, send)
                             return
                         # Mid-stream the answer has begun: end it; the client resumes
                         # from its last id and meets the 503 while the store is down.
@@ -374,9 +370,8 @@ class WsSession:
         key = b"k" + op.key.encode() if op.key is not None else hashlib.sha256(body).digest()
         try:
             seq, dup = await relay.store.append(self.ws, body, key)
-        except Exception as exc:  # a store error reaches the client as a frame
-            code = getattr(exc, "code", "store_error")
-            return _ws_error(code, getattr(exc, "message", "the store refused the envelope"), ref)
+        except StoreError as exc:  # a store refusal reaches the client as a frame
+            return _ws_error(exc.code, exc.message, ref)
         (relay.metrics.duplicates if dup else relay.metrics.appended).inc()
         return '{"op":"ack","seq":%d,"ref":%s,"duplicate":%s}' % (
             seq,
@@ -450,4 +445,4 @@ def _ws_error(code: str, message: str, ref: bytes = b"null", retry_after: str | 
     return (encoded + b"}").decode()
 
 
-__all__ = ["SSEStream", "error_body", "events", "websocket"]
+__all__ = ["SSEStream", "events", "websocket"]

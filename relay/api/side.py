@@ -8,7 +8,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.api.common import authorize, check_json, decode_as, read_body, workspace_id
+from relay.api.common import authorize, check_json, parse_json, read_body, workspace_id
 from relay.errors import RelayError, bad_request
 from relay.runtime import Relay
 from relay.store.memory import PAIR_ALPHABET, PAIR_CODE_LEN
@@ -63,7 +63,7 @@ async def post_device(request: Request) -> Response:
     ws = workspace_id(request)
     authorize(relay, request, ws)
     body = await read_body(request, relay.settings.max_body_bytes)
-    entry = decode_as(body, DeviceEntry, "the body")
+    entry = parse_json(body, DeviceEntry, "the body")
     if not 1 <= len(entry.device_id) <= MAX_DEVICE_ID:
         raise bad_request("invalid_device_id", f"device_id must be 1–{MAX_DEVICE_ID} characters")
     await relay.store.device_put(_channel(request), ws, entry.device_id, bytes(entry.data))
@@ -83,7 +83,7 @@ async def post_pair(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     authorize(relay, request, None)
     body = await read_body(request, relay.settings.max_body_bytes)
-    pair = decode_as(body, PairRequest, "the body")
+    pair = parse_json(body, PairRequest, "the body")
     if not pair.payload:
         raise bad_request("empty_payload", "payload must not be empty")
     if len(pair.payload) > PAIR_PAYLOAD_MAX:

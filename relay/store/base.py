@@ -79,9 +79,6 @@ class Page:
         """True when the caller's cursor is below what retention already dropped."""
         return after < self.dropped
 
-    def last_seq(self, after: int) -> int:
-        return row_seq(self.rows[-1]) if self.rows else after
-
     def json(self) -> bytes:
         rows = self.rows
         if len(rows) <= 1:

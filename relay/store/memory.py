@@ -97,13 +97,6 @@ class _Workspace:
     def oldest(self) -> int:
         return self.seqs[self.start] if self.start < len(self.seqs) else 0
 
-    def side_bytes(self) -> int:
-        return (
-            self.keyring_bytes
-            + sum(len(v[0]) for v in self.presence.values())
-            + sum(len(v[0]) for v in self.candidates.values())
-        )
-
     def is_empty(self) -> bool:
         return self.count == 0 and not self.keyring and not self.presence and not self.candidates
 
@@ -323,10 +316,6 @@ class MemoryStore:
         j = max(j, i + 1)
         rows = w.rows[i:j]
         return Page(rows, w.head, w.oldest, w.dropped, j < end)  # type: ignore[arg-type]
-
-    def head_of(self, ws: str) -> int:
-        w = self._ws.get(ws)
-        return w.head if w is not None else 0
 
     # ---------------------------------------------------------- side channels
     def _check_side(self, size: int, replaces: int = 0) -> None:
