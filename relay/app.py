@@ -79,7 +79,8 @@ class RequestLog:
             if head <= self.header_limit:
                 await self.app(scope, receive, send_with_headers)
             elif scope["type"] == "http":
-                # uvicorn's httptools parser caps heads at its own, larger size; this is ours.
+                # relay/server.py cuts off a head that keeps arriving past the limit; one
+                # that arrives whole in a single read is parsed first and stopped here.
                 await error_response(
                     431,
                     "headers_too_large",
