@@ -372,6 +372,9 @@ class WsSession:
             seq, dup = await relay.store.append(self.ws, body, key)
         except StoreError as exc:  # a store refusal reaches the client as a frame
             return _ws_error(exc.code, exc.message, ref)
+        except Exception:  # a relay bug: logged here with its traceback, opaque to the client
+            LOG.exception("unexpected error appending a WebSocket pub")
+            return _ws_error("internal_error", "the relay hit an unexpected error", ref)
         (relay.metrics.duplicates if dup else relay.metrics.appended).inc()
         return '{"op":"ack","seq":%d,"ref":%s,"duplicate":%s}' % (
             seq,
