@@ -273,10 +273,17 @@ class Soak:
         rng = self.child_rng()
         seen = Seen(name)
         self.seen[ws].append(seen)
+        url = f"{self.ws_base}/v1/workspaces/{ws}/ws"
         while not self.done(ws, seen):
             deadline = time.monotonic() + self._hold(rng)
             try:
-                async with websockets.connect(f"{self.ws_base}/v1/workspaces/{ws}/ws") as sock:
+                # max_queue=None: with the library's default (16 frames) a client that
+                # is a little behind has paused reading when it hangs up, so it never
+                # reads the relay's close reply and close() waits out close_timeout
+                # (10 s; python-websockets/websockets#1555). Ten seconds without a
+                # subscriber outlasts CAP, and the test would report a gap that is the
+                # load generator's, not the relay's. The relay bounds what it sends.
+                async with websockets.connect(url, max_queue=None) as sock:
                     await sock.send(json.dumps({"op": "sub", "after": seen.cursor}))
                     while not self.done(ws, seen) and time.monotonic() < deadline:
                         try:
@@ -285,6 +292,8 @@ class Soak:
                             continue
                         assert frame["op"] == "env", self.gap_report(ws, seen, frame)
                         seen.take(frame["seq"], frame["body"])
+                    if rng.random() < 0.5:
+                        sock.transport.abort()  # a device that drops off: no close hand-shake
             except websockets.ConnectionClosed as closed:
                 # A subscriber that fell too far behind is let go (1013); it resumes.
                 assert closed.rcvd is not None and closed.rcvd.code == 1013, closed
