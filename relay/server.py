@@ -1,4 +1,4 @@
-"""uvicorn protocols with the limits uvicorn lacks (prototype from the hardening pass).
+"""uvicorn protocols with the limits uvicorn lacks, and one send per small answer.
 
 * A request head must arrive whole within `head_timeout` seconds of the connection
   opening (or of the previous response), and a started body may not stall longer
@@ -8,6 +8,7 @@
 * Parser errors are answered with the relay's JSON error shape and security headers.
 * A WebSocket hand-shake the websockets library refuses is answered (uvicorn's
   sans-I/O protocol leaves the library's 4xx unsent).
+* An answer's head leaves with its body in one send, not two (`_HeadWithBody`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,50 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
 
 
+class _HeadWithBody:
+    """The transport as one response cycle sees it.
+
+    uvicorn writes the status line and headers as soon as the app starts its
+    answer, and the body separately: two sends and, since the socket has
+    TCP_NODELAY, two segments and two wake-ups of the client for every small
+    response. This holds the head until the body's first chunk and sends both
+    in one `writelines` (one send, no copy under uvloop). A head the body does
+    not follow in the same loop turn (a stream that has nothing yet) leaves at
+    the start of the next one.
+    """
+
+    __slots__ = ("_held", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._transport.writelines((held, data))
+        elif not self._started:
+            self._started = True
+            self._held = data
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class RelayHttpProtocol(HttpToolsProtocol):
     head_limit = 16384
     head_timeout = 5.0
@@ -48,25 +93,38 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._in_head = True
         self._head_bytes = 0
+        # The stall deadline is a float that every request moves (three times for a
+        # POST); one lazy timer per connection checks it. A call_later and a cancel
+        # per move cost about 5 % of a publish (py-spy, docs/benchmarks.md).
+        self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._arm()
 
     def _arm(self) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(self.head_timeout, self._too_slow)
+        self._deadline = deadline = self.loop.time() + self.head_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._check)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None  # a pending check finds nothing to do
 
-    def _too_slow(self) -> None:
+    def _check(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:  # moved since this check was scheduled
+            self._timer = self.loop.call_at(deadline, self._check)
+            return
+        self._deadline = None
         if not self.transport.is_closing():
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -105,10 +163,14 @@ class RelayHttpProtocol(HttpToolsProtocol):
             self._arm()
         else:
             self._disarm()
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not previous:  # a new request (not an upgrade)
+            cycle.transport = _HeadWithBody(self.transport)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
-        if self._timer is not None:
+        if self._deadline is not None:
             self._arm()
         super().on_body(body)
 

@@ -1250,3 +1250,31 @@ def test_idle_and_unfinished_requests_are_dropped(quick_timeouts: RelayProcess) 
             sock.close()
     assert not open_, f"still open after {WAIT:.0f} s (HIVE_RELAY_KEEPALIVE_TIMEOUT=1): {open_}"
     assert_healthy(quick_timeouts)
+
+
+def test_slow_but_steady_requests_are_not_cut_off(quick_timeouts: RelayProcess) -> None:
+    """The stall timeout bounds each pause, not the whole request or connection: a
+    body trickled in chunks 0.4 s apart for about 3 s (three times the 1 s
+    timeout) is accepted, and one keep-alive connection that asks again every
+    0.4 s stays open across many timeouts. Each chunk and each request moves the
+    deadline (relay/server.py keeps one lazy timer per connection)."""
+    body = json.dumps({"steady": "x" * 60}).encode()
+    chunks = [body[i : i + 10] for i in range(0, len(body), 10)]
+    assert len(chunks) >= 7
+    with connect(quick_timeouts) as sock:
+        sock.sendall(
+            b"POST /v1/workspaces/steady/envelopes HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for chunk in chunks:
+            time.sleep(0.4)
+            sock.sendall(chunk)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        for _ in range(8):
+            time.sleep(0.4)
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok"), answer
+    rows = httpx.get(quick_timeouts.url + "/v1/workspaces/steady/envelopes", timeout=WAIT).json()
+    assert [row["body"] for row in rows] == [json.loads(body)]
