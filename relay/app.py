@@ -38,6 +38,37 @@ _SECURITY = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 LIVE_ROUTES = ("/v1/workspaces/{ws}/events", "/v1/workspaces/{ws}/ws")
 
 
+def head_size(scope: Scope) -> int:
+    """The request line and headers, as counted against HIVE_RELAY_HEADER_LIMIT."""
+    head = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+    for name, value in scope.get("headers", ()):
+        head += len(name) + len(value) + 4
+    return head
+
+
+def head_too_large(limit: int) -> Response:
+    # relay/server.py cuts off a head that keeps arriving past the limit; one that
+    # arrives whole in a single read is parsed first and stopped here.
+    return error_response(
+        431, "headers_too_large", f"the request line and headers exceed {limit} bytes"
+    )
+
+
+def record(relay: Relay, scope: Scope, route: str, status: int, start: float) -> None:
+    """The metrics sample and access-log line that end every request."""
+    method = scope.get("method", "WS")
+    duration = time.perf_counter() - start
+    relay.metrics.observe(
+        route,
+        method,
+        status or 500,
+        duration,
+        timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
+    )
+    if relay.settings.access_log:
+        logs.access(method, route, status or 500, duration, relay.client(scope))
+
+
 class RequestLog:
     """One log line and one metrics sample per request; security headers on every answer.
 
@@ -47,7 +78,6 @@ class RequestLog:
     def __init__(self, app: ASGIApp, relay: Relay) -> None:
         self.app = app
         self.relay = relay
-        self.log = relay.settings.access_log
         self.header_limit = relay.settings.header_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,37 +102,18 @@ class RequestLog:
                 message["headers"] = [*message.get("headers", ()), *_SECURITY]
             await send(message)
 
-        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
-        for name, value in scope.get("headers", ()):
-            head += len(name) + len(value) + 4
         try:
-            if head <= self.header_limit:
+            if head_size(scope) <= self.header_limit:
                 await self.app(scope, receive, send_with_headers)
             elif scope["type"] == "http":
-                # relay/server.py cuts off a head that keeps arriving past the limit; one
-                # that arrives whole in a single read is parsed first and stopped here.
-                await error_response(
-                    431,
-                    "headers_too_large",
-                    f"the request line and headers exceed {self.header_limit} bytes",
-                )(scope, receive, send_with_headers)
+                await head_too_large(self.header_limit)(scope, receive, send_with_headers)
             else:
                 status = 431
                 await send({"type": "websocket.close", "code": 1009})
         finally:
             route_obj = scope.get("route")
             route = getattr(route_obj, "path", None) or "unmatched"
-            method = scope.get("method", "WS")
-            duration = time.perf_counter() - start
-            self.relay.metrics.observe(
-                route,
-                method,
-                status or 500,
-                duration,
-                timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
-            )
-            if self.log:
-                logs.access(method, route, status or 500, duration, self.relay.client(scope))
+            record(self.relay, scope, route, status, start)
 
 
 class HotPath:
@@ -111,24 +122,41 @@ class HotPath:
     Starlette's router tries routes in order and wraps each endpoint in two
     exception-handling layers and a fresh Request; on the publish path that was
     a fifth of the relay's own time, and an idle SSE stream held those layers'
-    frames (about 3 KiB) for its whole life (docs/benchmarks.md). This
-    middleware sits innermost, after CORS, so everything outside it (request
-    log, security headers, CORS) still applies; errors go through the same
-    handlers.
+    frames (about 3 KiB) for its whole life (docs/benchmarks.md). Errors are
+    mapped by the app's own handlers.
+
+    Where it sits depends on CORS. With CORS off (the default) it is the
+    outermost layer (`outermost=True`): for these routes it also does what
+    RequestLog and Starlette's ServerErrorMiddleware do (security headers, the
+    header limit, the metrics sample and log line, a JSON 500 for a bug),
+    without their two wrappers around every `send`. With CORS on it sits
+    innermost, after CORS, and those layers run as for any route.
     """
 
     PATH = re.compile(r"/v1/workspaces/([^/]+)/(envelopes|events)")
 
-    def __init__(self, app: ASGIApp, routes: dict[str, Route], handlers: dict[Any, Any]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: dict[str, Route],
+        handlers: dict[Any, Any],
+        relay: Relay | None = None,
+        outermost: bool = False,
+    ) -> None:
         self.app = app
         self.routes = routes
         self.handlers = handlers
+        self.relay = relay
+        self.outermost = outermost
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "GET", "HEAD"):
             match = self.PATH.fullmatch(scope["path"])
             if match is not None and (match.group(2) == "envelopes" or scope["method"] != "POST"):
                 route = self.routes[match.group(2)]
+                if self.outermost:
+                    await self._serve_whole(scope, receive, send, route, match.group(1))
+                    return
                 scope["route"] = route
                 scope["path_params"] = {"ws": match.group(1)}
                 request = Request(scope, receive, send)
@@ -140,6 +168,56 @@ class HotPath:
                 return
         await self.app(scope, receive, send)
 
+    async def _serve_whole(
+        self, scope: Scope, receive: Receive, send: Send, route: Route, ws: str
+    ) -> None:
+        relay = self.relay
+        assert relay is not None
+        start = time.perf_counter()
+        status = 0
+        scope["route"] = route
+        scope["path_params"] = {"ws": ws}
+        unexpected: Exception | None = None
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *_SECURITY]
+            await send(message)
+
+        try:
+            if head_size(scope) > relay.settings.header_limit:
+                response = head_too_large(relay.settings.header_limit)
+            else:
+                request = Request(scope, receive, send)
+                try:
+                    response = await route.endpoint(request)
+                except Exception as exc:
+                    try:
+                        response = self._handle(request, exc)
+                    except Exception as bug:  # what ServerErrorMiddleware would answer
+                        unexpected = bug
+                        response = _server_error(request, bug)
+            if isinstance(response, live.SSEStream):
+                # A stream sends its own head (or a JSON error if the store fails first).
+                try:
+                    await response(scope, receive, send_with_headers)
+                except Exception as bug:
+                    if status:  # the stream had begun: uvicorn ends the connection
+                        raise
+                    unexpected, status = bug, 500
+                    await _server_error(request, bug)(scope, receive, send)
+            else:
+                # A whole answer: its headers are known; no wrapper around `send`.
+                status = response.status_code
+                with_security_headers(response)
+                await response(scope, receive, send)
+        finally:
+            record(relay, scope, route.path, status, start)
+        if unexpected is not None:
+            raise unexpected  # uvicorn logs it with its traceback, as for any route
+
     def _handle(self, request: Request, exc: Exception) -> Response:
         for kind in type(exc).__mro__:
             handler = self.handlers.get(kind)
@@ -147,6 +225,25 @@ class HotPath:
                 response: Response = handler(request, exc)
                 return response
         raise exc
+
+
+def with_security_headers(response: Response) -> None:
+    raw = response.raw_headers
+    if _SECURITY[0] not in raw:
+        raw.extend(_SECURITY)
+
+
+class RelayApp(Starlette):
+    """Starlette with the hot routes' lane in front of its middleware stack."""
+
+    front: HotPath | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.front is None:
+            return stack
+        self.front.app = stack
+        return self.front
 
 
 def _relay_error(request: Request, exc: Exception) -> Response:
@@ -338,10 +435,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     }
     hot = {r.path.rsplit("/", 1)[-1]: r for r in routes[:3] if isinstance(r, Route)}
     assert set(hot) >= {"envelopes", "events"}
-    middleware.append(Middleware(HotPath, routes=hot, handlers=handlers))
-    app = Starlette(
+    if settings.cors_origin_list:
+        middleware.append(Middleware(HotPath, routes=hot, handlers=handlers))
+    app = RelayApp(
         routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
     )
+    if not settings.cors_origin_list:
+        app.front = HotPath(app, hot, handlers, relay=relay, outermost=True)
     app.router.redirect_slashes = False  # no redirect built from the client's Host header
     app.state.relay = relay
     app.state.snapshots = snapshots

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -270,6 +271,12 @@ def test_security_headers_on_every_answer(proc: RelayProcess) -> None:
             answers["SSE 503"] = c.get(f"{ws}/events", headers=auth)
         for what, r in answers.items():
             assert_security_headers(r.headers, what)
+        # The one stream slot this client has comes back once the relay has seen the
+        # SSE client go; the WebSocket below needs it.
+        deadline = time.monotonic() + WAIT
+        while "hive_relay_live_streams 0.0" not in c.get("/metrics").text:
+            assert time.monotonic() < deadline, "the SSE stream's slot was not released"
+            time.sleep(0.05)
 
     async def socket_answers() -> dict[str, Any]:
         url = f"ws://127.0.0.1:{proc.port}/v1/workspaces/w/ws"
