@@ -108,9 +108,10 @@ def _crypto(out: Path) -> int:
     """Instructions spent in libcrypto (OpenSSL: hashlib's SHA-256).
 
     valgrind does not execute SHA-NI, so under callgrind OpenSSL hashes with its
-    generic code: about 29,000 instructions for 1 KiB, where this machine's CPU
-    takes about 1.2 µs natively. Reported apart so the ratio can be read with
-    and without that artefact (the ceiling hashes nothing).
+    generic code: 20,000–30,000 instructions per 1 KiB body in our runs (the
+    count varies between runs), where this machine's CPU takes about 1.2 µs.
+    Reported apart so the ratio can be read with and without that artefact (the
+    ceiling hashes nothing).
     """
     try:
         text = subprocess.run(

@@ -279,9 +279,9 @@ def bench_batch_ws_scale(rounds: int, seconds: int) -> list[tuple[str, str, str,
                 ).raise_for_status()
         one_runs, many_runs = [], []
         for _ in range(rounds):  # interleaved, so each round's pair shares its minute
-            for n, runs in ((1, one_runs), (1000, many_runs)):
+            for n, bucket in ((1, one_runs), (1000, many_runs)):
                 env = {"WORKSPACES": str(n), "PREFIX": "rspread"}
-                runs.append(wrk(relay.url, seconds, 32, "get_spread.lua", env))
+                bucket.append(wrk(relay.url, seconds, 32, "get_spread.lua", env))
         one, many = median_spread(one_runs), median_spread(many_runs)
         rows += [
             ("Read 5 rows, 1 workspace", f"{one[0]:,.0f} req/s ±{one[1]:.0f}%", "", ""),

@@ -38,6 +38,11 @@ _SECURITY = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 LIVE_ROUTES = ("/v1/workspaces/{ws}/events", "/v1/workspaces/{ws}/ws")
 
 
+def _secure(start: Message) -> None:
+    """Add the security headers to a response-start message."""
+    start["headers"] = [*start.get("headers", ()), *_SECURITY]
+
+
 def head_size(scope: Scope) -> int:
     """The request line and headers, as counted against HIVE_RELAY_HEADER_LIMIT."""
     head = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
@@ -92,14 +97,14 @@ class RequestLog:
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *_SECURITY]
+                _secure(message)
             elif kind == "websocket.accept":
                 status = 101
             elif kind == "websocket.close" and not status:
                 status = 403
             elif kind == "websocket.http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *_SECURITY]
+                _secure(message)
             await send(message)
 
         try:
@@ -183,7 +188,7 @@ class HotPath:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *_SECURITY]
+                _secure(message)
             await send(message)
 
         try:
@@ -441,6 +446,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
     )
     if not settings.cors_origin_list:
+        # Its `app` becomes Starlette's stack when RelayApp builds it.
         app.front = HotPath(app, hot, handlers, relay=relay, outermost=True)
     app.router.redirect_slashes = False  # no redirect built from the client's Host header
     app.state.relay = relay
