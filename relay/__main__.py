@@ -87,12 +87,14 @@ def _raise_fd_limit() -> None:
 
 
 def _http_protocol(settings: Settings) -> type:
-    """uvicorn's httptools protocol with the relay's head limit and head/body timeout."""
+    """uvicorn's httptools protocol with the relay's head limit, stall timeout, linger bound."""
     from relay.server import RelayHttpProtocol
 
     limits = {
         "head_limit": settings.header_limit,
         "head_timeout": max(1.0, settings.keepalive_timeout),
+        # A client that sent a body well past the limit still gets its 413.
+        "linger_limit": max(4 * settings.max_body_bytes, 1 << 20),
     }
     return type("RelayHttp", (RelayHttpProtocol,), limits)
 

@@ -9,6 +9,15 @@
 * A WebSocket hand-shake the websockets library refuses is answered (uvicorn's
   sans-I/O protocol leaves the library's 4xx unsent).
 * An answer's head leaves with its body in one send, not two (`_HeadWithBody`).
+* An answer given before its request's body has all arrived (a 413, 401, 400…)
+  never lets the rest of that body be read as a request: a short rest (at most
+  `drain_limit` bytes by Content-Length) is read and discarded and the connection
+  stays open; otherwise the answer says `connection: close` and the connection
+  closes after it, discarding (not parsing) what the client still sends.
+* The relay's own error answers (431, 400) come after the answers still owed to
+  requests pipelined before the bad one, never in their place.
+* A close after an answer is a lingering close (FIN, then discard the client's
+  late bytes for a while): a client still sending gets the answer, not a reset.
 """
 
 from __future__ import annotations
@@ -53,10 +62,13 @@ class _HeadWithBody:
     the start of the next one.
     """
 
-    __slots__ = ("_held", "_started", "_transport")
+    __slots__ = ("_held", "_protocol", "_started", "_transport")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, protocol: RelayHttpProtocol | None = None
+    ) -> None:
         self._transport = transport
+        self._protocol = protocol
         self._held: bytes | None = None
         self._started = False
 
@@ -65,6 +77,17 @@ class _HeadWithBody:
             held, self._held = self._held, None
             self._transport.writelines((held, data))
         elif not self._started:
+            protocol = self._protocol
+            if (
+                protocol is not None
+                and protocol.cycle.more_body
+                and protocol.cycle.transport is self  # type: ignore[comparison-overlap]
+            ):
+                # Rare: written before the request's body has all arrived.
+                if not protocol.cycle.response_started:  # receive()'s "100 Continue"
+                    self._transport.write(data)
+                    return
+                data = protocol.answered_early(data)
             self._started = True
             self._held = data
             asyncio.get_running_loop().call_soon(self.flush)
@@ -79,7 +102,10 @@ class _HeadWithBody:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        if self._protocol is not None and self._protocol.linger_on_close:
+            self._protocol.linger()
+        else:
+            self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -88,11 +114,26 @@ class _HeadWithBody:
 class RelayHttpProtocol(HttpToolsProtocol):
     head_limit = 16384
     head_timeout = 5.0
+    # An early answer keeps the connection when at most this much of its
+    # request's body (by Content-Length) is still to come: it is read and dropped.
+    drain_limit = 65536
+    # A lingering close discards at most this many late bytes, for at most
+    # `linger_seconds` (and never longer than `head_timeout` between two reads).
+    linger_limit = 16 * 1024 * 1024
+    linger_seconds = 30.0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._in_head = True
+        self._in_head = False  # between on_message_begin and on_headers_complete
+        self._in_message = False  # between on_message_begin and on_message_complete
+        self._began = False  # a message began in the read being parsed
         self._head_bytes = 0
+        self._body_bytes = 0
+        # Once set, input is no longer parsed: it is dropped, at most this many bytes.
+        self._discard_left: int | None = None
+        self._final: bytes | None = None  # an error answer owed after the pending ones
+        self._linger_end: float | None = None
+        self.linger_on_close = False
         # The stall deadline is a float that every request moves (three times for a
         # POST); one lazy timer per connection checks it. A call_later and a cancel
         # per move cost about 5 % of a publish (py-spy, docs/benchmarks.md).
@@ -128,36 +169,151 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        before = self._in_head
-        super().data_received(data)
-        if self.transport.is_closing() or self.parser is None:
+        if self._discard_left is not None:
+            self._discard(len(data))
             return
-        if self._in_head:
-            self._head_bytes += len(data) if before else 0
-            if self._head_bytes > self.head_limit:
-                self._disarm()
-                self.transport.write(
-                    _error_bytes(
-                        431,
-                        b"Request Header Fields Too Large",
-                        "headers_too_large",
-                        f"the request line and headers exceed {self.head_limit} bytes",
-                    )
+        self._began = False
+        super().data_received(data)
+        if not self._in_head or self._discard_left is not None or self.parser is None:
+            return
+        # A head is in progress: count its bytes only, not those of the requests
+        # before it in this read (pipelining) nor a body an early answer left.
+        if self._began:
+            self._head_bytes = self._head_in(data)
+        else:
+            self._head_bytes += len(data)
+        if self._head_bytes > self.head_limit:
+            self._refuse(
+                _error_bytes(
+                    431,
+                    b"Request Header Fields Too Large",
+                    "headers_too_large",
+                    f"the request line and headers exceed {self.head_limit} bytes",
                 )
-                self.transport.close()
+            )
+
+    def _head_in(self, data: bytes) -> int:
+        """How much of `data` is the head in progress, which began in `data`.
+
+        It is the tail of `data` that starts with the request line: the method,
+        one space, then the target the parser has passed on so far. (The parser
+        gives no offsets; a header repeating the request line makes this an
+        undercount, by less than one read.)
+        """
+        url = self.url
+        if not url:  # no more than (part of) a method
+            return 0
+        start = data.rfind(self.parser.get_method() + b" " + url)
+        return len(data) - start if start >= 0 else len(url)
 
     def send_400_response(self, msg: str) -> None:
+        self._refuse(_error_bytes(400, b"Bad Request", "bad_request", msg))
+
+    def _refuse(self, answer: bytes) -> None:
+        """End the connection with `answer` in place of the request being parsed.
+
+        Nothing more is parsed. A bad head is answered once the requests
+        pipelined before it have had their answers; a bad body (chunk framing)
+        is its request's answer, unless that answer has begun: then the
+        connection just closes, as uvicorn would.
+        """
         self._disarm()
-        self.transport.write(_error_bytes(400, b"Bad Request", "bad_request", msg))
-        self.transport.close()
+        self._discard_left = self.linger_limit
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.transport.is_closing():
+            self._answer_and_linger(answer)
+        elif self._in_head or not self._in_message:
+            self._final = answer
+        elif self.pipeline and self.pipeline[0][0] is cycle:  # queued: drop it
+            self.pipeline.popleft()
+            self._final = answer
+        elif not cycle.response_started:  # running: its app sees a disconnect
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._answer_and_linger(answer)
+        else:
+            self.transport.close()
+
+    def _answer_and_linger(self, answer: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.linger()
+
+    def answered_early(self, head: bytes) -> bytes:
+        """The current request is answered (this is the answer's head) while its
+        body is still arriving. Returns the head to send.
+
+        A rest of at most `drain_limit` bytes by Content-Length is left to the
+        parser, which drops it (uvicorn ignores a body after the answer) and
+        goes on to the next request. Anything else (longer, chunked, or a client
+        that waits for `100 Continue` and may never send the body) cannot be
+        told apart from the next request without reading it all: the answer
+        says `connection: close` and the connection lingers, then closes.
+        """
+        cycle = self.cycle
+        declared = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                declared = int(value)
+            elif name == b"transfer-encoding":
+                declared = None
+                break
+        if (
+            declared is not None
+            and not self.expect_100_continue
+            and declared - self._body_bytes <= self.drain_limit
+        ):
+            return head
+        self.linger_on_close = True
+        if cycle.keep_alive:  # else uvicorn has already said connection: close
+            cycle.keep_alive = False
+            head = head[:-2] + b"connection: close\r\n\r\n"
+        return head
+
+    def linger(self) -> None:
+        """Close after what is queued has been sent, without a reset: send FIN,
+        drop what the client still sends (within the linger bounds) until it
+        closes too, then close."""
+        self.linger_on_close = False
+        if self._discard_left is None:
+            self._discard_left = self.linger_limit
+        self._final = None
+        self._unset_keepalive_if_required()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._linger_end = self.loop.time() + self.linger_seconds
+        self.flow.resume_reading()
+        self._arm_linger()
+
+    def _arm_linger(self) -> None:
+        """While lingering the client must keep sending (or close), and not for ever."""
+        assert self._linger_end is not None
+        self._arm()
+        if self._deadline is not None and self._linger_end < self._deadline:
+            self._deadline = self._linger_end
+
+    def _discard(self, size: int) -> None:
+        left = self._discard_left
+        assert left is not None
+        self._discard_left = left = left - size
+        if left < 0:
+            self.transport.close()
+        elif self._linger_end is not None:
+            self._arm_linger()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._in_head = self._in_message = self._began = True
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._body_bytes = 0
         # A body, if any, must keep arriving: re-armed on every chunk.
         if self.parser.get_method() in (b"POST", b"PUT", b"PATCH"):
             self._arm()
@@ -167,20 +323,37 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle is not previous:  # a new request (not an upgrade)
-            cycle.transport = _HeadWithBody(self.transport)  # type: ignore[assignment]
+            cycle.transport = _HeadWithBody(self.transport, self)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
         if self._deadline is not None:
             self._arm()
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._in_message = False
+        if self.cycle is not None and self.cycle.response_complete:
+            self._arm()  # the rest of an early-answered body: now the next head is due
+        else:
+            self._disarm()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        if self._linger_end is not None:  # closing: start no pipelined request
+            self.server_state.total_requests += 1
+            return
+        if self._final is not None and not self.pipeline:
+            self.server_state.total_requests += 1
+            self._answer_and_linger(self._final)
+            return
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._in_head = True
-            self._head_bytes = 0
-            self._arm()
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if self._discard_left is not None:  # answers owed before a refusal: no timer
+            self._disarm()
+        elif self._in_message or cycle.response_complete:
+            self._arm()  # the client owes the rest of a request, or the next one
+        else:
+            self._disarm()  # a whole request is being answered
