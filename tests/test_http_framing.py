@@ -17,7 +17,9 @@ The rule under test (relay/server.py, docs/design.md "HTTP framing"):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -121,10 +123,10 @@ def chunked(data: bytes, size: int = 16384) -> bytes:
     return b"".join(parts) + b"0\r\n\r\n"
 
 
-def stored(relay: RelayProcess, ws: str, token: str | None = None) -> list[object]:
-    """The bodies the relay holds for `ws`, oldest first."""
+def stored(relay: RelayProcess, ws: str, token: str | None = None, after: int = 0) -> list[object]:
+    """The bodies the relay holds for `ws` after seq `after`, oldest first."""
     auth = {"authorization": f"Bearer {token}"} if token else {}
-    url = f"{relay.url}/v1/workspaces/{ws}/envelopes?after=0&limit=1000"
+    url = f"{relay.url}/v1/workspaces/{ws}/envelopes?after={after}&limit=1000"
     r = httpx.get(url, headers=auth, timeout=WAIT)
     assert r.status_code == 200, r.text
     return [e["body"] for e in r.json()]
@@ -429,3 +431,129 @@ def test_both_sdks_report_an_oversized_body_as_payload_too_large(
 
     asyncio.run(run())
     assert stored(relay, WS) == []
+
+
+# ---------------------------------------------------------------- pipelining
+def posts(ws: str, count: int, pad: int, first: int = 0) -> list[bytes]:
+    """`count` push requests, each about 550 bytes; body i holds {"i": first + i}."""
+    out = []
+    for i in range(first, first + count):
+        body = b'{"i":%d,"pad":"' % i
+        body += b"p" * (pad - len(body) - 2) + b'"}'
+        out.append(
+            head(
+                "POST",
+                f"/v1/workspaces/{ws}/envelopes",
+                {"Content-Type": "application/json", "Content-Length": str(len(body))},
+            )
+            + body
+        )
+    return out
+
+
+def send_in_pieces(
+    sock: socket.socket, reader: Reader, requests: list[bytes], cuts: list[int]
+) -> list[int]:
+    """Send the requests as one byte stream cut at `cuts`, each piece only once the
+    relay has answered every request the pieces so far hold whole (so that each
+    cut is where one of the relay's reads ends). Returns the seqs, in order."""
+    stream = b"".join(requests)
+    ends = []
+    total = 0
+    for r in requests:
+        total += len(r)
+        ends.append(total)
+    seqs: list[int] = []
+
+    def take(upto: int) -> None:
+        while len(seqs) < upto:
+            answer = reader.answer()
+            assert answer is not None, f"closed after {len(seqs)} answers"
+            assert answer.status == 200, (len(seqs), answer.status, answer.body[:200])
+            seqs.append(json.loads(answer.body)["seq"])
+
+    at = 0
+    for cut in [*cuts, len(stream)]:
+        sock.sendall(stream[at:cut])
+        at = cut
+        take(sum(1 for end in ends if end <= cut))
+    assert reader.buf == b""
+    return seqs
+
+
+def check_order(seqs: list[int], count: int) -> None:
+    assert len(seqs) == count
+    assert all(a < b for a, b in itertools.pairwise(seqs)), seqs
+
+
+def test_200_pipelined_posts_in_one_write(relays: dict[str, RelayProcess]) -> None:
+    """The issue's case: 64 rounds of 200 pushes in one write, bodies 440-471 bytes,
+    on fresh and reused connections; each read may end anywhere."""
+    relay = relays["default"]
+    ws = "framing-pipe"
+    sock = connect(relay)
+    try:
+        for round_ in range(64):
+            if round_ % 2 == 0:
+                sock.close()
+                sock = connect(relay)
+            requests = posts(ws, 200, 440 + round_ % 32, first=round_ * 200)
+            seqs = send_in_pieces(sock, Reader(sock), requests, [])
+            check_order(seqs, 200)
+    finally:
+        sock.close()
+    last = stored(relay, ws, after=seqs[0] - 1)
+    assert [b["i"] for b in last] == list(range(63 * 200, 64 * 200))  # type: ignore[index]
+
+
+def test_pipelined_posts_cut_at_every_offset_of_a_window(
+    relays: dict[str, RelayProcess],
+) -> None:
+    """The same stream of 40 pushes cut once at every offset across one whole
+    request (head and body) past the first 16 KiB: every request is answered,
+    in order, wherever the read ends."""
+    relay = relays["default"]
+    ws = "framing-window"
+    requests = posts(ws, 40, 460)
+    size = len(requests[0])
+    start = sum(len(r) for r in requests[:31])
+    assert start > 16384 + size
+    sock = connect(relay)
+    try:
+        for i, cut in enumerate(range(start, start + size + 1)):
+            if i % 50 == 0:  # fresh connections now and then, else reused
+                sock.close()
+                sock = connect(relay)
+            check_order(send_in_pieces(sock, Reader(sock), requests, [cut]), 40)
+    finally:
+        sock.close()
+
+
+def test_pipelined_posts_cut_at_random_offsets(relays: dict[str, RelayProcess]) -> None:
+    """200 pushes cut at random places (fixed seed): heads, bodies and the bytes
+    between requests all end reads somewhere."""
+    relay = relays["default"]
+    ws = "framing-random"
+    rng = random.Random(1118)
+    for _ in range(12):
+        requests = posts(ws, 200, 440 + rng.randrange(32))
+        total = sum(len(r) for r in requests)
+        cuts = sorted(rng.sample(range(1, total), rng.randrange(1, 12)))
+        with connect(relay) as sock:
+            check_order(send_in_pieces(sock, Reader(sock), requests, cuts), 200)
+
+
+def test_a_pipelined_long_poll_outlives_the_idle_timer() -> None:
+    """After a push's answer, a long-poll pipelined behind it is a request being
+    answered, not an idle connection: it is not cut at the head timeout (1 s here)."""
+    with RelayProcess(env={"HIVE_RELAY_KEEPALIVE_TIMEOUT": "1"}) as relay:
+        (push,) = posts("framing-poll", 1, 100)
+        poll = head("GET", "/v1/workspaces/framing-empty/envelopes?after=0&wait=3", {})
+        with connect(relay) as sock:
+            reader = Reader(sock)
+            sock.sendall(push + poll)
+            first = reader.answer()
+            assert first is not None and first.status == 200, first
+            answer = reader.answer()
+            assert answer is not None, "the long-poll was cut off"
+            assert (answer.status, json.loads(answer.body)) == (200, [])
