@@ -557,3 +557,58 @@ def test_a_pipelined_long_poll_outlives_the_idle_timer() -> None:
             answer = reader.answer()
             assert answer is not None, "the long-poll was cut off"
             assert (answer.status, json.loads(answer.body)) == (200, [])
+
+
+# ------------------------------------------- the relay's own refusals, in order
+def test_a_bad_request_after_pipelined_ones_is_answered_after_them(
+    relays: dict[str, RelayProcess],
+) -> None:
+    """The 400 for unparsable bytes is the last answer, after those owed to the
+    requests before it (a long-poll among them), never in their place."""
+    relay = relays["default"]
+    (push,) = posts("framing-order", 1, 100)
+    poll = head("GET", "/v1/workspaces/framing-order-empty/envelopes?after=0&wait=1", {})
+    with connect(relay) as sock:
+        reader = Reader(sock)
+        sock.sendall(HEALTH + push + poll + b"NOT HTTP AT ALL\r\n\r\n" + HEALTH)
+        got = [(a.status, a.body if a.status != 200 else b"") for a in reader.answers_until_eof()]
+    assert [status for status, _ in got] == [200, 200, 200, 400], got
+    assert json.loads(got[-1][1])["error"] == "bad_request"
+    assert [b["i"] for b in stored(relay, "framing-order")] == [0]  # type: ignore[index]
+
+
+def test_a_head_too_large_after_pipelined_ones_is_answered_after_them(
+    relays: dict[str, RelayProcess],
+) -> None:
+    """A head that keeps growing is cut off at the limit, but only once the
+    requests before it in the same stream have had their answers."""
+    relay = relays["default"]
+    requests = posts("framing-order-431", 5, 200)
+    endless = b"GET /v1/health HTTP/1.1\r\nX-Pad: " + b"y" * 8192
+    with connect(relay) as sock:
+        reader = Reader(sock)
+        sock.sendall(b"".join(requests) + endless)
+        try:
+            for _ in range(4):
+                sock.sendall(b"y" * 8192)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        got = reader.answers_until_eof()
+    assert [a.status for a in got] == [200] * 5 + [431], [(a.status, a.body) for a in got]
+    assert got[-1].error() == "headers_too_large" and got[-1].closes
+
+
+def test_a_broken_chunked_body_is_its_requests_answer(relays: dict[str, RelayProcess]) -> None:
+    """Bad chunk framing ends the request being read: one 400, then the close."""
+    relay = relays["default"]
+    ws = "framing-bad-chunk"
+    request = head("POST", f"/v1/workspaces/{ws}/envelopes", {"Transfer-Encoding": "chunked"})
+    with connect(relay) as sock:
+        reader = Reader(sock)
+        sock.sendall(request + b'5\r\n"abc"\r\n')
+        time.sleep(0.05)  # the relay is reading the body
+        sock.sendall(b"zz\r\nnot a chunk\r\n0\r\n\r\n" + HEALTH)
+        got = reader.answers_until_eof()
+    assert [a.status for a in got] == [400], [(a.status, a.body) for a in got]
+    assert got[0].error() == "bad_request" and got[0].closes
+    assert stored(relay, ws) == []
