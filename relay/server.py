@@ -134,6 +134,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self._final: bytes | None = None  # an error answer owed after the pending ones
         self._linger_end: float | None = None
         self.linger_on_close = False
+        self._stopping = False  # the server is shutting down: no lingering
         # The stall deadline is a float that every request moves (three times for a
         # POST); one lazy timer per connection checks it. A call_later and a cancel
         # per move cost about 5 % of a publish (py-spy, docs/benchmarks.md).
@@ -260,6 +261,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
                 break
         if (
             declared is not None
+            and cycle.keep_alive
             and not self.expect_100_continue
             and declared - self._body_bytes <= self.drain_limit
         ):
@@ -282,7 +284,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        if not transport.can_write_eof():
+        if self._stopping or not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()
@@ -305,6 +307,13 @@ class RelayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
         elif self._linger_end is not None:
             self._arm_linger()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        if self._linger_end is not None:  # the answers are out: close now
+            self.transport.close()
+            return
+        super().shutdown()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

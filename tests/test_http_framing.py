@@ -612,3 +612,40 @@ def test_a_broken_chunked_body_is_its_requests_answer(relays: dict[str, RelayPro
     assert [a.status for a in got] == [400], [(a.status, a.body) for a in got]
     assert got[0].error() == "bad_request" and got[0].closes
     assert stored(relay, ws) == []
+
+
+# ------------------------------------------------------------ lingering close
+def test_a_client_that_asked_to_close_may_finish_sending_its_body(
+    relays: dict[str, RelayProcess],
+) -> None:
+    """`Connection: close` from the client and an early answer: the relay still
+    drops the rest of the body before closing, so the client's writes succeed and
+    it reads the answer and then the end, not a reset."""
+    relay = relays["gated"]
+    case = REFUSALS["401-short-rest"]
+    head_bytes, body = refused_request(
+        Refusal(**{**case.__dict__, "headers": (("Connection", "close"),)})
+    )
+    with connect(relay) as sock:
+        reader = Reader(sock)
+        sock.sendall(head_bytes + body[:1000])
+        answer = reader.answer()
+        assert answer is not None and answer.status == 401 and answer.closes, answer
+        for at in range(1000, len(body), 8192):
+            time.sleep(0.02)  # the relay has closed by now unless it lingers
+            sock.sendall(body[at : at + 8192])
+        assert reader.answers_until_eof() == []
+        sock.settimeout(WAIT)
+        assert sock.recv(1) == b""  # an orderly end (a reset would raise)
+
+
+def test_sigterm_ends_a_lingering_connection() -> None:
+    with RelayProcess() as relay:
+        case = REFUSALS["413"]
+        head_bytes, body = refused_request(case)
+        with connect(relay) as sock:
+            reader = Reader(sock)
+            sock.sendall(head_bytes + body[:100_000])
+            check_refusal(case, reader.answer())
+            assert relay.stop(timeout=WAIT) == 0
+            assert reader.answers_until_eof() == []
