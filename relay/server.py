@@ -10,9 +10,9 @@
   sans-I/O protocol leaves the library's 4xx unsent).
 * An answer's head leaves with its body in one send, not two (`_HeadWithBody`).
 * An answer given before its request's body has all arrived (a 413, 401, 400…)
-  never lets the rest of that body be read as a request: a short rest (at most
-  `drain_limit` bytes by Content-Length) is read and discarded and the connection
-  stays open; otherwise the answer says `connection: close` and the connection
+  never lets the rest of that body be read as a request: the rest of a short
+  body (at most `drain_limit` bytes by Content-Length) is read and discarded and
+  the connection stays open; otherwise the answer says `connection: close` and the connection
   closes after it, discarding (not parsing) what the client still sends.
 * The relay's own error answers (431, 400) come after the answers still owed to
   requests pipelined before the bad one, never in their place.
@@ -114,8 +114,8 @@ class _HeadWithBody:
 class RelayHttpProtocol(HttpToolsProtocol):
     head_limit = 16384
     head_timeout = 5.0
-    # An early answer keeps the connection when at most this much of its
-    # request's body (by Content-Length) is still to come: it is read and dropped.
+    # An early answer keeps the connection when its request's body (by
+    # Content-Length) is at most this long: the rest is read and dropped.
     drain_limit = 65536
     # A lingering close discards at most this many late bytes, for at most
     # `linger_seconds` (and never longer than `head_timeout` between two reads).
@@ -128,7 +128,6 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self._in_message = False  # between on_message_begin and on_message_complete
         self._began = False  # a message began in the read being parsed
         self._head_bytes = 0
-        self._body_bytes = 0
         # Once set, input is no longer parsed: it is dropped, at most this many bytes.
         self._discard_left: int | None = None
         self._final: bytes | None = None  # an error answer owed after the pending ones
@@ -244,7 +243,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         """The current request is answered (this is the answer's head) while its
         body is still arriving. Returns the head to send.
 
-        A rest of at most `drain_limit` bytes by Content-Length is left to the
+        A body of at most `drain_limit` bytes by Content-Length is left to the
         parser, which drops it (uvicorn ignores a body after the answer) and
         goes on to the next request. Anything else (longer, chunked, or a client
         that waits for `100 Continue` and may never send the body) cannot be
@@ -263,7 +262,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
             declared is not None
             and cycle.keep_alive
             and not self.expect_100_continue
-            and declared - self._body_bytes <= self.drain_limit
+            and declared <= self.drain_limit
         ):
             return head
         self.linger_on_close = True
@@ -322,7 +321,6 @@ class RelayHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._body_bytes = 0
         # A body, if any, must keep arriving: re-armed on every chunk.
         if self.parser.get_method() in (b"POST", b"PUT", b"PATCH"):
             self._arm()
@@ -335,7 +333,6 @@ class RelayHttpProtocol(HttpToolsProtocol):
             cycle.transport = _HeadWithBody(self.transport, self)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
         if self._deadline is not None:
             self._arm()
         super().on_body(body)

@@ -3,9 +3,9 @@
 The rule under test (relay/server.py, docs/design.md "HTTP framing"):
 
 * An answer given before its request's body has all arrived (413, 401, 400, 404…)
-  never lets the rest of that body be read as a request. When at most 64 KiB of
-  the body (by Content-Length) is still to come, the relay reads and drops it and
-  the connection stays usable. Otherwise (more, chunked, or `Expect:
+  never lets the rest of that body be read as a request. When the body is at
+  most 64 KiB (by Content-Length), the relay reads and drops the rest and the
+  connection stays usable. Otherwise (more, chunked, or `Expect:
   100-continue`) the answer says `connection: close`, the relay discards what the
   client still sends, and the connection ends after exactly that one answer.
 * Pipelined requests are answered one each, in order, wherever the reads split
@@ -167,7 +167,7 @@ REFUSALS = {
         "payload_too_large",
         True,
     ),
-    # 413 with a short rest (a small HIVE_RELAY_MAX_BODY_BYTES): drained, kept.
+    # 413 for a short body (a small HIVE_RELAY_MAX_BODY_BYTES): drained, kept.
     "413-short-rest": Refusal(
         "small",
         f"/v1/workspaces/{WS}/envelopes",
