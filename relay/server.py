@@ -12,8 +12,11 @@
 * An answer given before its request's body has all arrived (a 413, 401, 400…)
   never lets the rest of that body be read as a request: the rest of a short
   body (at most `drain_limit` bytes by Content-Length) is read and discarded and
-  the connection stays open; otherwise the answer says `connection: close` and the connection
-  closes after it, discarding (not parsing) what the client still sends.
+  the connection stays open; otherwise the answer says `connection: close` and
+  the connection closes after it, discarding (not parsing) what the client
+  still sends.
+* The head-size guard counts the bytes of the head in progress only, not the
+  requests pipelined before it in the same read.
 * The relay's own error answers (431, 400) come after the answers still owed to
   requests pipelined before the bad one, never in their place.
 * A close after an answer is a lingering close (FIN, then discard the client's
