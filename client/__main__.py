@@ -1,4 +1,4 @@
-"""`python -m client`: send, tail, keygen, derive-key and probe from a shell.
+"""`python -m client`: send, tail, rotate, keygen, derive-key and probe from a shell.
 
 Every connection flag has an environment variable (the same ones
 `Workspace.from_env` reads); a flag wins over its variable. Exit codes: 0
@@ -9,15 +9,17 @@ error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 import anyio
 import msgspec
 
-from client.crypto import Device, WorkspaceKey, open_envelope
+from client.crypto import Device, WorkspaceKey, coerce_public_key, open_envelope
 from client.cursor import FileCursorStore
 from client.errors import (
     BadRequest,
@@ -124,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "sse", "nudge", "longpoll", "poll"),
         help="live transport (default auto: the best the relay offers)",
+    )
+
+    rotate = sub.add_parser(
+        "rotate",
+        parents=[conn],
+        help="seal a new key epoch to the listed devices (removes everyone else); prints it",
+    )
+    rotate.add_argument(
+        "members",
+        nargs="+",
+        metavar="NAME=PUBLIC_HEX",
+        help="every device that stays: its id and X25519 public key (keygen --device)",
     )
 
     keygen = sub.add_parser("keygen", help="print a new random workspace key (64 hex)")
@@ -294,6 +308,49 @@ async def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextI
     return code
 
 
+def _parse_members(pairs: Sequence[str]) -> dict[str, str]:
+    members: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, public = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CliError(
+                f"member {pair!r}: expected name=public-hex (a device id, '=', and its "
+                "X25519 public key as 64 hex characters from keygen --device)",
+                EXIT_USAGE,
+            )
+        try:
+            coerce_public_key(public)
+        except ValueError:
+            raise CliError(
+                f"member {name!r}: the public key must be 64 hex characters (name=public-hex, "
+                "the public from keygen --device)",
+                EXIT_USAGE,
+            ) from None
+        if name in members:
+            raise CliError(f"member {name!r} is listed twice", EXIT_USAGE)
+        members[name] = public.strip()
+    return members
+
+
+async def _rotate(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO) -> int:
+    members = _parse_members(args.members)
+    ws = _workspace(args, send_attempts=3)
+    async with ws:
+        try:
+            epoch = await ws.rotate(members)
+        except RelayError as exc:
+            raise CliError(explain(exc, url=ws.client.base_url, workspace=ws.workspace)) from None
+    if ws.device is not None and ws.device.device_id not in members:
+        print(
+            f"note: device {ws.device.device_id!r} (this one) is not among the members: it cannot "
+            f"open envelopes sealed under key epoch {epoch}",
+            file=err,
+        )
+    print(epoch, file=out)
+    return EXIT_OK
+
+
 def _keygen(args: argparse.Namespace, out: TextIO) -> int:
     if args.device:
         device = Device.generate("device")
@@ -372,6 +429,12 @@ async def _probe_key(
     err: TextIO,
 ) -> int:
     ws = _workspace(args, client=client)
+    # As `send` does: adopt the rotations sealed to this device (or warn without one).
+    try:
+        await ws.refresh_keyring()
+    except RelayError as exc:
+        raise CliError(explain(exc, url=client.base_url, workspace=workspace)) from None
+    print(f"ok: new envelopes are sealed with key epoch {ws.keyring.current_epoch}", file=out)
     if not head:
         print("skip: the workspace is empty, so the key was not checked", file=out)
         return EXIT_OK
@@ -394,7 +457,35 @@ async def _probe_key(
 
 
 AsyncCommand = Callable[[argparse.Namespace, TextIO, TextIO, TextIO], Coroutine[Any, Any, int]]
-_ASYNC: dict[str, AsyncCommand] = {"send": _send, "tail": _tail, "probe": _probe}
+_ASYNC: dict[str, AsyncCommand] = {
+    "send": _send,
+    "tail": _tail,
+    "probe": _probe,
+    "rotate": _rotate,
+}
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+@contextlib.contextmanager
+def _log_to(err: TextIO, level: int) -> Iterator[None]:
+    """The SDK's log records (warnings; with INFO, what `tail` is doing) as lines on `err`."""
+    logger = logging.getLogger("client")
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(_StderrFormatter())
+    handler.setLevel(level)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, previous) if previous != logging.NOTSET else level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def main(
@@ -415,7 +506,8 @@ def main(
         if args.command == "derive-key":
             return _derive_key(args, out, inp)
         command = _ASYNC[args.command]
-        return anyio.run(command, args, out, err, inp)
+        with _log_to(err, logging.INFO if args.command == "tail" else logging.WARNING):
+            return anyio.run(command, args, out, err, inp)
     except CliError as exc:
         print(f"error: {exc}", file=err)
         return exc.code

@@ -17,6 +17,10 @@ The rules it keeps (CLIENT.md):
 * An envelope whose key epoch has not arrived stops the cursor: the
   workspace re-reads the keyring (when it has a device identity) and retries;
   it never skips ahead.
+* With a device identity, the keyring is read before sealing (by default
+  before every send), so a send never seals under an epoch older than the
+  newest one the relay holds for this device. Without one, rotations cannot
+  be adopted: the workspace warns once when the relay holds a newer epoch.
 * A gap or a changed relay epoch reaches the caller as an event.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -94,6 +99,9 @@ ENV_VARS = {
 _TRANSPORTS = ("auto", "sse", "nudge", "longpoll", "poll")
 # Best first; "auto" walks this list from the last transport that worked.
 _PREFERENCE: tuple[TransportMode, ...] = ("sse", "nudge", "longpoll", "poll")
+# Without a device nothing can be adopted: the keyring is re-read before a send
+# at most this often, only to warn that the relay holds a newer epoch.
+_KEYLESS_RECHECK = 60.0
 
 
 class Workspace:
@@ -115,6 +123,8 @@ class Workspace:
         reconnect: backoff between reconnects after a failure.
         key_retry: backoff between keyring re-reads while a key epoch is missing.
         send_attempts: attempts per send on retryable failures (same idempotency key).
+        keyring_refresh: with a `device`, seconds a keyring read stays fresh for
+            sending; 0 (default) reads the keyring before every send.
         client: an `AsyncRelayClient` to use (not closed by this workspace).
     """
 
@@ -136,6 +146,7 @@ class Workspace:
         reconnect: Backoff | None = None,
         key_retry: Backoff | None = None,
         send_attempts: int = 5,
+        keyring_refresh: float = 0.0,
         client: AsyncRelayClient | None = None,
     ) -> None:
         if transport not in _TRANSPORTS:
@@ -148,6 +159,8 @@ class Workspace:
             raise ConfigError("long_poll_wait must be in (0, 60] seconds")
         if poll_interval <= 0:
             raise ConfigError("poll_interval must be positive")
+        if keyring_refresh < 0:
+            raise ConfigError("keyring_refresh must be 0 (read before every send) or more seconds")
         if isinstance(key, Keyring):
             self.keyring = key
         elif isinstance(key, WorkspaceKey):
@@ -168,6 +181,12 @@ class Workspace:
         self.reconnect = reconnect or Backoff()
         self.key_retry = key_retry or Backoff(initial=1.0, maximum=60.0)
         self.send_attempts = send_attempts
+        self.keyring_refresh = keyring_refresh
+        self._keyring_lock = anyio.Lock()
+        self._keyring_reads_started = 0
+        self._keyring_read_done = 0  # the start number of the newest completed read
+        self._keyring_read_at: float | None = None  # when that read started (monotonic)
+        self._warned_behind = False
         self._requested_transport: TransportMode = transport
         self._detected: TransportMode | None = None
         self._cursor = 0
@@ -275,6 +294,7 @@ class Workspace:
         re-sending the same sealed bytes under the same idempotency key, so the
         relay appends it once however often the answer was lost.
         """
+        await self._keys_for_sending()
         body = self.seal(obj, format=format)
         key = uuid.uuid4().hex
         result = await self._retrying(
@@ -286,6 +306,10 @@ class Workspace:
         self, objs: Iterable[Any], *, format: SealFormat | None = None
     ) -> list[int]:
         """Seal and append many objects in batches of up to 1000; returns their seqs in order."""
+        objs = list(objs)
+        if not objs:
+            return []
+        await self._keys_for_sending()
         bodies = [self.seal(obj, format=format) for obj in objs]
         seqs: list[int] = []
         for start in range(0, len(bodies), 1000):
@@ -313,14 +337,81 @@ class Workspace:
     # ------------------------------------------------------------------ keys
 
     async def refresh_keyring(self) -> list[int]:
-        """Re-read the keyring and adopt every rotation sealed to this device; new epochs."""
-        if self.device is None:
-            return []
+        """Re-read the keyring and adopt every rotation sealed to this device; new epochs.
+
+        Without a `device` nothing can be adopted: the read only checks whether
+        the relay holds a newer epoch than the key in use (and warns once).
+        """
+        self._keyring_reads_started += 1
+        ticket = self._keyring_reads_started
+        started = time.monotonic()
         blobs = await self.client.get_keyring(self.workspace)
-        added = self.keyring.add_rotations(blobs, self.device)
+        added: list[int] = []
+        if self.device is not None:
+            added = self.keyring.add_rotations(blobs, self.device)
+        if ticket > self._keyring_read_done:
+            self._keyring_read_done, self._keyring_read_at = ticket, started
         if added:
             log.info("adopted key epochs %s from the keyring", added)
+        self._warn_if_behind(blobs)
         return added
+
+    async def _keys_for_sending(self) -> None:
+        """Make sure the keyring was read recently enough to seal (see `keyring_refresh`).
+
+        Concurrent sends share one read, but only a read that started after
+        this send was asked for: a rotation acknowledged before that is seen.
+        """
+        if self.device is None:
+            if self._warned_behind:
+                return
+            interval = _KEYLESS_RECHECK
+        else:
+            interval = self.keyring_refresh
+        ticket = self._keyring_reads_started
+        read_at = self._keyring_read_at
+        if read_at is not None and time.monotonic() - read_at < interval:
+            return
+        async with self._keyring_lock:
+            if self._keyring_read_done > ticket:
+                return  # a read that began after this send was asked for has finished
+            await self._retrying(self.refresh_keyring)
+
+    def _warn_if_behind(self, blobs: Iterable[bytes]) -> None:
+        if self._warned_behind:
+            return
+        newest = -1
+        for blob in blobs:
+            try:
+                newest = max(newest, rotation_epoch(blob))
+            except CryptoError:
+                continue
+        current = self.keyring.current_epoch
+        if newest <= current:
+            return
+        self._warned_behind = True
+        if self.device is None:
+            log.warning(
+                "the relay's keyring for workspace %r holds key epoch %d, newer than the key "
+                "in use (epoch %d). Without a device key this program cannot adopt key "
+                "rotations: it keeps sealing under epoch %d, which members removed by a "
+                "rotation can still open. Give it its device identity (device=, or "
+                "HIVE_DEVICE_ID and HIVE_DEVICE_KEY) so it adopts the rotations sealed to it.",
+                self.workspace,
+                newest,
+                current,
+                current,
+            )
+        else:
+            log.warning(
+                "the relay's keyring for workspace %r holds key epoch %d, which is not sealed "
+                "to device %r: this device was probably removed from the workspace, and it "
+                "keeps sealing under epoch %d, which the remaining members may no longer read.",
+                self.workspace,
+                newest,
+                self.device.device_id,
+                current,
+            )
 
     async def rotate(self, devices: Mapping[str, X25519PublicKey | bytes | str]) -> int:
         """Make a new key epoch, seal it to `devices` and post it to the keyring; returns it.
@@ -443,6 +534,8 @@ class Workspace:
         while stalled.epoch not in self.keyring:
             await anyio.sleep(self.key_retry.delay(attempt))
             attempt += 1
+            if self.device is None:
+                continue  # only a key added by hand (keyring.add) can end the wait
             try:
                 await self.refresh_keyring()
             except RelayError as exc:
@@ -538,7 +631,8 @@ class Workspace:
             try:
                 opened = open_envelope(row.body, self.keyring, workspace=self.workspace)
             except UnknownEpoch as exc:
-                await self.refresh_keyring()
+                if self.device is not None:
+                    await self.refresh_keyring()
                 if exc.epoch not in self.keyring:
                     return KeyMissing(seq=row.seq, epoch=exc.epoch)
                 opened = open_envelope(row.body, self.keyring, workspace=self.workspace)
