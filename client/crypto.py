@@ -138,6 +138,11 @@ class WorkspaceKey:
     @classmethod
     def parse(cls, text: str) -> WorkspaceKey:
         """A 64-hex key as-is; any other text is a passphrase (as `HIVE_WORKSPACE_KEY` is read)."""
+        if not isinstance(text, str):
+            raise TypeError(
+                f"parse() takes text (64 hex characters or a passphrase), got {type(text).__name__}"
+                "; for 32 raw key bytes use WorkspaceKey(material)"
+            )
         cleaned = text.strip()
         if len(cleaned) == 2 * KEY_SIZE and all(c in string.hexdigits for c in cleaned):
             return cls.from_hex(cleaned)
@@ -428,9 +433,19 @@ class Device:
     @classmethod
     def from_hex(cls, device_id: str, secret_hex: str) -> Device:
         """The device whose X25519 secret is 64 hex characters."""
-        raw = bytes.fromhex(secret_hex.strip())
+        expected = (
+            'a device key is an X25519 secret as 64 hex characters (the "secret" that '
+            "`python -m client keygen --device` prints)"
+        )
+        if not isinstance(secret_hex, str):
+            raise ValueError(f"{expected}, got {type(secret_hex).__name__}")
+        cleaned = secret_hex.strip()
+        try:
+            raw = bytes.fromhex(cleaned)
+        except ValueError:
+            raise ValueError(f"{expected}; this one has other characters") from None
         if len(raw) != 32:
-            raise ValueError("an X25519 secret is 32 bytes (64 hex characters)")
+            raise ValueError(f"{expected}; this one has {len(cleaned)}")
         return cls(device_id, X25519PrivateKey.from_private_bytes(raw))
 
     @property
