@@ -302,8 +302,8 @@ def explain(
         )
     if isinstance(exc, PayloadTooLarge):
         return (
-            f"{exc.message}. If the relay allows larger bodies, set {setting('max_body_bytes')} "
-            "to its HIVE_RELAY_MAX_BODY_BYTES."
+            f"{exc.message}. If the relay allows larger bodies, set "
+            f"{setting('max_body_bytes')} to its limit."
         )
     if isinstance(exc, BadRequest):
         if exc.code == "invalid_workspace":

@@ -215,6 +215,7 @@ class Keyring:
 
     @property
     def current_key(self) -> WorkspaceKey:
+        """The key of the newest epoch held: the one new bodies are sealed with."""
         return self._keys[self.current_epoch]
 
     def seal(
@@ -428,6 +429,7 @@ class Device:
 
     @classmethod
     def generate(cls, device_id: str) -> Device:
+        """A new device identity with a fresh random X25519 secret."""
         return cls(device_id, X25519PrivateKey.generate())
 
     @classmethod
@@ -450,14 +452,17 @@ class Device:
 
     @property
     def public_key(self) -> X25519PublicKey:
+        """This device's X25519 public key (what others seal rotations to)."""
         return self.secret.public_key()
 
     @property
     def public_bytes(self) -> bytes:
+        """The public key as its 32 raw bytes."""
         return _raw_public(self.public_key)
 
     @property
     def public_hex(self) -> str:
+        """The public key as 64 hex characters (what `rotate name=public-hex` takes)."""
         return self.public_bytes.hex()
 
     def secret_hex(self) -> str:

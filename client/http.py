@@ -97,18 +97,31 @@ def _precheck(call: Call[Any], max_body_bytes: int | None) -> None:
     if call.content is None or max_body_bytes is None or len(call.content) <= max_body_bytes:
         return
     raise PayloadTooLarge(
-        f"the request body is {len(call.content)} bytes, over the relay's limit of "
-        f"{max_body_bytes} bytes (max_body_bytes; set it to the relay's "
-        "HIVE_RELAY_MAX_BODY_BYTES if that differs); nothing was sent",
+        f"the request body is {len(call.content)} bytes, over the relay's body limit of "
+        f"{max_body_bytes} bytes (the client's max_body_bytes); nothing was sent",
         code="payload_too_large",
     )
 
 
-def _unreachable(base_url: str, exc: httpx.TransportError) -> Unreachable:
+# A relay that refuses a large body may answer 413 and close while the body is still
+# being sent; httpx then reports the broken write, not the answer. Say so.
+_LARGE_BODY = 64 * 1024
+
+
+def _unreachable(
+    base_url: str, exc: httpx.TransportError, body: bytes | None = None
+) -> Unreachable:
     name = type(exc).__name__
     detail = str(exc).strip()
     reason = f"{name}: {detail}" if detail and detail != name else name
-    return Unreachable(f"cannot reach the relay at {base_url}: {reason}")
+    message = f"cannot reach the relay at {base_url}: {reason}"
+    connecting = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    if body is not None and len(body) > _LARGE_BODY and not connecting:
+        message += (
+            f" (while sending a {len(body)}-byte body: if that is over the relay's "
+            "HIVE_RELAY_MAX_BODY_BYTES, the relay refused it; set max_body_bytes to that limit)"
+        )
+    return Unreachable(message)
 
 
 def _stream_refused(response: httpx.Response, token_sent: bool) -> RelayError | None:
@@ -202,7 +215,7 @@ class RelayClient:
                 timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TransportError as exc:
-            raise _unreachable(self.base_url, exc) from exc
+            raise _unreachable(self.base_url, exc, call.content) from exc
         if response.is_success:
             return call.parse(response)
         raise rq.error_from_response(response, token_sent=self._token_sent)
@@ -354,7 +367,7 @@ class AsyncRelayClient:
                 timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TransportError as exc:
-            raise _unreachable(self.base_url, exc) from exc
+            raise _unreachable(self.base_url, exc, call.content) from exc
         if response.is_success:
             return call.parse(response)
         raise rq.error_from_response(response, token_sent=self._token_sent)

@@ -315,7 +315,7 @@ class Workspace:
             return
         raise PayloadTooLarge(
             f"{what} is {len(plaintext)} bytes of JSON, which seals to {len(body)} bytes, over "
-            f"the relay's limit of {limit} bytes (max_body_bytes); nothing was sent. A Hive-format "
+            f"the relay's body limit of {limit} bytes; nothing was sent. A Hive-format "
             "body is about 3.6 times its plaintext: send less per event (or the compact format, "
             "about 1.34 times, when every member runs this SDK)",
             code="payload_too_large",
