@@ -200,9 +200,9 @@ def _flag(dest: str) -> str:
 
 
 def _setting(args: argparse.Namespace, dest: str) -> str:
-    """The flag or variable the user set `dest` with (both names when unset)."""
+    """The flag or variable the user set `dest` with (the variable when unset)."""
     sources: dict[str, str] = getattr(args, "sources", {})
-    return sources.get(dest) or f"{_ENV_FLAGS[dest]} (or {_flag(dest)})"
+    return sources.get(dest) or _ENV_FLAGS[dest]
 
 
 def _require(args: argparse.Namespace, dest: str) -> str:
@@ -362,8 +362,8 @@ async def _tail(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextI
                 elif isinstance(item, KeyMissing):
                     print(
                         f"seq {item.seq}: sealed with key epoch {item.epoch}, which this key "
-                        f"does not cover; stopped here. Set {_setting(args, 'key')} (and "
-                        f"{_setting(args, 'key_epoch')}) to that epoch's key, or "
+                        f"does not cover; stopped here. Set {_setting(args, 'key')} and "
+                        f"{_setting(args, 'key_epoch')} to that epoch's key, or "
                         f"{_setting(args, 'device_id')} and {_setting(args, 'device_key')} "
                         "to adopt rotated keys.",
                         file=err,
@@ -552,7 +552,9 @@ async def _probe_key(
     except CryptoError as exc:
         print(
             f"FAIL: the key does not open the newest envelope (seq {row.seq}): {exc}. "
-            "Check HIVE_WORKSPACE_KEY (and HIVE_WORKSPACE_KEY_EPOCH after a rotation).",
+            f"Check {_setting(args, 'key')}, or give this device's identity "
+            f"({_setting(args, 'device_id')} and {_setting(args, 'device_key')}) to adopt "
+            "rotated keys.",
             file=err,
         )
         return EXIT_FAIL
