@@ -10,9 +10,12 @@ import sys
 import textwrap
 from collections.abc import Mapping
 
+import anyio
+import httpx
 import pytest
 
 from client import (
+    AsyncRelayClient,
     Device,
     Event,
     Keyring,
@@ -210,3 +213,50 @@ def test_the_cli_without_a_device_key_warns_once_on_stderr(relay: RelayProcess, 
     assert sent.returncode == 0, sent.stderr
     warning = sent.stderr.strip().splitlines()
     assert len(warning) == 1 and "warning:" in warning[0] and "key epoch 1" in warning[0]
+
+
+def counting_relay() -> tuple[httpx.MockTransport, list[str]]:
+    """Answers keyring reads with an empty keyring and pushes with a seq; records each call."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/keyring"):
+            calls.append("keyring")
+            return httpx.Response(200, json=[])
+        calls.append("push")
+        if request.url.path.endswith("/batch"):
+            return httpx.Response(200, json={"seqs": [len(calls), len(calls) + 1]})
+        return httpx.Response(200, json={"seq": len(calls)})
+
+    return httpx.MockTransport(handler), calls
+
+
+@pytest.mark.anyio
+async def test_the_keyring_is_read_before_every_send_unless_told_otherwise() -> None:
+    me = Device.generate("me")
+    transport, calls = counting_relay()
+    async with AsyncRelayClient("http://relay.test", transport=transport) as api:
+        ws = Workspace("http://relay.test", "w", PASSPHRASE, device=me, client=api)
+        await ws.send({"n": 1})
+        await ws.send({"n": 2})
+        assert calls == ["keyring", "push", "keyring", "push"]
+
+        calls.clear()
+        async with anyio.create_task_group() as tg:  # concurrent sends share one read
+            for n in range(5):
+                tg.start_soon(ws.send, {"n": n})
+        assert calls.count("keyring") == 1 and calls.count("push") == 5
+
+        calls.clear()
+        relaxed = Workspace(
+            "http://relay.test", "w", PASSPHRASE, device=me, client=api, keyring_refresh=3600
+        )
+        await relaxed.send({"n": 1})
+        await relaxed.send_many([{"n": 2}, {"n": 3}])
+        assert calls == ["keyring", "push", "push"]
+
+        calls.clear()
+        keyless = Workspace("http://relay.test", "w", PASSPHRASE, client=api)
+        await keyless.send({"n": 1})
+        await keyless.send({"n": 2})
+        assert calls == ["keyring", "push", "push"]  # read once, only to check for rotations
