@@ -276,8 +276,9 @@ def explain(
 
     where = f"workspace {workspace!r}" if workspace else "this workspace"
     if isinstance(exc, Unreachable):
+        message = exc.message.replace("set max_body_bytes", f"set {setting('max_body_bytes')}")
         return (
-            f"{exc.message}. Check {setting('url')} (scheme, host and port) and that the "
+            f"{message}. Check {setting('url')} (scheme, host and port) and that the "
             "relay is running."
         )
     if isinstance(exc, Unauthorized):
@@ -444,7 +445,13 @@ async def _rotate(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: Tex
             raise CliError(
                 explain(exc, url=ws.client.base_url, workspace=ws.workspace, args=args)
             ) from None
-    if ws.device is not None and ws.device.device_id not in members:
+    if ws.device is None:
+        print(
+            f"note: no device key given, so this program keeps no copy of key epoch {epoch}; "
+            "the members adopt it with their device keys",
+            file=err,
+        )
+    elif ws.device.device_id not in members:
         print(
             f"note: device {ws.device.device_id!r} (this one) is not among the members: it cannot "
             f"open envelopes sealed under key epoch {epoch}",

@@ -209,6 +209,7 @@ def test_the_cli_without_a_device_key_warns_once_on_stderr(relay: RelayProcess, 
     env = {"HIVE_RELAY_URL": relay.url, "HIVE_WORKSPACE": ws_id, "HIVE_WORKSPACE_KEY": PASSPHRASE}
     rotate = cli("rotate", f"alice={devices['alice'].public_hex}", env=env)
     assert rotate.returncode == 0, rotate.stderr
+    assert "no device key given" in rotate.stderr
     sent = run_cli("send", '{"n":1}', env=env)
     assert sent.returncode == 0, sent.stderr
     warning = sent.stderr.strip().splitlines()
