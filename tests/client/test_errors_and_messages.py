@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import queue
 import re
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -315,18 +316,18 @@ def stderr_of_tail(env: dict[str, str], until: str) -> list[str]:
         text=True,
     )
     assert proc.stderr is not None
+    stderr, lines = proc.stderr, queue.Queue[str]()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True)
+    reader.start()
     seen: list[str] = []
-    deadline = time.monotonic() + 2 * WAIT
     try:
-        for line in proc.stderr:
-            seen.append(line.rstrip("\n"))
-            if line.startswith(until) or time.monotonic() > deadline:
-                break
+        while not seen or not seen[-1].startswith(until):
+            seen.append(lines.get(timeout=WAIT).rstrip("\n"))  # bounded: never hangs
     finally:
         proc.terminate()
         proc.wait(timeout=WAIT)
-        proc.stderr.close()
-    assert seen and seen[-1].startswith(until), seen
+        reader.join(timeout=WAIT)  # the pipe is at its end once the process is gone
+        stderr.close()
     assert all("Traceback" not in line for line in seen)
     if until == "reconnecting in":
         assert "cannot reach the relay" in seen[-1], seen
