@@ -8,6 +8,14 @@ the sealed formats and key rotation. Every error derives from `HiveError`.
 See docs/client.md.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    #: The installed version of this SDK (the hive-relay distribution).
+    __version__ = version("hive-relay")
+except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    __version__ = "0.0.0"
+
 from client.crypto import (
     COMPACT_MARKER,
     Device,
@@ -47,7 +55,7 @@ from client.errors import (
     WrongKey,
 )
 from client.events import Event, Gap, KeyMissing, RelayReset, Unopenable, WorkspaceEvent
-from client.http import AsyncRelayClient, Page, RelayClient, Row
+from client.http import DEFAULT_MAX_BODY_BYTES, AsyncRelayClient, Page, RelayClient, Row
 from client.retry import Backoff
 from client.sync import SyncWorkspace
 from client.wire import GapNotice, Nudge, PairingCreated, PushResult
@@ -55,6 +63,7 @@ from client.workspace import ENV_VARS, TransportMode, Workspace
 
 __all__ = [
     "COMPACT_MARKER",
+    "DEFAULT_MAX_BODY_BYTES",
     "ENV_VARS",
     "AsyncRelayClient",
     "Backoff",
@@ -104,6 +113,7 @@ __all__ = [
     "WorkspaceEvent",
     "WorkspaceKey",
     "WrongKey",
+    "__version__",
     "newest_rotation",
     "open_envelope",
     "open_rotation",

@@ -22,6 +22,7 @@ from httpx_sse import ServerSentEvent
 from client.errors import (
     BadRequest,
     BadResponse,
+    ConfigError,
     Forbidden,
     NotFound,
     PayloadTooLarge,
@@ -46,7 +47,10 @@ from client.wire import (
 
 T = TypeVar("T")
 
+# The relay's rule for `{ws}` (PROTOCOL.md; relay/api/common.py applies the same):
+# 1-200 of these characters, and not "." or ".." (which URLs would resolve away).
 WORKSPACE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,200}")
+WORKSPACE_RULE = "1-200 characters from A-Z a-z 0-9 . _ ~ : @ - (and not . or ..)"
 MAX_BATCH = 1000
 MAX_WAIT = 60.0
 
@@ -114,11 +118,38 @@ class Call(Generic[T]):
 # --------------------------------------------------------------------------- paths
 
 
+def check_workspace_id(workspace: object) -> str:
+    """`workspace` when the relay accepts it as a workspace id, else `ConfigError`."""
+    if not isinstance(workspace, str):
+        raise ConfigError(f"a workspace id is text, got {type(workspace).__name__}")
+    if not WORKSPACE_ID.fullmatch(workspace) or workspace in (".", ".."):
+        raise ConfigError(f"invalid workspace id {workspace!r}: {WORKSPACE_RULE}")
+    return workspace
+
+
+def check_base_url(url: object) -> str:
+    """The relay base URL without a trailing slash, or `ConfigError` saying what is wrong."""
+    if not isinstance(url, str):
+        raise ConfigError(f"the relay URL is text, got {type(url).__name__}")
+    text = url.strip()
+    try:
+        parsed = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"the relay URL {text!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https"):
+        hint = f"; did you mean http://{text}?" if "://" not in text and text else ""
+        raise ConfigError(f"the relay URL must start with http:// or https://, got {text!r}{hint}")
+    if not parsed.host or "%" in parsed.host:
+        raise ConfigError(f"the relay URL {text!r} has no usable host name")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigError(f"the relay URL {text!r} has port {parsed.port}, outside 1-65535")
+    if parsed.query or parsed.fragment:
+        raise ConfigError(f"the relay URL {text!r} is a base URL: no ?query or #fragment")
+    return text.rstrip("/")
+
+
 def workspace_path(workspace: str, tail: str) -> str:
-    if not isinstance(workspace, str) or not WORKSPACE_ID.fullmatch(workspace):
-        raise ValueError(
-            f"invalid workspace id {workspace!r}: 1-200 characters from A-Z a-z 0-9 . _ ~ : @ -"
-        )
+    check_workspace_id(workspace)
     return f"/v1/workspaces/{quote(workspace, safe='~:@')}/{tail}"
 
 
@@ -161,8 +192,11 @@ _STATUS_ERRORS: dict[int, type[RelayError]] = {
 }
 
 
-def error_from_response(response: httpx.Response) -> RelayError:
-    """The typed error for a non-2xx answer; the body must already be read."""
+def error_from_response(response: httpx.Response, *, token_sent: bool | None = None) -> RelayError:
+    """The typed error for a non-2xx answer; the body must already be read.
+
+    `token_sent` (whether the request carried an access token) words a 401.
+    """
     status = response.status_code
     code: str | None = None
     message = ""
@@ -176,12 +210,20 @@ def error_from_response(response: httpx.Response) -> RelayError:
     cls = _STATUS_ERRORS.get(status)
     if cls is None:
         cls = Unavailable if status >= 500 else RelayError
-    return cls(
+    if cls is Unauthorized and token_sent is not None:
+        if token_sent:
+            message = f"the relay rejected the access token: {message}"
+        else:
+            message = "no access token was sent, and this relay requires one"
+    error = cls(
         message,
         status=status,
         code=code,
         retry_after=parse_retry_after(response.headers.get("retry-after")),
     )
+    if isinstance(error, Unauthorized):
+        error.token_sent = token_sent
+    return error
 
 
 def decode_json(response: httpx.Response, type: type[T]) -> T:

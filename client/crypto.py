@@ -138,6 +138,11 @@ class WorkspaceKey:
     @classmethod
     def parse(cls, text: str) -> WorkspaceKey:
         """A 64-hex key as-is; any other text is a passphrase (as `HIVE_WORKSPACE_KEY` is read)."""
+        if not isinstance(text, str):
+            raise TypeError(
+                f"parse() takes text (64 hex characters or a passphrase), got {type(text).__name__}"
+                "; for 32 raw key bytes use WorkspaceKey(material)"
+            )
         cleaned = text.strip()
         if len(cleaned) == 2 * KEY_SIZE and all(c in string.hexdigits for c in cleaned):
             return cls.from_hex(cleaned)
@@ -210,6 +215,7 @@ class Keyring:
 
     @property
     def current_key(self) -> WorkspaceKey:
+        """The key of the newest epoch held: the one new bodies are sealed with."""
         return self._keys[self.current_epoch]
 
     def seal(
@@ -423,26 +429,40 @@ class Device:
 
     @classmethod
     def generate(cls, device_id: str) -> Device:
+        """A new device identity with a fresh random X25519 secret."""
         return cls(device_id, X25519PrivateKey.generate())
 
     @classmethod
     def from_hex(cls, device_id: str, secret_hex: str) -> Device:
         """The device whose X25519 secret is 64 hex characters."""
-        raw = bytes.fromhex(secret_hex.strip())
+        expected = (
+            'a device key is an X25519 secret as 64 hex characters (the "secret" that '
+            "`python -m client keygen --device` prints)"
+        )
+        if not isinstance(secret_hex, str):
+            raise ValueError(f"{expected}, got {type(secret_hex).__name__}")
+        cleaned = secret_hex.strip()
+        try:
+            raw = bytes.fromhex(cleaned)
+        except ValueError:
+            raise ValueError(f"{expected}; this one has other characters") from None
         if len(raw) != 32:
-            raise ValueError("an X25519 secret is 32 bytes (64 hex characters)")
+            raise ValueError(f"{expected}; this one has {len(cleaned)}")
         return cls(device_id, X25519PrivateKey.from_private_bytes(raw))
 
     @property
     def public_key(self) -> X25519PublicKey:
+        """This device's X25519 public key (what others seal rotations to)."""
         return self.secret.public_key()
 
     @property
     def public_bytes(self) -> bytes:
+        """The public key as its 32 raw bytes."""
         return _raw_public(self.public_key)
 
     @property
     def public_hex(self) -> str:
+        """The public key as 64 hex characters (what `rotate name=public-hex` takes)."""
         return self.public_bytes.hex()
 
     def secret_hex(self) -> str:

@@ -62,7 +62,13 @@ class BadRequest(RelayError):
 
 
 class Unauthorized(RelayError):
-    """401: the relay needs an access token and the one sent (if any) is not valid."""
+    """401: the relay needs an access token and the one sent (if any) is not valid.
+
+    `token_sent` says which: False when this client sent no token at all, True
+    when the relay rejected the one sent (None when not known).
+    """
+
+    token_sent: bool | None = None
 
 
 class Forbidden(RelayError):
@@ -74,7 +80,11 @@ class NotFound(RelayError):
 
 
 class PayloadTooLarge(RelayError):
-    """413: the body (or a side-channel entry) is over the relay's configured bound."""
+    """413: the body (or a side-channel entry) is over the relay's configured bound.
+
+    Also raised before sending, with `status` None, when the request body is
+    over the client's `max_body_bytes` (the relay's limit as the client knows it).
+    """
 
 
 class RateLimited(RelayError):

@@ -18,10 +18,18 @@ from httpx_sse import EventSource, aconnect_sse, connect_sse
 
 from client import _requests as rq
 from client._requests import Call, Page, Row, StreamInfo, StreamItem
-from client.errors import RelayError, Unavailable, Unreachable, Unsupported
+from client.errors import (
+    ConfigError,
+    PayloadTooLarge,
+    RelayError,
+    Unavailable,
+    Unreachable,
+    Unsupported,
+)
 from client.wire import PairingCreated, PushResult
 
 __all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_TIMEOUT",
     "AsyncEventStream",
     "AsyncRelayClient",
@@ -40,6 +48,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 #: An event stream is idle-checked by the relay's keep-alives (every 25 s by default);
 #: a minute without a byte means the connection is dead and worth re-opening.
 DEFAULT_STREAM_READ_TIMEOUT = 60.0
+#: The relay's default HIVE_RELAY_MAX_BODY_BYTES (4 MiB): request bodies over the
+#: client's `max_body_bytes` are refused with `PayloadTooLarge` before sending.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 _USER_AGENT = "hive-relay-client/1"
 
@@ -50,14 +61,15 @@ def _client_options(
     timeout: float | httpx.Timeout,
     headers: Mapping[str, str] | None,
 ) -> dict[str, Any]:
-    if not base_url.startswith(("http://", "https://")):
-        raise ValueError(f"the relay URL must start with http:// or https://, got {base_url!r}")
+    base_url = rq.check_base_url(base_url)
+    if token is not None and not isinstance(token, str):
+        raise ConfigError(f"the access token is text, got {type(token).__name__}")
     all_headers = {"user-agent": _USER_AGENT, "accept": "application/json"}
     all_headers.update(headers or {})
     if token:
         all_headers["authorization"] = f"Bearer {token}"
     return {
-        "base_url": base_url.rstrip("/"),
+        "base_url": base_url,
         "headers": all_headers,
         "timeout": timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
         "follow_redirects": False,
@@ -68,19 +80,58 @@ def _stream_timeout(base: httpx.Timeout, read: float) -> httpx.Timeout:
     return httpx.Timeout(connect=base.connect, read=read, write=base.write, pool=base.pool)
 
 
-def _unreachable(base_url: str, exc: httpx.TransportError) -> Unreachable:
-    detail = str(exc) or type(exc).__name__
-    return Unreachable(f"cannot reach the relay at {base_url}: {type(exc).__name__}: {detail}")
+def _check_max_body(max_body_bytes: int | None) -> int | None:
+    if max_body_bytes is not None and (
+        not isinstance(max_body_bytes, int)
+        or isinstance(max_body_bytes, bool)
+        or max_body_bytes < 1
+    ):
+        raise ConfigError(
+            f"max_body_bytes is a positive byte count or None, got {max_body_bytes!r}"
+        )
+    return max_body_bytes
 
 
-def _stream_refused(response: httpx.Response) -> RelayError | None:
+def _precheck(call: Call[Any], max_body_bytes: int | None) -> None:
+    """Refuse a body the relay would refuse, before sending any of it."""
+    if call.content is None or max_body_bytes is None or len(call.content) <= max_body_bytes:
+        return
+    raise PayloadTooLarge(
+        f"the request body is {len(call.content)} bytes, over the relay's body limit of "
+        f"{max_body_bytes} bytes (the client's max_body_bytes); nothing was sent",
+        code="payload_too_large",
+    )
+
+
+# A relay that refuses a large body may answer 413 and close while the body is still
+# being sent; httpx then reports the broken write, not the answer. Say so.
+_LARGE_BODY = 64 * 1024
+
+
+def _unreachable(
+    base_url: str, exc: httpx.TransportError, body: bytes | None = None
+) -> Unreachable:
+    name = type(exc).__name__
+    detail = str(exc).strip()
+    reason = f"{name}: {detail}" if detail and detail != name else name
+    message = f"cannot reach the relay at {base_url}: {reason}"
+    connecting = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    if body is not None and len(body) > _LARGE_BODY and not connecting:
+        message += (
+            f" (while sending a {len(body)}-byte body: if that is over the relay's "
+            "HIVE_RELAY_MAX_BODY_BYTES, the relay refused it; set max_body_bytes to that limit)"
+        )
+    return Unreachable(message)
+
+
+def _stream_refused(response: httpx.Response, token_sent: bool) -> RelayError | None:
     """Why an event-stream hand-shake cannot be used, or None when it can (body read)."""
     if response.status_code in (404, 405):
         return Unsupported(
             "the relay does not serve this event stream", status=response.status_code
         )
     if not response.is_success:
-        return rq.error_from_response(response)
+        return rq.error_from_response(response, token_sent=token_sent)
     if not rq.is_event_stream(response):
         ctype = response.headers.get("content-type", "")
         return Unsupported(
@@ -141,14 +192,19 @@ class RelayClient:
         stream_read_timeout: float = DEFAULT_STREAM_READ_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         options = _client_options(base_url, token, timeout, headers)
         self.base_url: str = options["base_url"]
+        #: Request bodies over this many bytes raise `PayloadTooLarge` unsent (None: no check).
+        self.max_body_bytes = _check_max_body(max_body_bytes)
+        self._token_sent = bool(token)
         self._timeout: httpx.Timeout = options["timeout"]
         self._stream_timeout = _stream_timeout(self._timeout, stream_read_timeout)
         self._http = httpx.Client(transport=transport, **options)
 
     def _send(self, call: Call[T]) -> T:
+        _precheck(call, self.max_body_bytes)
         try:
             response = self._http.request(
                 call.method,
@@ -159,10 +215,10 @@ class RelayClient:
                 timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TransportError as exc:
-            raise _unreachable(self.base_url, exc) from exc
+            raise _unreachable(self.base_url, exc, call.content) from exc
         if response.is_success:
             return call.parse(response)
-        raise rq.error_from_response(response)
+        raise rq.error_from_response(response, token_sent=self._token_sent)
 
     def health(self) -> bool:
         """True when the relay and its store answer; False on `503 store unavailable`."""
@@ -258,7 +314,7 @@ class RelayClient:
                 response = source.response
                 if not response.is_success or not rq.is_event_stream(response):
                     response.read()
-                refused = _stream_refused(response)
+                refused = _stream_refused(response, self._token_sent)
                 if refused is not None:
                     raise refused
                 yield EventStream(source, self.base_url)
@@ -288,14 +344,19 @@ class AsyncRelayClient:
         stream_read_timeout: float = DEFAULT_STREAM_READ_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         options = _client_options(base_url, token, timeout, headers)
         self.base_url: str = options["base_url"]
+        #: Request bodies over this many bytes raise `PayloadTooLarge` unsent (None: no check).
+        self.max_body_bytes = _check_max_body(max_body_bytes)
+        self._token_sent = bool(token)
         self._timeout: httpx.Timeout = options["timeout"]
         self._stream_timeout = _stream_timeout(self._timeout, stream_read_timeout)
         self._http = httpx.AsyncClient(transport=transport, **options)
 
     async def _send(self, call: Call[T]) -> T:
+        _precheck(call, self.max_body_bytes)
         try:
             response = await self._http.request(
                 call.method,
@@ -306,10 +367,10 @@ class AsyncRelayClient:
                 timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TransportError as exc:
-            raise _unreachable(self.base_url, exc) from exc
+            raise _unreachable(self.base_url, exc, call.content) from exc
         if response.is_success:
             return call.parse(response)
-        raise rq.error_from_response(response)
+        raise rq.error_from_response(response, token_sent=self._token_sent)
 
     async def health(self) -> bool:
         """True when the relay and its store answer; False on `503 store unavailable`."""
@@ -407,7 +468,7 @@ class AsyncRelayClient:
                 response = source.response
                 if not response.is_success or not rq.is_event_stream(response):
                     await response.aread()
-                refused = _stream_refused(response)
+                refused = _stream_refused(response, self._token_sent)
                 if refused is not None:
                     raise refused
                 yield AsyncEventStream(source, self.base_url)

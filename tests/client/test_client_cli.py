@@ -110,8 +110,12 @@ def test_send_rejects_bad_input_and_missing_settings(env: dict[str, str]) -> Non
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
     missing = cli("send", "{}", env={k: v for k, v in env.items() if k != "HIVE_RELAY_URL"})
     assert missing.returncode == 2 and "HIVE_RELAY_URL" in missing.stderr
+    # The message names the setting as the user set it: the variable, or the flag.
     bad_epoch = cli("send", "{}", env={**env, "HIVE_WORKSPACE_KEY_EPOCH": "x"})
-    assert bad_epoch.returncode == 2 and "--key-epoch" in bad_epoch.stderr
+    assert bad_epoch.returncode == 2 and "HIVE_WORKSPACE_KEY_EPOCH" in bad_epoch.stderr
+    bad_flag = cli("send", "--key-epoch", "x", "{}", env=env)
+    assert bad_flag.returncode == 2 and "--key-epoch" in bad_flag.stderr
+    assert "HIVE_WORKSPACE_KEY_EPOCH" not in bad_flag.stderr
 
 
 def test_send_explains_an_unreachable_relay(env: dict[str, str]) -> None:
@@ -134,17 +138,20 @@ def test_tail_once(env: dict[str, str], relay: RelayProcess, ws_id: str) -> None
     last = int(cli("send", '{"n":2}', env=env).stdout)
 
     result = run_cli("tail", "--once", env=env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # some envelopes could not be opened
     assert lines(result.stdout) == [
         {"seq": first, "event": {"n": 1}},
         {"seq": last, "event": {"n": 2}},
     ]
-    reported = result.stderr.splitlines()
+    doing, *reported, summary = result.stderr.splitlines()
+    assert doing == f"reading {env['HIVE_RELAY_URL']} (workspace {ws_id!r})"
     assert [line.split(":")[0] for line in reported] == [f"seq {stranger}", f"seq {hive.seq}"]
     assert "wrong key" in reported[0] and "Traceback" not in result.stderr
+    assert summary == "2 envelopes could not be opened (key epoch 0: 2)"  # the fixture is epoch 0
 
-    after = cli("tail", "--once", "--after", str(stranger), env=env)
+    after = cli("tail", "--once", "--after", str(hive.seq), env=env)
     assert lines(after.stdout) == [{"seq": last, "event": {"n": 2}}]
+    assert after.returncode == 0  # everything it read opened
 
 
 def test_tail_with_a_cursor_file(env: dict[str, str], tmp_path: Path) -> None:
