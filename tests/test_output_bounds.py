@@ -278,3 +278,53 @@ def test_an_unusable_nbf_is_401(nbf: Any) -> None:
     with pytest.raises(relay.access.Denied) as info:
         policy.authenticate(sign(key, {"sub": "s", "nbf": nbf}))
     assert "nbf" in info.value.message
+
+
+# --------------------------------------------- §1 the WebSocket reply queue
+class UnreadSocket:
+    """A WebSocket whose client sends `frames` and never reads a reply."""
+
+    def __init__(self, frames: list[str]) -> None:
+        self.frames = frames
+        self.received = 0
+
+    async def receive(self) -> dict[str, Any]:
+        if self.received < len(self.frames):
+            self.received += 1
+            return {"type": "websocket.receive", "text": self.frames[self.received - 1]}
+        await asyncio.Event().wait()  # the client sends nothing more
+        raise AssertionError("unreachable")
+
+
+def test_the_reply_queue_stops_the_reader_until_the_writer_drains_it() -> None:
+    from relay.api.live import OUTBOX_BYTES, WsSession
+    from relay.app import build_relay
+
+    async def run() -> None:
+        relay_ = build_relay(Settings(push_rate=0))
+        sock = UnreadSocket(["not json"] * 5000)
+        session = WsSession(relay_, sock, "w", "c")  # type: ignore[arg-type]
+        sub = Subscriber("w", 1000)
+        reader = asyncio.get_running_loop().create_task(session._reader(sub, lambda: None))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        held = sock.received
+        assert 0 < held < 5000  # it stopped taking frames...
+        assert OUTBOX_BYTES < session.outbox_bytes <= OUTBOX_BYTES + 200  # ...past the bound
+        assert session.outbox_bytes == sum(len(f) for f in session.outbox)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert sock.received == held  # and stays stopped while nothing drains
+        sent: list[str] = []
+
+        async def send_text(text: str) -> None:
+            sent.append(text)
+
+        await session._flush_outbox(send_text)  # the writer drains it
+        assert session.outbox_bytes == 0 and len(sent) == held
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert sock.received > held  # the reader took frames again
+        reader.cancel()
+
+    asyncio.run(run())
