@@ -194,6 +194,16 @@ def test_a_paged_keyring_reads_back_whole_newest_first() -> None:
         assert [b["version"] for b in joined] == list(range(12))
 
 
+def test_a_browser_app_can_read_the_paging_headers() -> None:
+    with side_client(max_page_bytes=20, cors_origins="https://app.example") as c:
+        for i in range(3):
+            c.post("/v1/workspaces/b/keyring", content=b'{"version":%d}' % i)
+        r = c.get("/v1/workspaces/b/keyring", headers={"Origin": "https://app.example"})
+        assert r.headers["x-relay-next"] == "before=2"
+        exposed = r.headers["access-control-expose-headers"].lower()
+        assert "x-relay-more" in exposed and "x-relay-next" in exposed
+
+
 def test_a_small_keyring_is_one_answer_without_paging_headers() -> None:
     with side_client() as c:
         c.post("/v1/workspaces/s/keyring", content=b'{"version":1}')
