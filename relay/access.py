@@ -51,10 +51,15 @@ def unauthorized(message: str = "a valid bearer token is required") -> Denied:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a request is allowed: every workspace, or those matching `scopes`."""
+    """What a request is allowed: every workspace, or those matching `scopes`.
+
+    `expires` is the token's `exp` (Unix seconds; 0 = never): a live stream
+    opened with the grant ends when it passes.
+    """
 
     subject: str = ""
     scopes: tuple[str, ...] | None = None  # None = every workspace
+    expires: int = 0
 
     def allows(self, ws: str) -> bool:
         if self.scopes is None:
@@ -114,6 +119,7 @@ class AllowlistPolicy:
 class _Verified:
     grant: Grant
     exp: int
+    nbf: int = 0
 
 
 @dataclass
@@ -136,8 +142,11 @@ class SignedTokenPolicy:
             self._cache[digest] = hit
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        if hit.exp and hit.exp <= time.time():
+        now = time.time()
+        if hit.exp and hit.exp <= now:
             raise unauthorized("the bearer token has expired")
+        if hit.nbf > now:
+            raise unauthorized("the bearer token is not valid yet (its nbf is in the future)")
         return hit.grant
 
     def _verify(self, token: str) -> _Verified:
@@ -168,14 +177,21 @@ class SignedTokenPolicy:
             raise unauthorized("the bearer token's claims are not JSON") from None
         if not isinstance(claims, dict):
             raise unauthorized("the bearer token's claims are not a JSON object")
-        exp = claims.get("exp", 0)
-        if exp is None:
-            exp = 0
-        if not isinstance(exp, int) or isinstance(exp, bool) or exp < 0:
-            raise unauthorized("the bearer token's exp claim is not a non-negative integer")
+        exp = _time_claim(claims, "exp")
+        nbf = _time_claim(claims, "nbf")
         scopes = _scopes(claims.get("ws"))
         sub = claims.get("sub")
-        return _Verified(Grant(sub if isinstance(sub, str) else "", scopes), exp)
+        return _Verified(Grant(sub if isinstance(sub, str) else "", scopes, exp), exp, nbf)
+
+
+def _time_claim(claims: dict[str, Any], name: str) -> int:
+    """`exp` or `nbf`: Unix seconds as a non-negative integer; absent or null = 0."""
+    value = claims.get(name, 0)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise unauthorized(f"the bearer token's {name} claim is not a non-negative integer")
+    return value
 
 
 def _scopes(value: Any) -> tuple[str, ...] | None:

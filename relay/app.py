@@ -425,6 +425,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                     "X-Relay-Epoch",
                     "X-Relay-Gap",
                     "X-Relay-More",
+                    "X-Relay-Next",
                     "Retry-After",
                 ],
                 max_age=600,

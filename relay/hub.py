@@ -5,9 +5,11 @@ rows in `Item`s whose wire frames (SSE nudge, SSE with body, WebSocket) are
 encoded at most once, however many subscribers send them, and hands the same
 list to each subscriber of that workspace.
 
-A subscriber's queue is bounded: one that falls more than `limit` items
-behind is marked overflowed and its stream ends; the client resumes from its
-cursor. Long-poll waiters only need waking and keep no items.
+A subscriber's queue is bounded twice: one that falls more than `limit` items,
+or more than `max_bytes` bytes of rows, behind is marked overflowed and its
+stream ends; the client resumes from its cursor. (An empty queue always takes
+the next append, so a single large batch never overflows an idle subscriber.)
+Long-poll waiters only need waking and keep no items.
 """
 
 from __future__ import annotations
@@ -119,17 +121,21 @@ class Subscriber:
         "closed",
         "items",
         "limit",
+        "max_bytes",
         "on_overflow",
         "overflowed",
+        "queued_bytes",
         "replaying",
         "wake",
         "ws",
     )
 
-    def __init__(self, ws: str, limit: int) -> None:
+    def __init__(self, ws: str, limit: int, max_bytes: int = 0) -> None:
         self.ws = ws
         self.limit = limit  # 0 = a waiter that keeps no items
+        self.max_bytes = max_bytes  # 0 = no byte bound
         self.items: list[Item] = []
+        self.queued_bytes = 0  # bytes of the rows in `items`
         self.wake = Wake()
         self.overflowed = False
         self.closed = False
@@ -140,17 +146,23 @@ class Subscriber:
         # False for a WebSocket that only publishes: appends neither queue nor wake it.
         self.active = True
 
-    def push(self, items: list[Item]) -> None:
+    def push(self, items: list[Item], size: int = 0) -> None:
+        """Queue `items` (whose rows hold `size` bytes in all) or overflow."""
         if not self.active:
             return
         if self.limit:
-            if len(self.items) + len(items) > self.limit:
+            queued = self.items
+            if len(queued) + len(items) > self.limit or (
+                self.max_bytes and queued and self.queued_bytes + size > self.max_bytes
+            ):
                 self.overflowed = True
-                self.items.clear()
+                queued.clear()
+                self.queued_bytes = 0
                 if not self.replaying and self.on_overflow is not None:
                     self.on_overflow()
             elif not self.overflowed:
-                self.items.extend(items)
+                queued.extend(items)
+                self.queued_bytes += size
         self.wake.set()
 
     def close(self) -> None:
@@ -160,6 +172,7 @@ class Subscriber:
     def take(self) -> list[Item]:
         items = self.items
         self.items = []
+        self.queued_bytes = 0
         self.wake.clear()
         return items
 
@@ -198,12 +211,13 @@ class Hub:
         if not subs:
             return
         items = [Item(seq, row) for seq, row in rows]
+        size = sum(len(row) for _, row in rows)
         for sub in subs:
-            sub.push(items)
+            sub.push(items, size)
 
     @contextmanager
-    def subscribe(self, ws: str, limit: int) -> Iterator[Subscriber]:
-        sub = Subscriber(ws, limit)
+    def subscribe(self, ws: str, limit: int, max_bytes: int = 0) -> Iterator[Subscriber]:
+        sub = Subscriber(ws, limit, max_bytes)
         if self.closing:
             sub.closed = True
         subs = self._subs.get(ws)

@@ -8,6 +8,11 @@
 * Parser errors are answered with the relay's JSON error shape and security headers.
 * A WebSocket hand-shake the websockets library refuses is answered (uvicorn's
   sans-I/O protocol leaves the library's 4xx unsent).
+* A WebSocket stops reading while its output is blocked (`_ReadGate`): a peer that
+  sends and never reads (pings, invalid frames) cannot queue more than the
+  transport's high-water mark plus one read's replies, and a socket closed with
+  output its peer never takes is aborted after `close_grace` seconds instead of
+  holding that output for ever.
 * An answer's head leaves with its body in one send, not two (`_HeadWithBody`).
 * An answer given before its request's body has all arrived (a 413, 401, 400…)
   never lets the rest of that body be read as a request: the rest of a short
@@ -45,7 +50,86 @@ def _error_bytes(status: int, reason: bytes, code: str, message: str) -> bytes:
     )
 
 
+class _ReadGate:
+    """The transport as uvicorn's WebSocket protocol sees it.
+
+    uvicorn pauses reading while the app has a message it has not taken, and
+    resumes when it takes it; control frames (a ping's pong) are answered
+    straight into the transport whatever its buffer holds. The gate keeps
+    reading paused while either reason holds: the app is behind, or the
+    transport's write buffer is above its high-water mark (`write_blocked`,
+    set from the protocol's pause_writing / resume_writing).
+
+    `close()` with output still buffered (a peer that does not read) aborts the
+    connection after `grace` seconds: asyncio would otherwise wait for ever for
+    the buffer to drain before it lets go of the connection and what it holds.
+    """
+
+    __slots__ = ("_abort_timer", "_paused", "_transport", "app_paused", "grace", "write_blocked")
+
+    def __init__(self, transport: asyncio.Transport, grace: float) -> None:
+        self._transport = transport
+        self._paused = False
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self.app_paused = False
+        self.write_blocked = False
+        self.grace = grace
+
+    def pause_reading(self) -> None:
+        self.app_paused = True
+        self.sync()
+
+    def resume_reading(self) -> None:
+        self.app_paused = False
+        self.sync()
+
+    def sync(self) -> None:
+        want = self.app_paused or self.write_blocked
+        if want == self._paused or self._transport.is_closing():
+            return
+        self._paused = want
+        if want:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        self._transport.close()
+        if self._abort_timer is None and self._transport.get_write_buffer_size():
+            loop = asyncio.get_running_loop()
+            self._abort_timer = loop.call_later(self.grace, self._transport.abort)
+
+    def lost(self) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
+    close_grace = 5.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._gate = _ReadGate(transport, self.close_grace)
+        self.transport = self._gate  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._gate.lost()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._gate.write_blocked = True
+        self._gate.sync()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._gate.write_blocked = False
+        self._gate.sync()
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None:

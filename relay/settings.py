@@ -185,6 +185,16 @@ KNOBS: tuple[Knob, ...] = (
         1 << 24,
     ),
     Knob(
+        "HIVE_RELAY_STREAM_BUFFER_BYTES",
+        "--stream-buffer-bytes",
+        "int",
+        8 * MIB,
+        "bytes of envelopes a live subscriber may fall behind before it is disconnected "
+        "(an idle subscriber always takes the next append, however large)",
+        1024,
+        1 << 40,
+    ),
+    Knob(
         "HIVE_RELAY_KEEPALIVE_SECS",
         "--keepalive-secs",
         "float",
@@ -429,6 +439,7 @@ class Settings:
     max_sse: int = 2000
     max_sse_per_client: int = 100
     stream_buffer: int = 1024
+    stream_buffer_bytes: int = 8 * MIB
     keepalive_secs: float = 25.0
     presence_ttl: float = 0.0
     max_keyring: int = 1000

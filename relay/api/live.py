@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -27,7 +28,7 @@ from relay.access import Denied, bearer_token
 from relay.api.common import MAX_U64, authorize, int_param, workspace_id
 from relay.api.envelopes import MAX_KEY_LEN, read_headers
 from relay.errors import RelayError, error_response, store_error_response
-from relay.hub import Subscriber, nudge_frame, sse_row_frame
+from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame
 from relay.runtime import Relay
 from relay.store.base import Page, StoreError, row_seq
 
@@ -39,6 +40,22 @@ WS_GOING_AWAY = 1001
 WS_POLICY = 1008
 WS_SERVER_ERROR = 1011
 WS_TRY_LATER = 1013
+# Replies (acks, errors) a WebSocket may have queued before its reader stops
+# taking frames; past it the client's frames wait in its own socket.
+OUTBOX_BYTES = 64 * 1024
+MAX_REF_BYTES = 256  # the longest `ref` a pub may carry (it is echoed)
+EXPIRED_EVENT = (
+    b'event: expired\ndata: {"error":"token_expired",'
+    b'"message":"the bearer token has expired; reconnect with a fresh token"}\n\n'
+)
+
+
+def _at_expiry(expires: int, stop: Callable[[], None]) -> asyncio.TimerHandle | None:
+    """Call `stop` when the grant's `exp` passes (never for a grant without one)."""
+    if not expires:
+        return None
+    delay = max(0.0, expires - time.time())
+    return asyncio.get_running_loop().call_later(delay, stop)
 
 
 # ---------------------------------------------------------------------- SSE
@@ -56,7 +73,7 @@ def _start_cursor(request: Request) -> int | None:
 async def events(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
-    authorize(relay, request, ws)
+    grant = authorize(relay, request, ws)
     bodies = request.query_params.get("bodies", "0").lower()
     if bodies not in ("0", "1", "true", "false"):
         raise RelayError(400, "invalid_bodies", "bodies must be 1 or 0")
@@ -66,7 +83,9 @@ async def events(request: Request) -> Response:
     if relay.hub.closing:
         raise RelayError(503, "shutting_down", "the relay is shutting down", retry_after=2)
     relay.slots.acquire(client)
-    return SSEStream(relay, ws, client, with_bodies, cursor if with_bodies else None)
+    stream = SSEStream(relay, ws, client, with_bodies, cursor if with_bodies else None)
+    stream.expires = grant.expires
+    return stream
 
 
 class SSEStream(Response):
@@ -83,14 +102,25 @@ class SSEStream(Response):
         self.status_code = 200
         self.background = None
         self.started = False
+        self.expires = 0  # the token's exp: the stream ends then
+        self.expired = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = self.relay
+        settings = relay.settings
         try:
-            with relay.hub.subscribe(self.ws, relay.settings.stream_buffer) as sub:
+            with relay.hub.subscribe(
+                self.ws, settings.stream_buffer, settings.stream_buffer_bytes
+            ) as sub:
                 # A bare cancel scope and one plain task (not a task group): an idle
                 # stream is mostly what it holds while it waits (docs/benchmarks.md).
                 with anyio.CancelScope() as cancel_scope:
+
+                    def expire() -> None:
+                        self.expired = True
+                        cancel_scope.cancel()
+
+                    expiry = _at_expiry(self.expires, expire)
 
                     async def watch_disconnect() -> None:
                         while (await receive())["type"] != "http.disconnect":
@@ -115,7 +145,23 @@ class SSEStream(Response):
                             )
                     finally:
                         watcher.cancel()
-                if sub.overflowed:
+                        if expiry is not None:
+                            expiry.cancel()
+                if self.expired and not self.started:  # expired while it was being set up
+                    await error_response(
+                        401,
+                        "unauthorized",
+                        "the bearer token has expired",
+                        {"www-authenticate": "Bearer"},
+                    )(scope, receive, send)
+                elif self.expired:
+                    LOG.info("ended an SSE stream: its token expired")
+                    with anyio.move_on_after(1):
+                        await send(
+                            {"type": "http.response.body", "body": EXPIRED_EVENT, "more_body": True}
+                        )
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                elif sub.overflowed:
                     relay.metrics.slow_consumers.inc()
                     LOG.info("disconnected a slow SSE subscriber")
                     with anyio.move_on_after(1):
@@ -255,18 +301,26 @@ async def websocket(websocket: WebSocket) -> None:
         await _deny(websocket, exc.status, exc.code, exc.message, exc.headers)
         return
     try:
-        await WsSession(relay, websocket, ws, client).run(subprotocol)
+        await WsSession(relay, websocket, ws, client, grant.expires).run(subprotocol)
     finally:
         relay.slots.release(client)
 
 
 class WsSession:
-    def __init__(self, relay: Relay, websocket: WebSocket, ws: str, client: str) -> None:
+    def __init__(
+        self, relay: Relay, websocket: WebSocket, ws: str, client: str, expires: int = 0
+    ) -> None:
         self.relay = relay
         self.socket = websocket
         self.ws = ws
         self.client = client
+        self.expires = expires  # the token's exp: the socket is closed then
+        self.expired = False
+        # Replies waiting for the writer, and their size: the reader stops taking
+        # frames while it is above OUTBOX_BYTES, until the writer drains it.
         self.outbox: deque[str] = deque()
+        self.outbox_bytes = 0
+        self.drained = Wake()
         self.cursor: int | None = None  # None until the client subscribes
         self.replay_from: int | None = None
         self.close_code = 1000
@@ -281,18 +335,33 @@ class WsSession:
         await self.socket.accept(
             subprotocol=subprotocol, headers=[(k.encode(), v.encode()) for k, v in headers.items()]
         )
-        with relay.hub.subscribe(self.ws, relay.settings.stream_buffer) as sub:
+        settings = relay.settings
+        with relay.hub.subscribe(
+            self.ws, settings.stream_buffer, settings.stream_buffer_bytes
+        ) as sub:
             async with anyio.create_task_group() as tg:
                 sub.on_overflow = tg.cancel_scope.cancel
                 sub.replaying = False
                 sub.active = False  # until the client sends `sub`
+
+                def expire() -> None:
+                    self.expired = True
+                    tg.cancel_scope.cancel()
+
+                expiry = _at_expiry(self.expires, expire)
                 tg.start_soon(self._reader, sub, tg.cancel_scope.cancel)
                 try:
                     await self._writer(sub)
                 except WebSocketDisconnect:
                     self.close_code = -1  # the client went away mid-send: not an error
+                finally:
+                    if expiry is not None:
+                        expiry.cancel()
                 tg.cancel_scope.cancel()
-            if sub.overflowed:
+            if self.expired:
+                LOG.info("closed a WebSocket: its token expired")
+                self.close_code, self.close_reason = WS_POLICY, "token expired"
+            elif sub.overflowed:
                 relay.metrics.slow_consumers.inc()
                 self.close_code, self.close_reason = (
                     WS_TRY_LATER,
@@ -306,13 +375,37 @@ class WsSession:
 
     def _post(self, sub: Subscriber, frame: str) -> None:
         self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
         sub.wake.set()
+
+    async def _flush_outbox(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+        outbox = self.outbox
+        while outbox:
+            frame = outbox.popleft()
+            self.outbox_bytes -= len(frame)
+            await send_text(frame)
+        self.drained.set()
+
+    def _allowed(self) -> RelayError | None:
+        """Spend one of the client's push tokens on a frame; the refusal, if any.
+
+        Every frame costs, whatever it is, before anything is answered: a flood
+        of invalid frames spends the same budget as a flood of pubs.
+        """
+        try:
+            self.relay.push_limiter.take(self.client)
+        except RelayError as exc:
+            return exc
+        return None
 
     async def _reader(self, sub: Subscriber, stop: Callable[[], None]) -> None:
         relay = self.relay
         max_body = relay.settings.max_body_bytes
         try:
             while True:
+                while self.outbox_bytes > OUTBOX_BYTES:  # output blocked: stop reading
+                    self.drained.clear()
+                    await self.drained.wait(None)
                 message = await self.socket.receive()
                 if message["type"] == "websocket.disconnect":
                     self.close_code = -1
@@ -322,9 +415,29 @@ class WsSession:
                 try:
                     op = msgspec.json.decode(raw, type=WsOp)
                 except (msgspec.DecodeError, RecursionError) as exc:
+                    if self._allowed() is not None:
+                        self._refuse_flood(stop)
+                        break
                     self._post(
                         sub, _ws_error("invalid_frame", f"the frame is not a valid op: {exc}")
                     )
+                    continue
+                ref = bytes(op.ref) or b"null"
+                if len(ref) > MAX_REF_BYTES:
+                    if self._allowed() is not None:
+                        self._refuse_flood(stop)
+                        break
+                    self._post(
+                        sub, _ws_error("invalid_ref", f"ref must be at most {MAX_REF_BYTES} bytes")
+                    )
+                    continue
+                refused = self._allowed()
+                if refused is not None:
+                    if op.op not in ("sub", "pub"):
+                        self._refuse_flood(stop)
+                        break
+                    retry_after = refused.headers.get("retry-after")
+                    self._post(sub, _ws_error(refused.code, refused.message, ref, retry_after))
                     continue
                 if op.op == "sub":
                     after = op.after or 0
@@ -335,20 +448,25 @@ class WsSession:
                     sub.active = True
                     sub.wake.set()
                 elif op.op == "pub":
-                    self._post(sub, await self._publish(op, max_body))
+                    self._post(sub, await self._publish(op, ref, max_body))
                 else:
                     self._post(
-                        sub, _ws_error("unknown_op", f"unknown op {op.op!r}; use sub or pub")
+                        sub,
+                        _ws_error("unknown_op", f"unknown op {op.op[:64]!r}; use sub or pub"),
                     )
         except WebSocketDisconnect:
             self.close_code = -1
         finally:
             sub.close()
-            _ = stop
 
-    async def _publish(self, op: WsOp, max_body: int) -> str:
+    def _refuse_flood(self, stop: Callable[[], None]) -> None:
+        """An invalid frame past the client's rate: close rather than answer it."""
+        LOG.info("closed a WebSocket that sent invalid frames past its rate")
+        self.close_code, self.close_reason = WS_POLICY, "too many invalid frames; slow down"
+        stop()
+
+    async def _publish(self, op: WsOp, ref: bytes, max_body: int) -> str:
         relay = self.relay
-        ref = bytes(op.ref) or b"null"
         body = bytes(op.body)
         if not body:
             return _ws_error("invalid_body", "pub needs a body", ref)
@@ -363,10 +481,6 @@ class WsSession:
                 body.decode("utf-8")
             except UnicodeDecodeError:
                 return _ws_error("invalid_json", "the body is not valid UTF-8", ref)
-        try:
-            relay.push_limiter.take(self.client)
-        except RelayError as exc:
-            return _ws_error(exc.code, exc.message, ref, exc.headers.get("retry-after"))
         key = b"k" + op.key.encode() if op.key is not None else hashlib.sha256(body).digest()
         try:
             seq, dup = await relay.store.append(self.ws, body, key)
@@ -391,8 +505,8 @@ class WsSession:
                 await sub.wait(keepalive)
             if sub.overflowed or (sub.closed and not self.outbox):
                 break
-            while self.outbox:
-                await send_text(self.outbox.popleft())
+            if self.outbox:
+                await self._flush_outbox(send_text)
             if self.replay_from is not None:
                 self.cursor = self.replay_from
                 self.replay_from = None
@@ -428,8 +542,8 @@ class WsSession:
                 await send_text('{"op":"env",' + row[1:].decode())
             if page.rows:
                 self.cursor = row_seq(page.rows[-1])
-            while self.outbox:
-                await send_text(self.outbox.popleft())
+            if self.outbox:
+                await self._flush_outbox(send_text)
             if not page.more:
                 if sub.overflowed:
                     sub.overflowed = False

@@ -1,14 +1,33 @@
-"""Workspace side channels (keyring, presence, candidates) and pairing codes."""
+"""Workspace side channels (keyring, presence, candidates) and pairing codes.
+
+Side-channel reads are capped like envelope pages: an answer holds at most
+HIVE_RELAY_MAX_PAGE_BYTES of entries (and always at least one), so a small GET
+never pins a keyring or presence map of hundreds of MiB in the connection's
+output. When entries are left off the answer says `X-Relay-More: true` and
+`X-Relay-Next` holds the query string for the next page. At the default caps a
+workspace pages only when its side channel holds over 8 MiB, so a Hive device
+that never pages still reads everything in the normal case; and the keyring's
+first page is its newest blobs, the ones that carry the current key.
+"""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.api.common import authorize, check_json, parse_json, read_body, workspace_id
+from relay.api.common import (
+    MAX_U64,
+    authorize,
+    check_json,
+    int_param,
+    parse_json,
+    read_body,
+    workspace_id,
+)
 from relay.errors import RelayError, bad_request
 from relay.runtime import Relay
 from relay.store.memory import PAIR_ALPHABET, PAIR_CODE_LEN
@@ -31,8 +50,28 @@ class PairRequest(msgspec.Struct, forbid_unknown_fields=False):
     ttl_secs: int | None = None
 
 
-def _json(body: bytes) -> Response:
-    return Response(body, media_type="application/json")
+def _json(body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _more(next_query: str) -> dict[str, str]:
+    return {"x-relay-more": "true", "x-relay-next": next_query}
+
+
+def keyring_page(blobs: list[bytes], before: int, max_bytes: int) -> int:
+    """The index where the page of blobs ending just before `before` starts.
+
+    Walks back from the newest blob the page may hold while the blobs (and
+    their commas) fit in `max_bytes`; the page always holds at least one blob.
+    """
+    start = before
+    size = 0
+    while start > 0:
+        size += len(blobs[start - 1]) + 1
+        if size > max_bytes and start < before:
+            break
+        start -= 1
+    return start
 
 
 async def post_keyring(request: Request) -> Response:
@@ -50,7 +89,11 @@ async def get_keyring(request: Request) -> Response:
     ws = workspace_id(request)
     authorize(relay, request, ws)
     blobs = await relay.store.keyring_list(ws)
-    return _json(b"[" + b",".join(blobs) + b"]")
+    # ?before=N (from a previous page's X-Relay-Next): the blobs older than the Nth.
+    before = min(len(blobs), int_param(request, "before", len(blobs), 0, MAX_U64))
+    start = keyring_page(blobs, before, relay.settings.max_page_bytes)
+    body = b"[" + b",".join(blobs[start:before]) + b"]"
+    return _json(body, _more(f"before={start}") if start > 0 else None)
 
 
 def _channel(request: Request) -> str:
@@ -75,8 +118,28 @@ async def get_devices(request: Request) -> Response:
     ws = workspace_id(request)
     authorize(relay, request, ws)
     entries = await relay.store.device_map(_channel(request), ws)
+    max_bytes = relay.settings.max_page_bytes
+    after = request.query_params.get("after")
+    if after is not None and not 1 <= len(after) <= MAX_DEVICE_ID:
+        raise bad_request(
+            "invalid_after", f"after must be a device_id of 1–{MAX_DEVICE_ID} characters"
+        )
     parts = [msgspec.json.encode(device) + b":" + data for device, data in entries]
-    return _json(b"{" + b",".join(parts) + b"}")
+    if after is None and sum(map(len, parts)) + len(parts) <= max_bytes:
+        return _json(b"{" + b",".join(parts) + b"}")
+    # Paged: in device_id order, from just after ?after=<device_id> (from X-Relay-Next).
+    order = sorted(range(len(entries)), key=lambda i: entries[i][0])
+    if after is not None:
+        order = [i for i in order if entries[i][0] > after]
+    page: list[bytes] = []
+    size = 0
+    for n, i in enumerate(order):
+        size += len(parts[i]) + 1
+        if size > max_bytes and page:
+            last = entries[order[n - 1]][0]
+            return _json(b"{" + b",".join(page) + b"}", _more("after=" + quote(last, safe="")))
+        page.append(parts[i])
+    return _json(b"{" + b",".join(page) + b"}")
 
 
 async def post_pair(request: Request) -> Response:
