@@ -109,14 +109,16 @@ _IDEMPOTENCY = [
     {
         "name": "Idempotency-Key",
         "in": "header",
-        "description": "Dedup key (1–200 characters); else X-Hive-Event-Id; else sha256(body)",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": "Dedup key (1–200 visible ASCII characters, ! to ~); "
+        "else X-Hive-Event-Id; else sha256(body)",
+        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
     },
     {
         "name": "X-Hive-Event-Id",
         "in": "header",
-        "description": "Dedup key used by Hive devices when Idempotency-Key is absent",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": "Dedup key used by Hive devices when Idempotency-Key is absent "
+        "(the same rule)",
+        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
     },
 ]
 _ANY_JSON: dict[str, Any] = {"description": "Any JSON value (opaque to the relay)"}
@@ -293,7 +295,7 @@ def openapi_document() -> dict[str, Any]:
                         "name": "Idempotency-Keys",
                         "in": "header",
                         "description": "Comma-separated dedup keys, one per element"
-                        " (empty = sha256)",
+                        " (empty = sha256); each 1–200 of ! to ~ except the comma",
                         "schema": {"type": "string"},
                     }
                 ],

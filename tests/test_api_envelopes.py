@@ -226,6 +226,56 @@ def test_idempotency_key_too_long_is_400(client: TestClient, header: str) -> Non
     push(client, b"1", **{header: "k" * 200})
 
 
+# Keys outside the rule (1–200 of ! … ~), as raw header bytes (issue 18 §9).
+BAD_KEYS = {
+    "latin-1 e-acute": b"caf\xe9",
+    "utf-8 e-acute": "café".encode(),
+    "inner space": b"a b",
+    "inner tab": b"a\tb",
+    "DEL": b"a\x7fb",
+    "control": b"a\x01b",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_KEYS))
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Hive-Event-Id", "Idempotency-Keys"])
+def test_an_idempotency_key_outside_visible_ascii_is_400(
+    client: TestClient, header: str, name: str
+) -> None:
+    push(client, b"0")
+    before = snapshot(client)
+    path = env_url(suffix="/batch") if header == "Idempotency-Keys" else env_url()
+    body = b"[1]" if header == "Idempotency-Keys" else b"1"
+    r = client.post(path, content=body, headers=[(header.encode(), BAD_KEYS[name])])
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert "visible ASCII" in r.json()["message"]
+    assert snapshot(client) == before
+
+
+def test_every_visible_ascii_character_is_a_key_character(client: TestClient) -> None:
+    key = "".join(chr(c) for c in range(0x21, 0x7F))
+    first = push(client, b"1", **{"Idempotency-Key": key})
+    r = client.post(env_url(), content=b"2", headers={"Idempotency-Key": key})
+    assert r.json() == {"seq": first, "duplicate": True}
+
+
+def test_the_same_key_over_http_and_websocket_is_one_envelope(client: TestClient) -> None:
+    seq = push(client, b"1", **{"Idempotency-Key": "k-both"})
+    with client.websocket_connect(f"/v1/workspaces/{WS}/ws") as sock:
+        sock.send_text(msgspec.json.encode({"op": "pub", "body": 2, "key": "k-both"}).decode())
+        assert msgspec.json.decode(sock.receive_text()) == {
+            "op": "ack",
+            "seq": seq,
+            "ref": None,
+            "duplicate": True,
+        }
+        for key in ("café", "a b", "\u00e9", "k" * 201, ""):
+            sock.send_text(msgspec.json.encode({"op": "pub", "body": 3, "key": key}).decode())
+            err = msgspec.json.decode(sock.receive_text())
+            assert err["op"] == "error" and err["error"] == "invalid_idempotency_key", err
+    assert [row["seq"] for row in client.get(env_url()).json()] == [seq]
+
+
 # ---------------------------------------------------------------- invalid JSON
 DEEP = 200_000
 INVALID_JSON = {
