@@ -71,7 +71,7 @@ def record(relay: Relay, scope: Scope, route: str, status: int, start: float) ->
         timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
     )
     if relay.settings.access_log:
-        logs.access(method, route, status or 500, duration, relay.client(scope))
+        logs.access(method, route, status or 500, duration, relay.address(scope))
 
 
 class RequestLog:
@@ -314,6 +314,12 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         push_limiter=RateLimiter(settings.push_rate, settings.push_burst, "rate_limited", "pushes"),
         pair_limiter=RateLimiter(
             settings.pair_resolve_rate, 10, "pair_rate_limited", "pairing-code lookups"
+        ),
+        side_limiter=RateLimiter(
+            settings.side_rate,
+            settings.side_burst,
+            "side_rate_limited",
+            "keyring, presence and candidate writes",
         ),
         slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
     )

@@ -158,6 +158,24 @@ KNOBS: tuple[Knob, ...] = (
         1 << 31,
     ),
     Knob(
+        "HIVE_RELAY_SIDE_RATE",
+        "--side-rate",
+        "float",
+        10.0,
+        "keyring, presence and candidate writes per second per client (0 = off)",
+        0,
+        1e9,
+    ),
+    Knob(
+        "HIVE_RELAY_SIDE_BURST",
+        "--side-burst",
+        "int",
+        100,
+        "burst of keyring, presence and candidate writes per client above the rate",
+        0,
+        1 << 31,
+    ),
+    Knob(
         "HIVE_RELAY_MAX_SSE",
         "--max-sse",
         "int",
@@ -301,6 +319,16 @@ KNOBS: tuple[Knob, ...] = (
         "used instead of X-Forwarded-For when present",
     ),
     Knob(
+        "HIVE_RELAY_IPV6_PREFIX",
+        "--ipv6-prefix",
+        "int",
+        64,
+        "per-client limits count an IPv6 client by its network of this many bits "
+        "(128 = each address alone)",
+        1,
+        128,
+    ),
+    Knob(
         "HIVE_RELAY_CORS_ORIGINS",
         "--cors-origins",
         "str",
@@ -426,6 +454,8 @@ class Settings:
     max_bytes: int = field(default_factory=default_max_bytes)
     push_rate: float = 100.0
     push_burst: int = 300
+    side_rate: float = 10.0
+    side_burst: int = 100
     max_sse: int = 2000
     max_sse_per_client: int = 100
     stream_buffer: int = 1024
@@ -443,6 +473,7 @@ class Settings:
     metrics_token: str = ""
     trusted_proxies: str = ""
     client_ip_header: str = ""
+    ipv6_prefix: int = 64
     cors_origins: str = ""
     shutdown_timeout: float = 10.0
     log_format: str = "text"
