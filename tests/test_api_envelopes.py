@@ -22,6 +22,7 @@ import relay.limits
 import relay.store.memory
 from relay.app import create_app
 from relay.settings import Settings
+from relay.store.base import ENVELOPE_OVERHEAD, workspace_charge
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hive_envelopes"
 HIVE_BODIES = sorted(FIXTURES.glob("*.json"))
@@ -549,8 +550,11 @@ def test_global_byte_budget_drops_the_oldest_relay_wide_first() -> None:
         row_len = len(probe.get(env_url()).content.replace(b"[]", b"")) + len(
             b'{"seq":%d,"body":%b}' % (push(probe, body(0)), body(0))
         )
-    # Room for four rows, not five.
-    with make_client(max_bytes=4 * row_len + row_len // 2) as c:
+    # Room for two workspaces and four envelopes, not five, as charged (relay.store.base):
+    # a row, its 32-byte body digest (the dedup key) and the per-envelope overhead.
+    cost = row_len + 32 + ENVELOPE_OVERHEAD
+    room = 2 * workspace_charge("a") + 4 * cost + cost // 2
+    with make_client(max_bytes=room) as c:
         a1 = push(c, body(1), ws="a")
         b1 = push(c, body(2), ws="b")
         a2 = push(c, body(3), ws="a")
