@@ -134,8 +134,9 @@ KNOBS: tuple[Knob, ...] = (
         "--max-bytes",
         "int",
         None,
-        "global budget of stored body bytes; past it the oldest envelopes relay-wide are "
-        "dropped first (default: a quarter of the machine's memory)",
+        "global memory budget: envelopes and workspaces charged what they cost; past it "
+        "the oldest envelopes relay-wide are dropped first; side channels get a quarter "
+        "on top (default: a quarter of the machine's memory)",
         1024,
         1 << 50,
     ),
