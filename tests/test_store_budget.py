@@ -16,9 +16,13 @@ import tracemalloc
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import relay.store.memory
 from relay.store.base import (
     BLOB_OVERHEAD,
     ENVELOPE_OVERHEAD,
@@ -40,6 +44,38 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 def envelope_charge(seq: int, body: bytes, key: bytes) -> int:
     return len(encode_row(seq, body)) + len(key) + ENVELOPE_OVERHEAD
+
+
+class Clock:
+    """Stands in for the `time` module inside relay.store.memory."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time_ns(self) -> int:
+        return int(self.now * 1e9)
+
+
+def check_books(store: MemoryStore) -> None:
+    """The running totals equal the charges recomputed from what the store holds."""
+    workspaces = bare = envelopes = side = 0
+    for name, w in store._ws.items():
+        charge = workspace_charge(name)
+        workspaces += charge
+        bare += 0 if w.has_side() else charge
+        for k in range(w.start, len(w.rows)):
+            envelopes += len(w.rows[k] or b"") + len(w.keys[k] or b"") + ENVELOPE_OVERHEAD
+        side += sum(len(b) + BLOB_OVERHEAD for b in w.keyring)
+        for entries in (w.presence, w.candidates):
+            side += sum(device_charge(d, data) for d, (data, _) in entries.items())
+    assert store.charged_now() == (workspaces + envelopes, side)
+    assert (store._ws_bytes, store._bare_bytes) == (workspaces, bare)
 
 
 def test_each_item_is_charged_its_bytes_and_its_overhead() -> None:
@@ -70,6 +106,7 @@ def test_each_item_is_charged_its_bytes_and_its_overhead() -> None:
     run(store.device_put("presence", "ws-2", "device-a", b'{"a":1}'))
     side += len(b'{"a":1}') - len(b"null")
     assert store.charged_now()[1] == side
+    check_books(store)
 
 
 def test_charges_survive_a_snapshot_round_trip(tmp_path: Path) -> None:
@@ -86,24 +123,24 @@ def test_charges_survive_a_snapshot_round_trip(tmp_path: Path) -> None:
     loaded = MemoryStore(Bounds(max_bytes=BIG))
     loaded.import_state(iter(got_ws), got_pairs)
     assert loaded.charged_now() == store.charged_now() != (0, 0)
+    check_books(loaded)
 
 
 def test_expiry_and_idle_freeing_give_the_charges_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    import relay.store.memory as memory
-
-    clock = [1000.0]
-    monkeypatch.setattr(memory.time, "time", lambda: clock[0])
-    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    clock = Clock()
+    monkeypatch.setattr(relay.store.memory, "time", clock)
     store = MemoryStore(Bounds(max_bytes=BIG, presence_ttl=10, idle_workspace_secs=60))
     for i in range(3):
         run(store.device_put("presence", f"p{i}", "d" * 200, b"null"))
     assert store.charged_now()[1] == 3 * device_charge("d" * 200, b"null")
-    clock[0] += 11
+    clock.now += 11
     store.sweep()
     assert store.charged_now() == (3 * workspace_charge("p0"), 0)
-    clock[0] += 61
+    check_books(store)
+    clock.now += 61
     assert store.sweep() == 3
     assert store.charged_now() == (0, 0)
+    check_books(store)
 
 
 def test_new_workspaces_past_the_budget_free_empty_ones_first() -> None:
@@ -122,6 +159,7 @@ def test_new_workspaces_past_the_budget_free_empty_ones_first() -> None:
         assert store.stats_now().workspaces <= 10
     # Empty ones were freed and envelopes evicted relay-wide; w-00 keeps its listener.
     assert "w-00" in store._ws and "w-39" in store._ws
+    check_books(store)
     # Workspaces that hold side data are never freed to make room.
     full = MemoryStore(Bounds(max_bytes=budget))
     made = 0
@@ -138,6 +176,26 @@ def test_new_workspaces_past_the_budget_free_empty_ones_first() -> None:
     assert 5 <= made <= 10 and full.charged_now()[0] <= budget
     # An existing workspace still takes writes.
     run(full.append("w-00", b"2", b"k2"))
+    check_books(full)
+
+
+def test_a_refused_new_workspace_evicts_nothing() -> None:
+    # When evicting every envelope could not make room (the workspaces hold side
+    # data), a new workspace is refused before anything is evicted.
+    budget = 10 * workspace_charge("w-00")
+    store = MemoryStore(Bounds(max_bytes=budget))
+    with pytest.raises(StoreFull):
+        for i in range(100):
+            run(store.device_put("presence", f"w-{i:02d}", "d", b"1"))
+    run(store.append("w-00", b"1", b"k1"))
+    before = (store.charged_now(), store.stats_now(), store.read_now("w-00", 0, 10, BIG).rows)
+    assert before[1].envelopes == 1
+    with pytest.raises(StoreFull) as refused:
+        run(store.append("new", b"2", b"k2"))
+    assert refused.value.code == "relay_full"
+    after = (store.charged_now(), store.stats_now(), store.read_now("w-00", 0, 10, BIG).rows)
+    assert after == before
+    check_books(store)
 
 
 def test_a_refused_side_write_leaves_no_workspace_behind() -> None:
@@ -215,3 +273,46 @@ def test_the_charges_match_the_heap(fill: Fill) -> None:
     heap = _heap_growth(fill, store)
     charged = sum(store.charged_now())
     assert 0.7 * heap <= charged <= 1.5 * heap, (charged, heap)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["append", "batch", "presence", "candidates", "keyring", "tick", "sweep"]),
+        st.integers(0, 7),
+        st.binary(min_size=0, max_size=40),
+    ),
+    max_size=80,
+)
+
+
+@given(OPS, st.sampled_from([4, 8, 30]))
+@settings(max_examples=60, deadline=None)
+def test_the_books_balance_under_any_mix_of_writes(
+    ops: list[tuple[str, int, bytes]], room: int
+) -> None:
+    clock = Clock()
+    with mock.patch.object(relay.store.memory, "time", clock):
+        budget = room * workspace_charge("w-0")
+        store = MemoryStore(
+            Bounds(max_bytes=budget, presence_ttl=5, idle_workspace_secs=10, max_keyring=3)
+        )
+        for n, (op, i, data) in enumerate(ops):
+            ws = f"w-{i}"
+            body = b'"%s"' % data.hex().encode()
+            try:
+                if op == "append":
+                    run(store.append(ws, body, b"k%d" % n))
+                elif op == "batch":
+                    run(store.append_batch(ws, [body, b"%d" % n], [b"a%d" % n, b"b%d" % n]))
+                elif op in ("presence", "candidates"):
+                    run(store.device_put(op, ws, f"d{len(data) % 3}", body))
+                elif op == "keyring":
+                    run(store.keyring_append(ws, body))
+                elif op == "tick":
+                    clock.now += i * 2
+                else:
+                    store.sweep()
+            except StoreFull:
+                pass
+            check_books(store)
+            assert store.charged_now()[1] <= budget // 4

@@ -109,6 +109,9 @@ class _Workspace:
     def is_empty(self) -> bool:
         return self.count == 0 and not self.keyring and not self.presence and not self.candidates
 
+    def has_side(self) -> bool:
+        return bool(self.keyring or self.presence or self.candidates)
+
     def append_row(self, seq: int, row: bytes, key: bytes) -> None:
         self.seqs.append(seq)
         prev = self.cum[-1] if self.cum else 0
@@ -172,6 +175,8 @@ class MemoryStore:
         # envelopes and workspaces in `_pool`, side-channel entries in `_side_bytes`
         # (at most a quarter of the budget, on top).
         self._pool = 0
+        self._ws_bytes = 0  # the workspaces' share of `_pool`
+        self._bare_bytes = 0  # the charges of workspaces without side-channel data
         self._side_bytes = 0
         self._envelopes = 0
         self._pairs: dict[str, tuple[str, float]] = {}
@@ -228,6 +233,8 @@ class MemoryStore:
                 self._make_room(charge)
             w = self._ws[ws] = _Workspace(ws)
             self._pool += charge
+            self._ws_bytes += charge
+            self._bare_bytes += charge
         w.touched = time.monotonic()
         return w
 
@@ -242,6 +249,14 @@ class MemoryStore:
         if self._pool + need <= limit:
             return
         self._free_empty(self._pool + need - limit)
+        # Evicting every envelope and freeing every workspace that leaves empty is the
+        # most that could be freed: when even that is short, refuse before evicting.
+        envelopes = self._pool - self._ws_bytes
+        if self._pool - envelopes - self._bare_bytes + need > limit:
+            raise StoreFull(
+                "relay_full",
+                "the relay holds as many workspaces as its memory budget allows",
+            )
         while self._pool + need > limit and self._order:
             w = self._order[0]
             self._evict_global()
@@ -278,10 +293,24 @@ class MemoryStore:
             self._empty_search_after = now + _EMPTY_SEARCH_PAUSE
 
     def _forget(self, name: str) -> None:
-        # Every row it had is already counted stale in _order.
+        # Only empty workspaces are forgotten; every row it had is already counted
+        # stale in _order.
         del self._ws[name]
-        self._pool -= workspace_charge(name)
+        charge = workspace_charge(name)
+        self._pool -= charge
+        self._ws_bytes -= charge
+        self._bare_bytes -= charge
         self.version += 1
+
+    def _side_added(self, w: _Workspace) -> None:
+        """Call before a workspace gains side-channel data."""
+        if not w.has_side():
+            self._bare_bytes -= workspace_charge(w.name)
+
+    def _side_removed(self, w: _Workspace) -> None:
+        """Call after a workspace lost side-channel data."""
+        if not w.has_side():
+            self._bare_bytes += workspace_charge(w.name)
 
     # -------------------------------------------------------------- envelopes
     async def append(self, ws: str, body: bytes, key: bytes) -> tuple[int, bool]:
@@ -437,6 +466,7 @@ class MemoryStore:
                 f"the workspace keyring holds its limit of {self.bounds.max_keyring} blobs",
             )
         w = self._get(ws)
+        self._side_added(w)
         w.keyring.append(blob)
         w.keyring_bytes += len(blob)
         self._side_bytes += charge
@@ -462,7 +492,7 @@ class MemoryStore:
         count = 0
         if w is not None:
             entries = self._channel(w, channel)
-            self._expire_devices(entries, now)
+            self._expire_devices(w, entries, now)
             old = entries.get(device_id)
             count = len(entries)
         charge = device_charge(device_id, data)
@@ -474,6 +504,7 @@ class MemoryStore:
                 f"the workspace {channel} holds its limit of {self.bounds.max_devices} devices",
             )
         w = self._get(ws)
+        self._side_added(w)
         self._channel(w, channel)[device_id] = (data, now)
         self._side_bytes += charge - replaces
         self.version += 1
@@ -483,18 +514,23 @@ class MemoryStore:
         if w is None:
             return []
         entries = self._channel(w, channel)
-        self._expire_devices(entries, time.time())
+        self._expire_devices(w, entries, time.time())
         return [(device, data) for device, (data, _) in entries.items()]
 
-    def _expire_devices(self, entries: dict[str, tuple[bytes, float]], now: float) -> int:
-        """Drop entries past the presence TTL; returns how many were looked at."""
+    def _expire_devices(
+        self, w: _Workspace, entries: dict[str, tuple[bytes, float]], now: float
+    ) -> int:
+        """Drop entries past the presence TTL; returns about how many were looked at."""
         ttl = self.bounds.presence_ttl
-        if not ttl:
+        if not ttl or not entries:
             return 0
-        for device in [d for d, (_, at) in entries.items() if now - at > ttl]:
+        expired = [d for d, (_, at) in entries.items() if now - at > ttl]
+        for device in expired:
             self._side_bytes -= device_charge(device, entries.pop(device)[0])
             self.version += 1
-        return len(entries) + 1
+        if expired:
+            self._side_removed(w)
+        return len(entries) + len(expired)
 
     # --------------------------------------------------------------- pairing
     async def pair_create(self, payload: str, ttl: int) -> str:
@@ -556,8 +592,8 @@ class MemoryStore:
             if self.bounds.retention_secs:
                 self._prune_age(w, cutoff)
             work += 1 + before - w.count
-            work += self._expire_devices(w.presence, now)
-            work += self._expire_devices(w.candidates, now)
+            work += self._expire_devices(w, w.presence, now)
+            work += self._expire_devices(w, w.candidates, now)
             if w.is_empty() and w.touched < idle_before and not listened(name):
                 self._forget(name)
                 freed += 1
@@ -619,6 +655,8 @@ class MemoryStore:
             for device, data, at in st.candidates:
                 w.candidates[device] = (data, at)
                 self._side_bytes += device_charge(device, data)
+            if w.has_side():
+                self._bare_bytes -= workspace_charge(w.name)
         for code, payload, exp in pairs:
             if exp > now:
                 self._pairs[code] = (payload, exp)
