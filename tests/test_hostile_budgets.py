@@ -246,6 +246,29 @@ def test_side_writes_are_rate_limited_per_client() -> None:
         assert r.status_code == 200
 
 
+def test_the_stepwise_sweep_expires_and_frees_many_workspaces() -> None:
+    # The sweep now yields to the event loop every ~2,000 units of work; it must
+    # still get through everything: 6,000 presence-only workspaces expire and go.
+    env = {
+        "HIVE_RELAY_SIDE_RATE": "0",
+        "HIVE_RELAY_PRESENCE_TTL": "1",
+        "HIVE_RELAY_IDLE_WORKSPACE_SECS": "1",
+    }
+    with RelayProcess(env=env) as relay:
+        body = b'{"device_id":"d","data":null}'
+        requests = [
+            raw_request("POST", f"/v1/workspaces/sweep-{i}/presence", body=body)
+            for i in range(6000)
+        ]
+        assert set(pipelined(relay, requests)) == {200}
+        deadline = time.monotonic() + WAIT
+        while gauge(relay, "hive_relay_workspaces") > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gauge(relay, "hive_relay_workspaces") == 0
+        assert gauge(relay, "hive_relay_budget_bytes") == 0
+        assert gauge(relay, "hive_relay_side_budget_bytes") == 0
+
+
 # --------------------------------------------------------- §6 client keys
 def _pair_walk(relay: RelayProcess, clients: list[bytes]) -> list[int]:
     requests = [raw_request("GET", "/v1/pair/ZZZZZZ", [(b"X-Forwarded-For", c)]) for c in clients]
