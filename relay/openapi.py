@@ -105,6 +105,10 @@ _READ_HEADERS = {
     "X-Relay-Epoch": {"$ref": "#/components/headers/X-Relay-Epoch"},
     "X-Relay-Gap": {"$ref": "#/components/headers/X-Relay-Gap"},
 }
+# Idempotency-Keys: entries of up to 200 visible ASCII characters but the comma, with
+# optional spaces or tabs around each (an empty entry means sha256 of its element).
+_KEY_ENTRY = r"[ \t]*[!-+\--~]{0,200}[ \t]*"
+_KEYS_PATTERN = f"^{_KEY_ENTRY}(,{_KEY_ENTRY})*$"
 _IDEMPOTENCY = [
     {
         "name": "Idempotency-Key",
@@ -296,7 +300,10 @@ def openapi_document() -> dict[str, Any]:
                         "in": "header",
                         "description": "Comma-separated dedup keys, one per element"
                         " (empty = sha256); each 1–200 of ! to ~ except the comma",
-                        "schema": {"type": "string"},
+                        "schema": {
+                            "type": "string",
+                            "pattern": _KEYS_PATTERN,
+                        },
                     }
                 ],
                 "requestBody": {
