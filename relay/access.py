@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -204,11 +205,27 @@ def _scopes(value: Any) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def b64url_decode(text: str) -> bytes:
+    """Decode canonical base64url without padding, the only spelling a token may use.
+
+    Anything else raises ValueError: `=` padding, characters outside A–Z a–z 0–9
+    `-` `_` (so the standard alphabet's `+` `/`, spaces, tabs), a length no
+    encoding has, and non-zero unused bits in the last character (`...AB` and
+    `...AC` decode alike). Each token thus has exactly one spelling, so another
+    spelling can neither pass nor miss the verification cache.
+    """
+    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+        raise ValueError("not canonical base64url without padding")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError(str(exc)) from None
+    if b64url_encode(raw) != text:
+        raise ValueError("not canonical base64url without padding")
+    return raw
 
 
 def b64url_encode(data: bytes) -> str:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -71,7 +72,7 @@ def record(relay: Relay, scope: Scope, route: str, status: int, start: float) ->
         timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
     )
     if relay.settings.access_log:
-        logs.access(method, route, status or 500, duration, relay.client(scope))
+        logs.access(method, route, status or 500, duration, relay.address(scope))
 
 
 class RequestLog:
@@ -315,9 +316,18 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         pair_limiter=RateLimiter(
             settings.pair_resolve_rate, 10, "pair_rate_limited", "pairing-code lookups"
         ),
+        side_limiter=RateLimiter(
+            settings.side_rate,
+            settings.side_burst,
+            "side_rate_limited",
+            "keyring, presence and candidate writes",
+        ),
         slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
     )
     relay.store.set_listener(relay.hub.on_append)
+    set_listened = getattr(relay.store, "set_listened", None)
+    if set_listened is not None:
+        set_listened(relay.hub.listened)
 
     def gauges() -> dict[str, tuple[str, float]]:
         stats = relay.store.stats_now() if hasattr(relay.store, "stats_now") else None
@@ -333,6 +343,17 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
             out["hive_relay_envelopes_retained"] = ("Envelopes retained", stats.envelopes)
             out["hive_relay_stored_bytes"] = ("Stored row bytes", stats.stored_bytes)
             out["hive_relay_pairings"] = ("Pairing codes held", stats.pairings)
+        charged = getattr(relay.store, "charged_now", None)
+        if charged is not None:
+            pool, side = charged()
+            out["hive_relay_budget_bytes"] = (
+                "Envelopes and workspaces as charged to HIVE_RELAY_MAX_BYTES",
+                pool,
+            )
+            out["hive_relay_side_budget_bytes"] = (
+                "Keyring, presence and candidate entries as charged to their quarter of it",
+                side,
+            )
         return out
 
     relay.metrics.add_gauges(gauges)
@@ -340,13 +361,15 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
 
 
 async def _sweep_forever(relay: Relay) -> None:
-    sweep = getattr(relay.store, "sweep", None)
-    if sweep is None:
+    steps = getattr(relay.store, "sweep_steps", None)
+    if steps is None:
         return
     interval = min(SWEEP_INTERVAL, max(1.0, relay.settings.idle_workspace_secs / 4))
     while True:
         await anyio.sleep(interval)
-        sweep(relay.hub.listened)
+        # A bounded step at a time, letting requests run in between.
+        for _ in steps(relay.hub.listened):
+            await anyio.lowlevel.checkpoint()
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -6,6 +6,7 @@ pruned of full (idle) buckets, then of the oldest.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -18,6 +19,34 @@ from relay.errors import RelayError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=8192)
+def normalize_address(text: str) -> str:
+    """One spelling per address: IPv4-mapped IPv6 (`::ffff:1.2.3.4`, `::ffff:102:304`)
+    as IPv4, IPv6 compressed and in lower case, a zone (`%eth0`) dropped. Not an
+    address (a Unix socket peer, "unknown"): unchanged."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@functools.lru_cache(maxsize=8192)
+def client_key(address: str, ipv6_prefix: int = 64) -> str:
+    """What per-client limits count by: the IPv4 address, or the IPv6 address's
+    network of `ipv6_prefix` bits (one subscriber usually holds a whole /64, and
+    can pick any address in it). `address` is as `client_address` returns it."""
+    if ":" not in address or ipv6_prefix >= 128:
+        return address
+    try:
+        net = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+    except ValueError:
+        return address
+    return str(net)
+
+
 def client_address(scope: Scope, trusted: Sequence[Network], ip_header: bytes = b"") -> str:
     """The socket peer, or the forwarded client when the peer is a trusted proxy.
 
@@ -27,7 +56,7 @@ def client_address(scope: Scope, trusted: Sequence[Network], ip_header: bytes = 
     address is the client. Without trusted proxies both headers are ignored.
     """
     client = scope.get("client")
-    peer: str = client[0] if client else "unknown"
+    peer: str = normalize_address(client[0]) if client else "unknown"
     if not trusted or not _is_trusted(peer, trusted):
         return peer
     forwarded: list[str] = []
@@ -35,14 +64,14 @@ def client_address(scope: Scope, trusted: Sequence[Network], ip_header: bytes = 
         if ip_header and name == ip_header:
             named: str = value.decode("latin-1").strip()
             if _is_ip(named):
-                return named
+                return normalize_address(named)
         if name == b"x-forwarded-for":
             forwarded += [p.strip() for p in value.decode("latin-1").split(",")]
     for hop in reversed(forwarded):
         if not hop:
             continue
         if not _is_trusted(hop, trusted):
-            return hop if _is_ip(hop) else peer
+            return normalize_address(hop) if _is_ip(hop) else peer
     return peer
 
 
@@ -59,6 +88,8 @@ def _is_trusted(addr: str, trusted: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     return any(ip in net for net in trusted)
 
 

@@ -105,18 +105,24 @@ _READ_HEADERS = {
     "X-Relay-Epoch": {"$ref": "#/components/headers/X-Relay-Epoch"},
     "X-Relay-Gap": {"$ref": "#/components/headers/X-Relay-Gap"},
 }
+# Idempotency-Keys: entries of up to 200 visible ASCII characters but the comma, with
+# optional spaces or tabs around each (an empty entry means sha256 of its element).
+_KEY_ENTRY = r"[ \t]*[!-+\--~]{0,200}[ \t]*"
+_KEYS_PATTERN = f"^{_KEY_ENTRY}(,{_KEY_ENTRY})*$"
 _IDEMPOTENCY = [
     {
         "name": "Idempotency-Key",
         "in": "header",
-        "description": "Dedup key (1–200 characters); else X-Hive-Event-Id; else sha256(body)",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": "Dedup key (1–200 visible ASCII characters, ! to ~); "
+        "else X-Hive-Event-Id; else sha256(body)",
+        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
     },
     {
         "name": "X-Hive-Event-Id",
         "in": "header",
-        "description": "Dedup key used by Hive devices when Idempotency-Key is absent",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": "Dedup key used by Hive devices when Idempotency-Key is absent "
+        "(the same rule)",
+        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
     },
 ]
 _ANY_JSON: dict[str, Any] = {"description": "Any JSON value (opaque to the relay)"}
@@ -293,8 +299,11 @@ def openapi_document() -> dict[str, Any]:
                         "name": "Idempotency-Keys",
                         "in": "header",
                         "description": "Comma-separated dedup keys, one per element"
-                        " (empty = sha256)",
-                        "schema": {"type": "string"},
+                        " (empty = sha256); each 1–200 of ! to ~ except the comma",
+                        "schema": {
+                            "type": "string",
+                            "pattern": _KEYS_PATTERN,
+                        },
                     }
                 ],
                 "requestBody": {

@@ -11,7 +11,7 @@ from starlette.types import Scope
 
 from relay.access import AccessPolicy
 from relay.hub import Hub
-from relay.limits import RateLimiter, StreamSlots, client_address
+from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.store.base import Store
@@ -26,12 +26,19 @@ class Relay:
     metrics: Metrics
     push_limiter: RateLimiter
     pair_limiter: RateLimiter
+    side_limiter: RateLimiter
     slots: StreamSlots
     started: float = field(default_factory=time.time)
 
-    def client(self, scope: Scope) -> str:
+    def address(self, scope: Scope) -> str:
+        """The client's address (normalized), as the access log shows it."""
         return client_address(scope, self._trusted, self._ip_header)
+
+    def client(self, scope: Scope) -> str:
+        """What per-client limits count by: the address, an IPv6 one by its network."""
+        return client_key(client_address(scope, self._trusted, self._ip_header), self._prefix)
 
     def __post_init__(self) -> None:
         self._trusted = self.settings.trusted_networks
         self._ip_header = self.settings.client_ip_header.strip().lower().encode("latin-1")
+        self._prefix = self.settings.ipv6_prefix

@@ -134,8 +134,9 @@ KNOBS: tuple[Knob, ...] = (
         "--max-bytes",
         "int",
         None,
-        "global budget of stored body bytes; past it the oldest envelopes relay-wide are "
-        "dropped first (default: a quarter of the machine's memory)",
+        "global memory budget: envelopes and workspaces charged what they cost; past it "
+        "the oldest envelopes relay-wide are dropped first; side channels get a quarter "
+        "on top (default: a quarter of the machine's memory)",
         1024,
         1 << 50,
     ),
@@ -154,6 +155,24 @@ KNOBS: tuple[Knob, ...] = (
         "int",
         300,
         "burst of pushes per client above the rate",
+        0,
+        1 << 31,
+    ),
+    Knob(
+        "HIVE_RELAY_SIDE_RATE",
+        "--side-rate",
+        "float",
+        10.0,
+        "keyring, presence and candidate writes per second per client (0 = off)",
+        0,
+        1e9,
+    ),
+    Knob(
+        "HIVE_RELAY_SIDE_BURST",
+        "--side-burst",
+        "int",
+        100,
+        "burst of keyring, presence and candidate writes per client above the rate",
         0,
         1 << 31,
     ),
@@ -311,6 +330,16 @@ KNOBS: tuple[Knob, ...] = (
         "used instead of X-Forwarded-For when present",
     ),
     Knob(
+        "HIVE_RELAY_IPV6_PREFIX",
+        "--ipv6-prefix",
+        "int",
+        64,
+        "per-client limits count an IPv6 client by its network of this many bits "
+        "(128 = each address alone)",
+        1,
+        128,
+    ),
+    Knob(
         "HIVE_RELAY_CORS_ORIGINS",
         "--cors-origins",
         "str",
@@ -436,6 +465,8 @@ class Settings:
     max_bytes: int = field(default_factory=default_max_bytes)
     push_rate: float = 100.0
     push_burst: int = 300
+    side_rate: float = 10.0
+    side_burst: int = 100
     max_sse: int = 2000
     max_sse_per_client: int = 100
     stream_buffer: int = 1024
@@ -454,6 +485,7 @@ class Settings:
     metrics_token: str = ""
     trusted_proxies: str = ""
     client_ip_header: str = ""
+    ipv6_prefix: int = 64
     cors_origins: str = ""
     shutdown_timeout: float = 10.0
     log_format: str = "text"

@@ -395,6 +395,56 @@ def test_malformed_tokens_are_401(signed: TestClient, key: Ed25519PrivateKey, na
     assert contents(signed, "alpha", sign(key, {"sub": "s"})) == EMPTY
 
 
+def _respelled(key: Ed25519PrivateKey) -> tuple[str, dict[str, str]]:
+    """A valid token whose signature uses `-` or `_`, and other spellings of its signature
+    that a lenient base64 decoder reads as the same bytes (issue 18 §7)."""
+    n = 0
+    while True:
+        good = sign(key, {"sub": "s", "n": n})
+        prefix, claims, sig = good.split(".")
+        if "-" in sig or "_" in sig:
+            break
+        n += 1
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(sig[-1])
+    # 64 bytes are 86 characters; the last carries 4 bits and 2 unused ones.
+    other_last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last | 1]
+    std = sig.replace("-", "+").replace("_", "/")
+    return good, {
+        "padding_then_junk": f"{prefix}.{claims}.{sig}==junk",
+        "padding": f"{prefix}.{claims}.{sig}==",
+        "extra_padding_and_As": f"{prefix}.{claims}.{sig}==A=A==",
+        "four_spaces": f"{prefix}.{claims}.{sig[:10]}    {sig[10:]}",
+        "four_tabs": f"{prefix}.{claims}.{sig[:10]}\t\t\t\t{sig[10:]}",
+        "standard_alphabet": f"{prefix}.{claims}.{std}",
+        "unused_bits_set": f"{prefix}.{claims}.{sig[:-1]}{other_last}",
+        "padded_claims": f"{prefix}.{claims}{'=' * (-len(claims) % 4) or '=='}.{sig}",
+    }
+
+
+RESPELLED_IDS = list(_respelled(Ed25519PrivateKey.generate())[1])
+
+
+@pytest.mark.parametrize("name", RESPELLED_IDS)
+def test_a_token_has_one_spelling(signed: TestClient, key: Ed25519PrivateKey, name: str) -> None:
+    good, spellings = _respelled(key)
+    assert spellings[name] != good
+    assert call(signed, "GET", "/v1/workspaces/{ws}/envelopes", None, good).status_code == 200
+    r = call(signed, "POST", "/v1/workspaces/{ws}/envelopes", b"1", spellings[name])
+    assert_unauthorized(r)
+    assert "base64url" in r.json()["message"]
+    assert contents(signed, "alpha", good) == EMPTY
+
+
+def test_b64url_decode_takes_only_the_canonical_spelling() -> None:
+    for data in (b"", b"\x00", b"\xff\xfe", b"abc", bytes(range(64))):
+        text = b64url(data)
+        assert relay.access.b64url_decode(text) == data
+        for bad in (text + "=", text + " ", "=" + text, text + "\t", text.replace("_", "/") + "/"):
+            if bad != text:
+                with pytest.raises(ValueError):
+                    relay.access.b64url_decode(bad)
+
+
 def test_signed_tokens_win_over_the_allowlist(key: Ed25519PrivateKey) -> None:
     with make_client(token_pubkey=public_bytes(key).hex(), access_tokens="static") as c:
         assert_unauthorized(call(c, "GET", "/v1/workspaces/{ws}/envelopes", None, "static"))

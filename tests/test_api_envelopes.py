@@ -22,6 +22,7 @@ import relay.limits
 import relay.store.memory
 from relay.app import create_app
 from relay.settings import Settings
+from relay.store.base import ENVELOPE_OVERHEAD, workspace_charge
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hive_envelopes"
 HIVE_BODIES = sorted(FIXTURES.glob("*.json"))
@@ -224,6 +225,56 @@ def test_idempotency_key_too_long_is_400(client: TestClient, header: str) -> Non
     assert_error(r, 400, "invalid_idempotency_key")
     assert snapshot(client) == before
     push(client, b"1", **{header: "k" * 200})
+
+
+# Keys outside the rule (1–200 of ! … ~), as raw header bytes (issue 18 §9).
+BAD_KEYS = {
+    "latin-1 e-acute": b"caf\xe9",
+    "utf-8 e-acute": "café".encode(),
+    "inner space": b"a b",
+    "inner tab": b"a\tb",
+    "DEL": b"a\x7fb",
+    "control": b"a\x01b",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_KEYS))
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Hive-Event-Id", "Idempotency-Keys"])
+def test_an_idempotency_key_outside_visible_ascii_is_400(
+    client: TestClient, header: str, name: str
+) -> None:
+    push(client, b"0")
+    before = snapshot(client)
+    path = env_url(suffix="/batch") if header == "Idempotency-Keys" else env_url()
+    body = b"[1]" if header == "Idempotency-Keys" else b"1"
+    r = client.post(path, content=body, headers=[(header.encode(), BAD_KEYS[name])])
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert "visible ASCII" in r.json()["message"]
+    assert snapshot(client) == before
+
+
+def test_every_visible_ascii_character_is_a_key_character(client: TestClient) -> None:
+    key = "".join(chr(c) for c in range(0x21, 0x7F))
+    first = push(client, b"1", **{"Idempotency-Key": key})
+    r = client.post(env_url(), content=b"2", headers={"Idempotency-Key": key})
+    assert r.json() == {"seq": first, "duplicate": True}
+
+
+def test_the_same_key_over_http_and_websocket_is_one_envelope(client: TestClient) -> None:
+    seq = push(client, b"1", **{"Idempotency-Key": "k-both"})
+    with client.websocket_connect(f"/v1/workspaces/{WS}/ws") as sock:
+        sock.send_text(msgspec.json.encode({"op": "pub", "body": 2, "key": "k-both"}).decode())
+        assert msgspec.json.decode(sock.receive_text()) == {
+            "op": "ack",
+            "seq": seq,
+            "ref": None,
+            "duplicate": True,
+        }
+        for key in ("café", "a b", "\u00e9", "k" * 201, ""):
+            sock.send_text(msgspec.json.encode({"op": "pub", "body": 3, "key": key}).decode())
+            err = msgspec.json.decode(sock.receive_text())
+            assert err["op"] == "error" and err["error"] == "invalid_idempotency_key", err
+    assert [row["seq"] for row in client.get(env_url()).json()] == [seq]
 
 
 # ---------------------------------------------------------------- invalid JSON
@@ -499,8 +550,11 @@ def test_global_byte_budget_drops_the_oldest_relay_wide_first() -> None:
         row_len = len(probe.get(env_url()).content.replace(b"[]", b"")) + len(
             b'{"seq":%d,"body":%b}' % (push(probe, body(0)), body(0))
         )
-    # Room for four rows, not five.
-    with make_client(max_bytes=4 * row_len + row_len // 2) as c:
+    # Room for two workspaces and four envelopes, not five, as charged (relay.store.base):
+    # a row, its 32-byte body digest (the dedup key) and the per-envelope overhead.
+    cost = row_len + 32 + ENVELOPE_OVERHEAD
+    room = 2 * workspace_charge("a") + 4 * cost + cost // 2
+    with make_client(max_bytes=room) as c:
         a1 = push(c, body(1), ws="a")
         b1 = push(c, body(2), ws="b")
         a2 = push(c, body(3), ws="a")

@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 
 import relay.limits
 import relay.store.memory
+from relay.api.side import DEVICE_BODY_EXTRA
 from relay.app import create_app
 from relay.settings import Settings
 
@@ -446,3 +447,41 @@ def test_pair_resolve_is_rate_limited_per_client(limiter_clock: SimpleNamespace)
         pair(c, {"payload": "q"})
         limiter_clock.now += retry
         assert c.get(f"/v1/pair/{code}").json() == {"payload": "p"}
+
+
+SIDE_WRITES = [
+    ("keyring", lambda n: b'"blob-%d"' % n),
+    ("presence", lambda n: b'{"device_id":"d%d","data":1}' % n),
+    ("candidates", lambda n: b'{"device_id":"d%d","data":1}' % n),
+]
+
+
+def test_side_writes_share_one_rate_limit_per_client(limiter_clock: SimpleNamespace) -> None:
+    # Issue 18 §3: keyring, presence and candidate writes had no rate limit at all.
+    with make_client(side_rate=1, side_burst=6) as c:
+        for n in range(6):
+            channel, body = SIDE_WRITES[n % 3]
+            r = c.post(f"/v1/workspaces/rl/{channel}", content=body(n))
+            assert r.status_code == 200, r.text
+        before = [c.get(f"/v1/workspaces/rl/{ch}").content for ch, _ in SIDE_WRITES]
+        for channel, body in SIDE_WRITES:
+            r = c.post(f"/v1/workspaces/rl/{channel}", content=body(99))
+            assert_error(r, 429, "side_rate_limited")
+            assert int(r.headers["retry-after"]) >= 1
+        assert [c.get(f"/v1/workspaces/rl/{ch}").content for ch, _ in SIDE_WRITES] == before
+        # Reads and pushes are not side writes.
+        assert c.post("/v1/workspaces/rl/envelopes", content=b"1").status_code == 200
+        limiter_clock.now += 1
+        assert c.post("/v1/workspaces/rl/keyring", content=b'"later"').status_code == 200
+
+
+@pytest.mark.parametrize("channel", ["presence", "candidates"])
+def test_device_body_past_its_own_limit_is_413_before_the_global_body_limit(
+    channel: str,
+) -> None:
+    with make_client(max_side_bytes=64, max_body_bytes=1 << 20) as c:
+        big = b'{"device_id":"d","data":"' + b"x" * (64 + DEVICE_BODY_EXTRA) + b'"}'
+        r = c.post(f"/v1/workspaces/lim/{channel}", content=big)
+        assert_error(r, 413, "payload_too_large")
+        assert str(64 + DEVICE_BODY_EXTRA) in r.json()["message"]
+        assert c.get(f"/v1/workspaces/lim/{channel}").json() == {}

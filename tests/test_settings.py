@@ -162,8 +162,9 @@ def test_every_knob_can_be_set_by_flag_and_by_env() -> None:
         "HIVE_RELAY_TRUSTED_PROXIES": "127.0.0.1",
         "HIVE_RELAY_CORS_ORIGINS": "https://a.example",
     }
+    ranged = {"HIVE_RELAY_IPV6_PREFIX": "56"}
     for knob in KNOBS:
-        text = samples.get(knob.kind) or strings.get(knob.env, "some-value")
+        text = ranged.get(knob.env) or samples.get(knob.kind) or strings.get(knob.env, "some-value")
         name = field_of(knob.env)
         from_env = getattr(load({knob.env: text}), name)
         from_flag = getattr(load(argv=[knob.flag, text]), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 
 import msgspec
@@ -29,11 +30,27 @@ MAX_BATCH = 1000
 MAX_WAIT = 60
 
 
-def _header_key(value: str, name: str) -> bytes:
-    if not value or len(value) > MAX_KEY_LEN:
-        raise bad_request("invalid_idempotency_key", f"{name} must be 1–{MAX_KEY_LEN} characters")
+# One rule for every transport (issue 18 §9): a client-chosen key is 1–200 visible
+# ASCII characters (0x21–0x7E), compared byte for byte. HTTP headers arrive as bytes
+# (decoded here as latin-1, so each character is one byte) and WebSocket keys as JSON
+# strings; a key allowed by the rule is the same bytes either way.
+KEY_RULE = f"1–{MAX_KEY_LEN} visible ASCII characters (! to ~, no spaces)"
+_KEY_RE = re.compile(r"[!-~]{1,%d}" % MAX_KEY_LEN)
+
+
+def client_key(value: str) -> bytes | None:
+    """The dedup key for a client-chosen key, or None when the key breaks the rule."""
+    if _KEY_RE.fullmatch(value) is None:
+        return None
     # Prefixed so a client-chosen key can never equal a body digest (32 raw bytes).
-    return b"k" + value.encode("utf-8", "surrogateescape")
+    return b"k" + value.encode("ascii")
+
+
+def _header_key(value: str, name: str) -> bytes:
+    key = client_key(value)
+    if key is None:
+        raise bad_request("invalid_idempotency_key", f"{name} must be {KEY_RULE}")
+    return key
 
 
 def dedup_key(request: Request, body: bytes) -> bytes:

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.access import Denied, bearer_token
 from relay.api.common import MAX_U64, authorize, int_param, workspace_id
-from relay.api.envelopes import MAX_KEY_LEN, read_headers
+from relay.api.envelopes import KEY_RULE, client_key, read_headers
 from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame
 from relay.runtime import Relay
@@ -472,16 +472,16 @@ class WsSession:
             return _ws_error("invalid_body", "pub needs a body", ref)
         if len(body) > max_body:
             return _ws_error("payload_too_large", f"the body exceeds {max_body} bytes", ref)
-        if op.key is not None and not 1 <= len(op.key) <= MAX_KEY_LEN:
-            return _ws_error(
-                "invalid_idempotency_key", f"key must be 1–{MAX_KEY_LEN} characters", ref
-            )
+        key = client_key(op.key) if op.key is not None else None
+        if op.key is not None and key is None:
+            return _ws_error("invalid_idempotency_key", f"key must be {KEY_RULE}", ref)
         if not body.isascii():
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError:
                 return _ws_error("invalid_json", "the body is not valid UTF-8", ref)
-        key = b"k" + op.key.encode() if op.key is not None else hashlib.sha256(body).digest()
+        if key is None:
+            key = hashlib.sha256(body).digest()
         try:
             seq, dup = await relay.store.append(self.ws, body, key)
         except StoreError as exc:  # a store refusal reaches the client as a frame

@@ -74,11 +74,25 @@ def keyring_page(blobs: list[bytes], before: int, max_bytes: int) -> int:
     return start
 
 
+# A presence or candidate body is the entry's data plus its JSON frame: the device id
+# (200 characters, up to 6 bytes each when \u-escaped) and the member names.
+DEVICE_BODY_EXTRA = 2048
+
+
+def _limit_side(relay: Relay, request: Request) -> None:
+    """One per-client bucket for keyring, presence and candidate writes (429 past it)."""
+    if relay.side_limiter.enabled:
+        relay.side_limiter.take(relay.client(request.scope))
+
+
 async def post_keyring(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
-    body = await read_body(request, relay.settings.max_body_bytes)
+    _limit_side(relay, request)
+    # A blob is the whole body: refused while reading once it passes the entry limit.
+    settings = relay.settings
+    body = await read_body(request, min(settings.max_body_bytes, settings.max_side_bytes))
     check_json(body)
     await relay.store.keyring_append(ws, body)
     return _json(OK)
@@ -105,7 +119,10 @@ async def post_device(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
-    body = await read_body(request, relay.settings.max_body_bytes)
+    _limit_side(relay, request)
+    settings = relay.settings
+    limit = min(settings.max_body_bytes, settings.max_side_bytes + DEVICE_BODY_EXTRA)
+    body = await read_body(request, limit)
     entry = parse_json(body, DeviceEntry, "the body")
     if not 1 <= len(entry.device_id) <= MAX_DEVICE_ID:
         raise bad_request("invalid_device_id", f"device_id must be 1–{MAX_DEVICE_ID} characters")

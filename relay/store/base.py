@@ -88,6 +88,26 @@ class Page:
         return b",".join([b"[" + rows[0], *rows[1:-1], rows[-1] + b"]"])
 
 
+# What the memory store charges against HIVE_RELAY_MAX_BYTES for each item it holds,
+# on top of the item's own bytes: the Python objects, list and array slots and hash
+# table entries that hold it, as measured on CPython 3.11 (docs/security.md, "Memory
+# budget"). A retained envelope costs its row, its dedup key and ENVELOPE_OVERHEAD; a
+# workspace its id and WORKSPACE_OVERHEAD; a presence or candidate entry its device id,
+# its data and DEVICE_OVERHEAD; a keyring blob its bytes and BLOB_OVERHEAD.
+ENVELOPE_OVERHEAD = 200
+WORKSPACE_OVERHEAD = 1024
+DEVICE_OVERHEAD = 160
+BLOB_OVERHEAD = 48
+
+
+def workspace_charge(ws: str) -> int:
+    return WORKSPACE_OVERHEAD + len(ws)  # ids are ASCII (the API checks them)
+
+
+def device_charge(device_id: str, data: bytes) -> int:
+    return DEVICE_OVERHEAD + len(device_id.encode("utf-8", "surrogatepass")) + len(data)
+
+
 @dataclass(slots=True, frozen=True)
 class Bounds:
     max_envelopes: int = 50_000  # 0 = unbounded

@@ -30,19 +30,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from relay.store.base import (
+    BLOB_OVERHEAD,
     DEVICE_CHANNELS,
+    ENVELOPE_OVERHEAD,
     AppendListener,
     Bounds,
     Page,
     Stats,
     StoreBusy,
     StoreFull,
+    device_charge,
     encode_row,
+    workspace_charge,
 )
 
 PAIR_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PAIR_CODE_LEN = 6
 _COMPACT_MIN = 1024
+# Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
+# app yields to the event loop between steps, so a sweep never stalls it.
+SWEEP_STEP = 2000
+# After a search for empty workspaces to free found none, the next waits this long.
+_EMPTY_SEARCH_PAUSE = 1.0
 
 
 def now_us() -> int:
@@ -100,6 +109,9 @@ class _Workspace:
     def is_empty(self) -> bool:
         return self.count == 0 and not self.keyring and not self.presence and not self.candidates
 
+    def has_side(self) -> bool:
+        return bool(self.keyring or self.presence or self.candidates)
+
     def append_row(self, seq: int, row: bytes, key: bytes) -> None:
         self.seqs.append(seq)
         prev = self.cum[-1] if self.cum else 0
@@ -109,16 +121,18 @@ class _Workspace:
         self.dedup[key] = seq
         self.head = seq
 
-    def drop_oldest(self, n: int = 1) -> int:
-        """Forget the n oldest retained rows; returns their size in bytes."""
+    def drop_oldest(self, n: int = 1) -> tuple[int, int]:
+        """Forget the n oldest retained rows; returns their row and key bytes."""
         i = self.start
         j = i + n
         rows, keys, seqs, dedup = self.rows, self.keys, self.seqs, self.dedup
         first = rows[i]
         assert first is not None and j <= len(rows)
         size = self.cum[j - 1] - (self.cum[i] - len(first))
+        key_bytes = 0
         for k in range(i, j):
             key = keys[k]
+            key_bytes += len(key)  # type: ignore[arg-type]
             if dedup.get(key) == seqs[k]:  # type: ignore[arg-type]
                 del dedup[key]  # type: ignore[arg-type]
             rows[k] = None
@@ -131,7 +145,7 @@ class _Workspace:
             del rows[:j]
             del keys[:j]
             self.start = 0
-        return size
+        return size, key_bytes
 
 
 @dataclass(slots=True)
@@ -156,11 +170,19 @@ class MemoryStore:
         self._ws: dict[str, _Workspace] = {}
         self._order: deque[_Workspace] = deque()
         self._stale_total = 0
-        self._stored_bytes = 0
+        self._stored_bytes = 0  # row bytes of retained envelopes (the stats figure)
+        # What HIVE_RELAY_MAX_BYTES bounds, as charged (relay.store.base): retained
+        # envelopes and workspaces in `_pool`, side-channel entries in `_side_bytes`
+        # (at most a quarter of the budget, on top).
+        self._pool = 0
+        self._ws_bytes = 0  # the workspaces' share of `_pool`
+        self._bare_bytes = 0  # the charges of workspaces without side-channel data
         self._side_bytes = 0
         self._envelopes = 0
         self._pairs: dict[str, tuple[str, float]] = {}
         self._listener: AppendListener | None = None
+        self._listened: Callable[[str], bool] = lambda ws: False
+        self._empty_search_after = 0.0
         # Bumped on every change, so the snapshot writer knows whether to write.
         self.version = 0
 
@@ -174,6 +196,10 @@ class MemoryStore:
 
     def set_listener(self, listener: AppendListener | None) -> None:
         self._listener = listener
+
+    def set_listened(self, listened: Callable[[str], bool]) -> None:
+        """Tells the store which workspaces have live listeners (never freed early)."""
+        self._listened = listened
 
     async def start(self) -> None:
         return None
@@ -195,12 +221,96 @@ class MemoryStore:
             pairings=len(self._pairs),
         )
 
-    def _get(self, ws: str) -> _Workspace:
+    def charged_now(self) -> tuple[int, int]:
+        """(envelopes and workspaces, side-channel entries) as charged to the budget."""
+        return self._pool, self._side_bytes
+
+    def _get(self, ws: str, loading: bool = False) -> _Workspace:
         w = self._ws.get(ws)
         if w is None:
+            charge = workspace_charge(ws)
+            if not loading:
+                self._make_room(charge)
             w = self._ws[ws] = _Workspace(ws)
+            self._pool += charge
+            self._ws_bytes += charge
+            self._bare_bytes += charge
         w.touched = time.monotonic()
         return w
+
+    def _make_room(self, need: int) -> None:
+        """Room in the budget for a new workspace, or StoreFull (413 relay_full).
+
+        Empty workspaces without listeners go first (they hold only their head
+        and drop horizon), then the oldest envelopes relay-wide, as for any
+        append past the budget, with each workspace they leave empty.
+        """
+        limit = self.bounds.max_bytes
+        if self._pool + need <= limit:
+            return
+        self._free_empty(self._pool + need - limit)
+        # Evicting every envelope and freeing every workspace that leaves empty is the
+        # most that could be freed: when even that is short, refuse before evicting.
+        envelopes = self._pool - self._ws_bytes
+        if self._pool - envelopes - self._bare_bytes + need > limit:
+            raise StoreFull(
+                "relay_full",
+                "the relay holds as many workspaces as its memory budget allows",
+            )
+        while self._pool + need > limit and self._order:
+            w = self._order[0]
+            self._evict_global()
+            if w.is_empty() and self._ws.get(w.name) is w and not self._listened(w.name):
+                self._forget(w.name)
+        if self._pool + need > limit:
+            raise StoreFull(
+                "relay_full",
+                "the relay holds as many workspaces as its memory budget allows",
+            )
+
+    def _free_empty(self, need: int) -> None:
+        """Free empty, unlistened workspaces, first made first, for at least `need` bytes.
+
+        One pass frees a sixteenth of the budget or more when it can, so the
+        search (a walk over the workspaces) is paid rarely; a pass that finds
+        nothing pauses the search for a second.
+        """
+        now = time.monotonic()
+        if now < self._empty_search_after:
+            return
+        goal = max(need, self.bounds.max_bytes // 16)
+        victims: list[str] = []
+        freed = 0
+        for name, w in self._ws.items():
+            if w.is_empty() and not self._listened(name):
+                victims.append(name)
+                freed += workspace_charge(name)
+                if freed >= goal:
+                    break
+        for name in victims:
+            self._forget(name)
+        if freed < need:
+            self._empty_search_after = now + _EMPTY_SEARCH_PAUSE
+
+    def _forget(self, name: str) -> None:
+        # Only empty workspaces are forgotten; every row it had is already counted
+        # stale in _order.
+        del self._ws[name]
+        charge = workspace_charge(name)
+        self._pool -= charge
+        self._ws_bytes -= charge
+        self._bare_bytes -= charge
+        self.version += 1
+
+    def _side_added(self, w: _Workspace) -> None:
+        """Call before a workspace gains side-channel data."""
+        if not w.has_side():
+            self._bare_bytes -= workspace_charge(w.name)
+
+    def _side_removed(self, w: _Workspace) -> None:
+        """Call after a workspace lost side-channel data."""
+        if not w.has_side():
+            self._bare_bytes += workspace_charge(w.name)
 
     # -------------------------------------------------------------- envelopes
     async def append(self, ws: str, body: bytes, key: bytes) -> tuple[int, bool]:
@@ -213,6 +323,7 @@ class MemoryStore:
         w.append_row(seq, row, key)
         self._order.append(w)
         self._stored_bytes += len(row)
+        self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
         self._envelopes += 1
         self._after_append(w, 1)
         if self._listener is not None:
@@ -233,6 +344,7 @@ class MemoryStore:
         now = now_us()
         out: list[tuple[int, bool]] = []
         fresh: list[tuple[int, bytes]] = []
+        key_bytes = 0
         for body, key in zip(bodies, keys, strict=True):
             seen = dedup.get(key)
             if seen is not None:
@@ -241,6 +353,7 @@ class MemoryStore:
             head = max(now, head + 1)
             row = b'{"seq":%d,"body":%b}' % (head, body)
             total += len(row)
+            key_bytes += len(key)
             seqs.append(head)
             cum.append(total)
             rows.append(row)
@@ -252,6 +365,7 @@ class MemoryStore:
             w.head = head
             self._order.extend(itertools.repeat(w, len(fresh)))
             self._stored_bytes += total - before
+            self._pool += total - before + key_bytes + len(fresh) * ENVELOPE_OVERHEAD
             self._envelopes += len(fresh)
             self._after_append(w, len(fresh))
             if self._listener is not None:
@@ -265,13 +379,15 @@ class MemoryStore:
             self._drop_local(w, w.count - b.max_envelopes)
         if b.retention_secs:
             self._prune_age(w, now_us() - int(b.retention_secs * 1_000_000))
-        while self._stored_bytes > b.max_bytes and len(self._order) > 1:
+        while self._pool > b.max_bytes and len(self._order) > 1:
             self._evict_global()
         if self._stale_total > _COMPACT_MIN and self._stale_total * 2 > len(self._order):
             self._compact_order()
 
     def _drop_local(self, w: _Workspace, n: int = 1) -> None:
-        self._stored_bytes -= w.drop_oldest(n)
+        rows, keys = w.drop_oldest(n)
+        self._stored_bytes -= rows
+        self._pool -= rows + keys + n * ENVELOPE_OVERHEAD
         self._envelopes -= n
         w.stale += n
         self._stale_total += n
@@ -287,7 +403,9 @@ class MemoryStore:
             w.stale -= 1
             self._stale_total -= 1
             return
-        self._stored_bytes -= w.drop_oldest()
+        rows, keys = w.drop_oldest()
+        self._stored_bytes -= rows
+        self._pool -= rows + keys + ENVELOPE_OVERHEAD
         self._envelopes -= 1
 
     def _compact_order(self) -> None:
@@ -318,35 +436,40 @@ class MemoryStore:
         return Page(rows, w.head, w.oldest, w.dropped, j < end)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------- side channels
-    def _check_side(self, size: int, replaces: int = 0) -> None:
+    def _check_side(self, size: int, charge: int, replaces: int = 0) -> None:
         """Per-entry and relay-wide bounds for side-channel data.
 
-        Side channels get a quarter of the global byte budget. They are never
-        evicted (that would lose acknowledged writes), so past it writes are
-        refused with 413 until entries are replaced, expire or workspaces go idle.
+        `size` is the entry's data, held to HIVE_RELAY_MAX_SIDE_BYTES; `charge`
+        what it costs the budget (relay.store.base), `replaces` the charge of
+        the entry it replaces. Side channels get a quarter of the global byte
+        budget. They are never evicted (that would lose acknowledged writes), so
+        past it writes are refused with 413 until entries are replaced or expire.
         """
         if size > self.bounds.max_side_bytes:
             raise StoreFull(
                 "too_large",
                 f"the entry is {size} bytes; the limit is {self.bounds.max_side_bytes}",
             )
-        if self._side_bytes - replaces + size > self.bounds.max_bytes // 4:
+        if self._side_bytes - replaces + charge > self.bounds.max_bytes // 4:
             raise StoreFull(
                 "relay_full",
                 "the relay's storage for keyrings, presence and candidates is full",
             )
 
     async def keyring_append(self, ws: str, blob: bytes) -> None:
-        self._check_side(len(blob))
-        w = self._get(ws)
-        if len(w.keyring) >= self.bounds.max_keyring:
+        charge = len(blob) + BLOB_OVERHEAD
+        self._check_side(len(blob), charge)
+        w = self._ws.get(ws)
+        if w is not None and len(w.keyring) >= self.bounds.max_keyring:
             raise StoreFull(
                 "keyring_full",
                 f"the workspace keyring holds its limit of {self.bounds.max_keyring} blobs",
             )
+        w = self._get(ws)
+        self._side_added(w)
         w.keyring.append(blob)
         w.keyring_bytes += len(blob)
-        self._side_bytes += len(blob)
+        self._side_bytes += charge
         self.version += 1
 
     async def keyring_list(self, ws: str) -> list[bytes]:
@@ -361,20 +484,29 @@ class MemoryStore:
         raise ValueError(f"unknown channel {channel!r}; expected one of {DEVICE_CHANNELS}")
 
     async def device_put(self, channel: str, ws: str, device_id: str, data: bytes) -> None:
-        w = self._get(ws)
-        entries = self._channel(w, channel)
-        self._expire_devices(entries, time.time())
-        old = entries.get(device_id)
-        self._check_side(len(data), len(old[0]) if old is not None else 0)
-        if old is None and len(entries) >= self.bounds.max_devices:
+        if channel not in DEVICE_CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; expected one of {DEVICE_CHANNELS}")
+        now = time.time()
+        w = self._ws.get(ws)
+        old: tuple[bytes, float] | None = None
+        count = 0
+        if w is not None:
+            entries = self._channel(w, channel)
+            self._expire_devices(w, entries, now)
+            old = entries.get(device_id)
+            count = len(entries)
+        charge = device_charge(device_id, data)
+        replaces = device_charge(device_id, old[0]) if old is not None else 0
+        self._check_side(len(data), charge, replaces)
+        if old is None and count >= self.bounds.max_devices:
             raise StoreFull(
                 "too_many_devices",
                 f"the workspace {channel} holds its limit of {self.bounds.max_devices} devices",
             )
-        if old is not None:
-            self._side_bytes -= len(old[0])
-        entries[device_id] = (data, time.time())
-        self._side_bytes += len(data)
+        w = self._get(ws)
+        self._side_added(w)
+        self._channel(w, channel)[device_id] = (data, now)
+        self._side_bytes += charge - replaces
         self.version += 1
 
     async def device_map(self, channel: str, ws: str) -> list[tuple[str, bytes]]:
@@ -382,16 +514,23 @@ class MemoryStore:
         if w is None:
             return []
         entries = self._channel(w, channel)
-        self._expire_devices(entries, time.time())
+        self._expire_devices(w, entries, time.time())
         return [(device, data) for device, (data, _) in entries.items()]
 
-    def _expire_devices(self, entries: dict[str, tuple[bytes, float]], now: float) -> None:
+    def _expire_devices(
+        self, w: _Workspace, entries: dict[str, tuple[bytes, float]], now: float
+    ) -> int:
+        """Drop entries past the presence TTL; returns about how many were looked at."""
         ttl = self.bounds.presence_ttl
-        if not ttl:
-            return
-        for device in [d for d, (_, at) in entries.items() if now - at > ttl]:
-            self._side_bytes -= len(entries.pop(device)[0])
+        if not ttl or not entries:
+            return 0
+        expired = [d for d, (_, at) in entries.items() if now - at > ttl]
+        for device in expired:
+            self._side_bytes -= device_charge(device, entries.pop(device)[0])
             self.version += 1
+        if expired:
+            self._side_removed(w)
+        return len(entries) + len(expired)
 
     # --------------------------------------------------------------- pairing
     async def pair_create(self, payload: str, ttl: int) -> str:
@@ -424,27 +563,46 @@ class MemoryStore:
 
     # ------------------------------------------------------------ house-keeping
     def sweep(self, listened: Callable[[str], bool] = lambda ws: False) -> int:
-        """Expire what has a TTL, prune by age, free idle empty workspaces.
+        """Expire what has a TTL, prune by age, free idle empty workspaces, all at once.
 
-        Returns the number of workspaces freed. Called periodically by the app.
+        Returns the number of workspaces freed. The app runs `sweep_steps` instead.
+        """
+        *_, freed = self.sweep_steps(listened)
+        return freed
+
+    def sweep_steps(self, listened: Callable[[str], bool] = lambda ws: False) -> Iterator[int]:
+        """The sweep in steps of about SWEEP_STEP units of work each.
+
+        Yields the number of workspaces freed so far after every step; the caller
+        yields to the event loop in between, so 200,000 workspaces never stall it.
+        The store may change between steps: each workspace is looked up afresh.
         """
         now = time.time()
         self._expire_pairs(now)
+        yield 0
         cutoff = now_us() - int(self.bounds.retention_secs * 1_000_000)
         idle_before = time.monotonic() - self.bounds.idle_workspace_secs
         freed = 0
-        for name, w in list(self._ws.items()):
+        work = 0
+        for name in list(self._ws):
+            w = self._ws.get(name)
+            if w is None:
+                continue
+            before = w.count
             if self.bounds.retention_secs:
                 self._prune_age(w, cutoff)
-            self._expire_devices(w.presence, now)
-            self._expire_devices(w.candidates, now)
+            work += 1 + before - w.count
+            work += self._expire_devices(w, w.presence, now)
+            work += self._expire_devices(w, w.candidates, now)
             if w.is_empty() and w.touched < idle_before and not listened(name):
-                # Every row it had is already counted stale in _order.
-                del self._ws[name]
+                self._forget(name)
                 freed += 1
+            if work >= SWEEP_STEP:
+                work = 0
+                yield freed
         if self._stale_total > _COMPACT_MIN and self._stale_total * 2 > len(self._order):
             self._compact_order()
-        return freed
+        yield freed
 
     # --------------------------------------------------------------- snapshots
     def export_state(self) -> tuple[list[WorkspaceState], list[tuple[str, str, float]]]:
@@ -478,24 +636,27 @@ class MemoryStore:
         now = time.time()
         loaded: list[_Workspace] = []
         for st in workspaces:
-            w = self._get(st.name)
+            w = self._get(st.name, loading=True)
             loaded.append(w)
             for seq, row, key in zip(st.seqs, st.rows, st.keys, strict=True):
                 w.append_row(seq, row, key)
                 self._stored_bytes += len(row)
+                self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
                 self._envelopes += 1
             w.head = max(w.head, st.head)
             w.dropped = st.dropped
             for blob in st.keyring:
                 w.keyring.append(blob)
                 w.keyring_bytes += len(blob)
-                self._side_bytes += len(blob)
+                self._side_bytes += len(blob) + BLOB_OVERHEAD
             for device, data, at in st.presence:
                 w.presence[device] = (data, at)
-                self._side_bytes += len(data)
+                self._side_bytes += device_charge(device, data)
             for device, data, at in st.candidates:
                 w.candidates[device] = (data, at)
-                self._side_bytes += len(data)
+                self._side_bytes += device_charge(device, data)
+            if w.has_side():
+                self._bare_bytes -= workspace_charge(w.name)
         for code, payload, exp in pairs:
             if exp > now:
                 self._pairs[code] = (payload, exp)

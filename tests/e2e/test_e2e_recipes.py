@@ -51,7 +51,7 @@ def _env_example() -> tuple[dict[str, str], dict[str, str]]:
     active: dict[str, str] = {}
     commented: dict[str, str] = {}
     for line in (DEPLOY / "hive-relay.env.example").read_text().splitlines():
-        m = re.fullmatch(r"(#?)(HIVE_RELAY_[A-Z_]+)=(.*)", line.strip())
+        m = re.fullmatch(r"(#?)(HIVE_RELAY_[A-Z0-9_]+)=(.*)", line.strip())
         if m:
             target = commented if m.group(1) else active
             assert m.group(2) not in active and m.group(2) not in commented, m.group(2)
