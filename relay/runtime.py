@@ -26,6 +26,7 @@ class Relay:
     metrics: Metrics
     push_limiter: RateLimiter
     pair_limiter: RateLimiter
+    pair_create_limiter: RateLimiter
     slots: StreamSlots
     started: float = field(default_factory=time.time)
 

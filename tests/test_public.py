@@ -258,7 +258,7 @@ EXPECTED_STATUSES = {
     ("/v1/workspaces/{ws}/keyring", "get"): {"200", "400", "401", "403"},
     ("/v1/workspaces/{ws}/presence", "post"): {"200", "400", "401", "403", "413"},
     ("/v1/workspaces/{ws}/candidates", "post"): {"200", "400", "401", "403", "413"},
-    ("/v1/pair", "post"): {"200", "400", "401", "413"},
+    ("/v1/pair", "post"): {"200", "400", "401", "413", "429"},
     ("/v1/pair/{code}", "get"): {"200", "401", "404", "429"},
     ("/v1/health", "get"): {"200", "503"},
     ("/metrics", "get"): {"200", "401"},
