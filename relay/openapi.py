@@ -12,6 +12,7 @@ from relay import __version__
 
 WS_PATTERN = r"^[A-Za-z0-9._~:@-]{1,200}$"
 MAX_U64 = (1 << 64) - 1
+MAX_BATCH = 1000
 
 
 def uint_pattern(high: int) -> str:
@@ -34,6 +35,13 @@ def uint_pattern(high: int) -> str:
 _SPACE = r"[\t-\r\x1c-\x20\x85\xa0]*"
 # Every character str.strip() removes (str.isspace()), Latin-1 or not.
 _UNICODE_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# One Idempotency-Keys entry: white space around at most 200 other characters
+# (none a comma), or only white space (that element is deduplicated by its digest).
+_KEY_ENTRY = (
+    r"[\t-\r\x1c-\x20\x85\xa0]*"
+    r"(?:[^,\t-\r\x1c-\x20\x85\xa0](?:[^,]{0,198}[^,\t-\r\x1c-\x20\x85\xa0])?)?"
+    r"[\t-\r\x1c-\x20\x85\xa0]*"
+)
 
 _ERROR_CODES = {
     400: "invalid_workspace, invalid_json, invalid_body, invalid_after, invalid_limit, "
@@ -295,9 +303,15 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "Idempotency-Keys",
                         "in": "header",
-                        "description": "Comma-separated dedup keys, one per element"
-                        " (empty = sha256)",
-                        "schema": {"type": "string"},
+                        "description": "Comma-separated dedup keys, exactly one entry per "
+                        "element of the batch (a rule between header and body that the schema "
+                        "cannot state; another count is 400 invalid_idempotency_key). Each entry "
+                        "is stripped of white space and then 1–200 characters, or empty: that "
+                        "element is deduplicated by the SHA-256 of its body.",
+                        "schema": {
+                            "type": "string",
+                            "pattern": f"^{_KEY_ENTRY}(?:,{_KEY_ENTRY}){{0,{MAX_BATCH - 1}}}$",
+                        },
                     }
                 ],
                 "requestBody": {
