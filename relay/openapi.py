@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of the whole API, served at /openapi.json.
 
-Written by hand from PROTOCOL.md; tests/test_openapi.py checks that every route
-the app serves is described here and the other way round.
+Written by hand from docs/protocol.md; tests/test_public.py checks that every
+route the app serves is described here and the other way round, and
+tests/test_fuzz.py fuzzes the relay against it with schemathesis.
 """
 
 from __future__ import annotations

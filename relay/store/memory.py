@@ -7,7 +7,7 @@ at append; `keys` holds each row's dedup key so pruning can forget it. Pruning
 only advances `start` and clears the slot; the dead prefix is cut off once it is
 half the log, so append stays amortized O(1) even at the retention cap.
 
-Seq rule (PROTOCOL.md): a seq is `max(now in Unix microseconds, head + 1)`. It
+Seq rule (docs/protocol.md): a seq is `max(now in Unix microseconds, head + 1)`. It
 never rewinds, across restarts with or without a snapshot, as long as the clock
 does not go back and a workspace does not sustain over a million appends a second.
 
