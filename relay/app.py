@@ -322,6 +322,9 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
             "side_rate_limited",
             "keyring, presence and candidate writes",
         ),
+        pair_create_limiter=RateLimiter(
+            settings.pair_create_rate, 10, "pair_create_rate_limited", "pairing codes created"
+        ),
         slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
     )
     relay.store.set_listener(relay.hub.on_append)

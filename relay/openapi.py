@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of the whole API, served at /openapi.json.
 
-Written by hand from PROTOCOL.md; tests/test_openapi.py checks that every route
-the app serves is described here and the other way round.
+Written by hand from docs/protocol.md; tests/test_public.py checks that every
+route the app serves is described here and the other way round, and
+tests/test_fuzz.py fuzzes the relay against it with schemathesis.
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ def uint_pattern(high: int) -> str:
 
 # Python's str.strip() whitespace within Latin-1 (how header values are read).
 _SPACE = r"[\t-\r\x1c-\x20\x85\xa0]*"
-
+# Every character str.strip() removes (str.isspace()), Latin-1 or not.
+_UNICODE_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _ERROR_CODES = {
     400: "invalid_workspace, invalid_json, invalid_body, invalid_after, invalid_limit, "
     "invalid_wait, invalid_batch, invalid_idempotency_key, invalid_device_id, "
-    "invalid_content_length, invalid_bodies, invalid_last_event_id, empty_payload",
+    "invalid_content_length, invalid_bodies, invalid_last_event_id, empty_payload, "
+    "payload_too_long",
     401: "unauthorized (with WWW-Authenticate: Bearer)",
     403: "forbidden: the token does not grant this workspace",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large, too_large, keyring_full, too_many_devices, relay_full",
-    429: "rate_limited, pair_rate_limited (with Retry-After)",
+    429: "rate_limited, pair_rate_limited, pair_create_rate_limited (with Retry-After)",
     503: "store_unavailable, relay_full (Redis store), too_many_pairings, shutting_down, "
     "too_many_streams, too_many_streams_for_client (with Retry-After)",
 }
@@ -298,8 +301,12 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "Idempotency-Keys",
                         "in": "header",
-                        "description": "Comma-separated dedup keys, one per element"
-                        " (empty = sha256); each 1–200 of ! to ~ except the comma",
+                        "description": "Comma-separated dedup keys, exactly one entry per "
+                        "element of the batch (a rule between header and body that the schema "
+                        "cannot state; another count is 400 invalid_idempotency_key). Spaces and "
+                        "tabs around an entry are ignored; each entry is then 1–200 of ! to ~ "
+                        "except the comma, or empty: that element is deduplicated by the SHA-256 "
+                        "of its body.",
                         "schema": {
                             "type": "string",
                             "pattern": _KEYS_PATTERN,
@@ -387,7 +394,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/workspaces/{ws}/candidates": _device_channel("candidates"),
         "/v1/pair": {
             "post": {
-                "summary": "Create a pairing code",
+                "summary": "Create a pairing code (rate-limited per client)",
                 "operationId": "pair_create",
                 "requestBody": {
                     "required": True,
@@ -397,7 +404,7 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/PairCreated"}),
-                    **_errors(400, 401, 413, 503),
+                    **_errors(400, 401, 413, 429, 503),
                 },
             }
         },
@@ -517,7 +524,16 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object",
                     "required": ["payload"],
                     "properties": {
-                        "payload": {"type": "string", "minLength": 1, "maxLength": 8192},
+                        "payload": {
+                            "description": "Opaque text, kept as sent: at most 8192 bytes as "
+                            "UTF-8 (so at most 8192 characters; a rule on bytes the schema "
+                            "cannot state, over it is 400 payload_too_long), and not only "
+                            "white space (400 empty_payload)",
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 8192,
+                            "pattern": f"[^{_UNICODE_SPACE}]",
+                        },
                         "ttl_secs": {"type": ["integer", "null"]},
                     },
                 },

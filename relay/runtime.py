@@ -27,6 +27,7 @@ class Relay:
     push_limiter: RateLimiter
     pair_limiter: RateLimiter
     side_limiter: RateLimiter
+    pair_create_limiter: RateLimiter
     slots: StreamSlots
     started: float = field(default_factory=time.time)
 

@@ -277,6 +277,15 @@ KNOBS: tuple[Knob, ...] = (
         1e9,
     ),
     Knob(
+        "HIVE_RELAY_PAIR_CREATE_RATE",
+        "--pair-create-rate",
+        "float",
+        0.5,
+        "pairing codes created per second per client (burst 10; 0 = off)",
+        0,
+        1e9,
+    ),
+    Knob(
         "HIVE_RELAY_IDLE_WORKSPACE_SECS",
         "--idle-workspace-secs",
         "float",
@@ -478,6 +487,7 @@ class Settings:
     max_side_bytes: int = 256 * 1024
     max_pairings: int = 100_000
     pair_resolve_rate: float = 0.5
+    pair_create_rate: float = 0.5
     idle_workspace_secs: float = 3600.0
     token_pubkey: str = ""
     access_tokens: str = ""

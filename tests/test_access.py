@@ -50,6 +50,7 @@ IDS = [f"{m} {p}" for m, p, _ in ALL_GATED]
 def make_client(**settings: Any) -> TestClient:
     settings.setdefault("push_rate", 0)
     settings.setdefault("pair_resolve_rate", 0)
+    settings.setdefault("pair_create_rate", 0)
     return TestClient(create_app(Settings(**settings)))
 
 

@@ -25,6 +25,7 @@ CHANNELS = ("presence", "candidates")
 def make_client(**settings: Any) -> TestClient:
     settings.setdefault("push_rate", 0)
     settings.setdefault("pair_resolve_rate", 0)
+    settings.setdefault("pair_create_rate", 0)
     return TestClient(create_app(Settings(**settings)))
 
 
@@ -363,12 +364,13 @@ def test_pair_ttl_default_is_600(client: TestClient) -> None:
 def test_pair_payload_bounds(client: TestClient) -> None:
     code = pair(client, {"payload": "x" * 8192})["code"]
     assert client.get(f"/v1/pair/{code}").json() == {"payload": "x" * 8192}
-    # The bound is in characters.
-    code = pair(client, {"payload": "é" * 8192})["code"]
-    assert client.get(f"/v1/pair/{code}").json() == {"payload": "é" * 8192}
+    # The bound is in UTF-8 bytes, not characters.
+    code = pair(client, {"payload": "é" * 4096})["code"]
+    assert client.get(f"/v1/pair/{code}").json() == {"payload": "é" * 4096}
     held = stats(client).pairings
-    r = client.post("/v1/pair", content=msgspec.json.encode({"payload": "x" * 8193}))
-    assert_error(r, 413, "payload_too_large")
+    for payload in ("x" * 8193, "é" * 4097, "é" * 8192):
+        r = client.post("/v1/pair", content=msgspec.json.encode({"payload": payload}))
+        assert_error(r, 400, "payload_too_long")
     assert stats(client).pairings == held
 
 

@@ -258,7 +258,7 @@ EXPECTED_STATUSES = {
     ("/v1/workspaces/{ws}/keyring", "get"): {"200", "400", "401", "403"},
     ("/v1/workspaces/{ws}/presence", "post"): {"200", "400", "401", "403", "413"},
     ("/v1/workspaces/{ws}/candidates", "post"): {"200", "400", "401", "403", "413"},
-    ("/v1/pair", "post"): {"200", "400", "401", "413"},
+    ("/v1/pair", "post"): {"200", "400", "401", "413", "429"},
     ("/v1/pair/{code}", "get"): {"200", "401", "404", "429"},
     ("/v1/health", "get"): {"200", "503"},
     ("/metrics", "get"): {"200", "401"},
@@ -285,3 +285,49 @@ def test_openapi_documents_the_read_parameters_and_headers(client: TestClient) -
         "x-relay-gap",
         "x-relay-more",
     } <= headers
+
+
+BATCH_KEYS = [
+    "a",
+    " a ",
+    "a,,b",
+    ",",
+    "\t, ,",
+    "x" * 200,
+    " " + "x" * 200 + "\t",
+    "x" * 201,
+    "a" * 199 + " bc",
+    "k1, k2 ,k3",
+    ",".join(f"k{i}" for i in range(1000)),
+]
+
+
+@pytest.mark.parametrize("value", BATCH_KEYS, ids=range(len(BATCH_KEYS)))
+def test_openapi_states_the_relays_rule_for_each_batch_key(client: TestClient, value: str) -> None:
+    """A header matches the documented pattern exactly when the relay takes it
+    (with one entry per element, the rule between header and body it cannot state)."""
+    op = client.get("/openapi.json").json()["paths"]["/v1/workspaces/{ws}/envelopes/batch"]
+    (param,) = [p for p in op["post"]["parameters"] if p["name"] == "Idempotency-Keys"]
+    documented = re.search(param["schema"].get("pattern", ""), value) is not None
+    elements = ",".join(str(i) for i in range(value.count(",") + 1))
+    r = client.post(
+        "/v1/workspaces/w/envelopes/batch",
+        content=f"[{elements}]",
+        headers={"Idempotency-Keys": value},
+    )
+    assert r.status_code in (200, 400), r.text
+    assert (r.status_code == 200) == documented, (r.status_code, r.text)
+
+
+PAIR_PAYLOADS = [" ", "\t\r\n", "\x1c\x1f", "\x85", "\u00a0", "\u2028\u3000", "a", " a ", "\u200b"]
+
+
+@pytest.mark.parametrize("payload", PAIR_PAYLOADS, ids=range(len(PAIR_PAYLOADS)))
+def test_openapi_states_the_relays_rule_for_a_pairing_payload(
+    client: TestClient, payload: str
+) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["PairRequest"]
+    documented = re.search(schema["properties"]["payload"].get("pattern", ""), payload) is not None
+    r = client.post("/v1/pair", json={"payload": payload})
+    assert r.status_code in (200, 400), r.text
+    assert (r.status_code == 200) == documented, (r.status_code, r.text)

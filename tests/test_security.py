@@ -278,24 +278,55 @@ def test_security_headers_on_every_answer(proc: RelayProcess) -> None:
             assert time.monotonic() < deadline, "the SSE stream's slot was not released"
             time.sleep(0.05)
 
-    async def socket_answers() -> dict[str, Any]:
+    async def socket_answers() -> None:
         url = f"ws://127.0.0.1:{proc.port}/v1/workspaces/w/ws"
-        out: dict[str, Any] = {}
-        async with websockets.connect(url, additional_headers=auth):
-            pass  # a 101 has no body to sniff or to refer from: not checked
-        for what, headers in (("WebSocket 401", {}), ("WebSocket 403", {"X-Nope": "1"})):
-            try:
-                async with websockets.connect(url, additional_headers=headers):
-                    pass
-            except websockets.InvalidStatus as err:
-                out[what] = err.response.headers
-        return out
+        async with websockets.connect(url, additional_headers=auth) as ws:
+            # A 101 has no body to sniff or to refer from: its headers are not checked.
+            assert ws.response is not None and ws.response.status_code == 101
+        for what, headers in (
+            ("WebSocket 401 (no token)", {}),
+            ("WebSocket 401 (wrong token)", {"Authorization": f"Bearer {NEAR_MISS}"}),
+        ):
+            assert_security_headers(await refused_upgrade(url, headers, 401), what)
 
-    for what, headers in asyncio.run(socket_answers()).items():
-        assert_security_headers(headers, what)
+    asyncio.run(socket_answers())
     (denied,) = exchange(proc, upgrade("/v1/workspaces/%2e%2e/ws"))
     assert denied.status == 400
     assert_security_headers(denied.headers, "WebSocket 400")
+
+
+async def refused_upgrade(url: str, headers: dict[str, str], status: int) -> Any:
+    """The answer to a WebSocket hand-shake that must be refused with `status`."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(url, additional_headers=headers):
+            pass
+    response = refused.value.response
+    assert response.status_code == status, (response.status_code, response.body)
+    assert json.loads(response.body)["error"] in ("unauthorized", "forbidden"), response.body
+    return response.headers
+
+
+@pytest.mark.slow
+def test_security_headers_on_a_websocket_403() -> None:
+    """A valid signed token for another workspace: the hand-shake is 403, with the headers."""
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    elsewhere = issue_token(raw, "bob", 0, ["elsewhere"], None)
+    with RelayProcess(env={"HIVE_RELAY_TOKEN_PUBKEY": public}) as relay:
+        url = f"ws://127.0.0.1:{relay.port}/v1/workspaces/w/ws"
+        auth = {"Authorization": f"Bearer {elsewhere}"}
+        headers = asyncio.run(refused_upgrade(url, auth, 403))
+        assert_security_headers(headers, "WebSocket 403")
+        # The same token is good where it is scoped: the 403 is about the workspace.
+        other = url.replace("/w/ws", "/elsewhere/ws")
+
+        async def accepted() -> int:
+            async with websockets.connect(other, additional_headers=auth) as ws:
+                assert ws.response is not None
+                return ws.response.status_code
+
+        assert asyncio.run(accepted()) == 101
 
 
 def test_status_page_has_a_strict_content_security_policy() -> None:

@@ -397,6 +397,24 @@ async def test_pairing_code_bound(make_store: MakeStore) -> None:
     await store.pair_create("c", 60)
 
 
+async def test_pairing_codes_expire_by_time_not_by_creation_order(make_store: MakeStore) -> None:
+    """A short-lived code made after long-lived ones frees its place when it expires,
+    once: a lookup that finds it expired and the expiry sweep do not count it twice."""
+    store = await make_store(Bounds(max_pairings=3))
+    first = await store.pair_create("first", 60)
+    brief = await store.pair_create("brief", 1)
+    last = await store.pair_create("last", 60)
+    with pytest.raises(StoreBusy):
+        await store.pair_create("no room", 60)
+    await asyncio.sleep(1.1)
+    assert await store.pair_resolve(brief) is None
+    again = await store.pair_create("again", 60)
+    with pytest.raises(StoreBusy):
+        await store.pair_create("still no room", 60)
+    assert [await store.pair_resolve(c) for c in (first, last, again)] == ["first", "last", "again"]
+    assert (await store.stats()).pairings == 3
+
+
 # --------------------------------------------------------------------- epoch
 async def test_epoch_is_stable(make_store: MakeStore) -> None:
     store = await make_store()

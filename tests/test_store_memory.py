@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -292,3 +294,100 @@ def test_snapshot_file_round_trip(tmp_path: Path) -> None:
     assert got_ws[0].rows == workspaces[0].rows
     assert got_ws[0].keyring == [b'{"version":1}']
     assert got_pairs[0][0] == code
+
+
+class _Counted(float):
+    """A clock reading that counts every comparison made with it (or with a sum of it)."""
+
+    compared = 0
+
+    def _count(self, op: str, other: object) -> bool:
+        _Counted.compared += 1
+        result: bool = getattr(float, op)(self, other)
+        return result
+
+    def __add__(self, other: object) -> _Counted:
+        return _Counted(float(self) + float(other))  # type: ignore[arg-type]
+
+    __radd__ = __add__
+
+    def __lt__(self, other: object) -> bool:
+        return self._count("__lt__", other)
+
+    def __le__(self, other: object) -> bool:
+        return self._count("__le__", other)
+
+    def __gt__(self, other: object) -> bool:
+        return self._count("__gt__", other)
+
+    def __ge__(self, other: object) -> bool:
+        return self._count("__ge__", other)
+
+    def __eq__(self, other: object) -> bool:
+        return self._count("__eq__", other)
+
+    def __ne__(self, other: object) -> bool:
+        return self._count("__ne__", other)
+
+    __hash__ = float.__hash__
+
+
+def _expiry_work_per_create(monkeypatch: pytest.MonkeyPatch, held: int) -> float:
+    """Expiry-time comparisons one pairing create costs with `held` live codes stored."""
+    import relay.store.memory as memory
+
+    clock = SimpleNamespace(time=lambda: _Counted(time.time()))
+    monkeypatch.setattr(memory, "time", clock)
+    store = MemoryStore(Bounds(max_pairings=held + 1000))
+    for i in range(held):
+        run(store.pair_create(f"p{i}", 3600))
+    _Counted.compared = 0
+    creates = 200
+    for i in range(creates):
+        run(store.pair_create(f"q{i}", 3600))
+    return _Counted.compared / creates
+
+
+def test_pairing_expiry_cost_does_not_grow_with_the_codes_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A create used to compare the expiry of every stored code (5-7 ms near the
+    100,000 cap); ordered by expiry, it looks at the codes that go, plus O(log n)."""
+    few = _expiry_work_per_create(monkeypatch, 100)
+    many = _expiry_work_per_create(monkeypatch, 20_000)
+    assert few >= 1  # the counter sees the expiry check at all
+    # 200 times the codes: at most a few more comparisons (log n), never 200 times more.
+    assert many <= few + 20, (few, many)
+
+
+def test_pairing_codes_expire_soonest_first_and_stay_resolvable_till_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import relay.store.memory as memory
+
+    now = [1_800_000_000.0]
+    clock = SimpleNamespace(
+        time=lambda: now[0], time_ns=lambda: int(now[0] * 1e9), monotonic=time.monotonic
+    )
+    monkeypatch.setattr(memory, "time", clock)
+    store = MemoryStore(Bounds(max_pairings=10))
+    late = run(store.pair_create("late", 600))
+    soon = run(store.pair_create("soon", 30))
+    mid = run(store.pair_create("mid", 120))
+    now[0] += 60
+    assert run(store.pair_resolve(soon)) is None  # dropped on the read, then re-drawn below
+    store.sweep()
+    assert store.stats_now().pairings == 2
+    assert [run(store.pair_resolve(c)) for c in (late, mid)] == ["late", "mid"]
+    now[0] += 100
+    store.sweep()
+    assert store.stats_now().pairings == 1
+    assert run(store.pair_resolve(late)) == "late"
+    # A snapshot keeps the order: reloaded codes still expire when they should.
+    workspaces, pairs = store.export_state()
+    copy = MemoryStore(Bounds(max_pairings=10))
+    copy.import_state(iter(workspaces), pairs)
+    now[0] += 500
+    copy.sweep()
+    assert copy.stats_now().pairings == 0
+    assert run(copy.pair_resolve(late)) is None

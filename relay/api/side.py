@@ -36,7 +36,10 @@ OK = b'{"ok":true}'
 PAIR_TTL_DEFAULT = 600
 PAIR_TTL_MIN = 30
 PAIR_TTL_MAX = 3600
-PAIR_PAYLOAD_MAX = 8192
+PAIR_PAYLOAD_MAX = 8192  # UTF-8 bytes of the payload string
+# The whole request body: room for the largest payload written with JSON escapes
+# (`\u0041` is six bytes for one), the ttl and white space. Nothing larger is read.
+PAIR_BODY_MAX = 64 * 1024
 MAX_DEVICE_ID = 200
 
 
@@ -162,13 +165,19 @@ async def get_devices(request: Request) -> Response:
 async def post_pair(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     authorize(relay, request, None)
-    body = await read_body(request, relay.settings.max_body_bytes)
+    # Charged before the body is read, so a flood of creates, refused or not, costs
+    # the relay a bucket lookup each.
+    relay.pair_create_limiter.take(relay.client(request.scope))
+    body = await read_body(request, min(PAIR_BODY_MAX, relay.settings.max_body_bytes))
     pair = parse_json(body, PairRequest, "the body")
-    if not pair.payload:
-        raise bad_request("empty_payload", "payload must not be empty")
-    if len(pair.payload) > PAIR_PAYLOAD_MAX:
-        raise RelayError(
-            413, "payload_too_large", f"payload is longer than {PAIR_PAYLOAD_MAX} characters"
+    if not pair.payload.strip():
+        raise bad_request("empty_payload", "payload must hold something besides white space")
+    if len(pair.payload) > PAIR_PAYLOAD_MAX or (
+        not pair.payload.isascii()
+        and len(pair.payload.encode("utf-8", "surrogatepass")) > PAIR_PAYLOAD_MAX
+    ):
+        raise bad_request(
+            "payload_too_long", f"payload is longer than {PAIR_PAYLOAD_MAX} bytes in UTF-8"
         )
     ttl = PAIR_TTL_DEFAULT if pair.ttl_secs is None else pair.ttl_secs
     ttl = min(PAIR_TTL_MAX, max(PAIR_TTL_MIN, ttl))

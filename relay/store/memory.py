@@ -7,7 +7,7 @@ at append; `keys` holds each row's dedup key so pruning can forget it. Pruning
 only advances `start` and clears the slot; the dead prefix is cut off once it is
 half the log, so append stays amortized O(1) even at the retention cap.
 
-Seq rule (PROTOCOL.md): a seq is `max(now in Unix microseconds, head + 1)`. It
+Seq rule (docs/protocol.md): a seq is `max(now in Unix microseconds, head + 1)`. It
 never rewinds, across restarts with or without a snapshot, as long as the clock
 does not go back and a workspace does not sustain over a million appends a second.
 
@@ -180,6 +180,9 @@ class MemoryStore:
         self._side_bytes = 0
         self._envelopes = 0
         self._pairs: dict[str, tuple[str, float]] = {}
+        # (expiry, code) of every code, soonest first: expiring is O(log n) per code
+        # that goes, never a scan of the codes that stay.
+        self._pair_expiry: list[tuple[float, str]] = []
         self._listener: AppendListener | None = None
         self._listened: Callable[[str], bool] = lambda ws: False
         self._empty_search_after = 0.0
@@ -545,6 +548,7 @@ class MemoryStore:
             if code not in self._pairs:
                 break
         self._pairs[code] = (payload, now + ttl)
+        heapq.heappush(self._pair_expiry, (now + ttl, code))
         self.version += 1
         return code
 
@@ -558,8 +562,13 @@ class MemoryStore:
         return entry[0]
 
     def _expire_pairs(self, now: float) -> None:
-        for code in [c for c, (_, exp) in self._pairs.items() if exp <= now]:
-            del self._pairs[code]
+        heap = self._pair_expiry
+        while heap and heap[0][0] <= now:
+            exp, code = heapq.heappop(heap)
+            entry = self._pairs.get(code)
+            # A resolve may have dropped it already, and the code been drawn again since.
+            if entry is not None and entry[1] == exp:
+                del self._pairs[code]
 
     # ------------------------------------------------------------ house-keeping
     def sweep(self, listened: Callable[[str], bool] = lambda ws: False) -> int:
@@ -660,6 +669,8 @@ class MemoryStore:
         for code, payload, exp in pairs:
             if exp > now:
                 self._pairs[code] = (payload, exp)
+                self._pair_expiry.append((exp, code))
+        heapq.heapify(self._pair_expiry)
         # Seqs are append times (microseconds), so merging by seq approximates the
         # relay-wide append order the byte budget evicts by.
         merged = heapq.merge(*([(seq, i) for seq in w.seqs] for i, w in enumerate(loaded)))
