@@ -10,7 +10,6 @@ ends cleanly when the relay shuts down or the subscriber falls too far behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections import deque
@@ -294,6 +293,9 @@ class WsSession:
                 tg.cancel_scope.cancel()
             if sub.overflowed:
                 relay.metrics.slow_consumers.inc()
+            if self.close_code == -1:
+                pass  # the peer has gone: whatever else ended the stream, no one to tell
+            elif sub.overflowed:
                 self.close_code, self.close_reason = (
                     WS_TRY_LATER,
                     "slow consumer: resume from your cursor",
@@ -301,8 +303,24 @@ class WsSession:
             elif sub.closed and relay.hub.closing:
                 self.close_code, self.close_reason = WS_GOING_AWAY, "relay shutting down"
         if self.close_code != -1:
-            with anyio.move_on_after(1), contextlib.suppress(RuntimeError, OSError):
+            await self._close()
+
+    async def _close(self) -> None:
+        """Send the close frame; a peer that left meanwhile is normal, not an error."""
+        # A paused transport (the peer stopped reading) may hold the close: wait a
+        # second, then let uvicorn drop the connection. A peer that resets while we
+        # wait, or already has, surfaces as WebSocketDisconnect (Starlette's word for
+        # uvicorn's ClientDisconnected), OSError, or RuntimeError (uvicorn already
+        # closed it, e.g. a ping timeout).
+        with anyio.move_on_after(1):
+            try:
                 await self.socket.close(self.close_code, self.close_reason)
+            except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                LOG.debug(
+                    "WebSocket peer gone before the close %d (%s)",
+                    self.close_code,
+                    type(exc).__name__,
+                )
 
     def _post(self, sub: Subscriber, frame: str) -> None:
         self.outbox.append(frame)
