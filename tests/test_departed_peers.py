@@ -188,3 +188,28 @@ def test_slow_websocket_consumer_gone_before_its_close_is_quiet() -> None:
 
 def test_slow_sse_consumer_gone_before_its_last_chunk_is_quiet() -> None:
     _slow_consumer_gone("sse")
+
+
+def test_shutdown_with_long_pollers_gone_is_quiet() -> None:
+    """Long-polls whose clients reset, one before the shutdown and the rest during it:
+    their answers go nowhere, quietly, and the relay still exits 0."""
+    with RelayProcess(env=ENV) as relay, httpx.Client(base_url=relay.url, timeout=WAIT) as c:
+        polls = []
+        for n in range(3):
+            s = _small_buffer_socket(relay.port)
+            s.sendall(
+                f"GET /v1/workspaces/poll-{n}/envelopes?after=0&wait=30 HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{relay.port}\r\n\r\n".encode()
+            )
+            polls.append(s)
+        deadline = time.monotonic() + WAIT
+        while _metric(c, "hive_relay_live_streams") != 3:
+            assert time.monotonic() < deadline, "the long-polls never started waiting"
+            time.sleep(0.05)
+        _reset(polls[0])
+        relay.send_signal(signal.SIGTERM)
+        _wait_for_log(relay, "SIGTERM: shutting down")
+        for s in polls[1:]:
+            _reset(s)
+        assert relay.stop() == 0
+    _assert_quiet(relay.logs())
