@@ -20,7 +20,7 @@ import time
 
 import httpx
 
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, assert_quiet_log
 
 WAIT = 30.0
 # One envelope body larger than the kernel's largest send buffer (4 MiB by default)
@@ -28,7 +28,6 @@ WAIT = 30.0
 # is paused, and its next send or close waits until the peer reads (or leaves).
 BIG = "x" * 10_000_000
 ENV = {"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_MAX_BODY_BYTES": str(16 * 1024 * 1024)}
-NOISE = ("Traceback", "Exception in ASGI application", "ERROR", "CRITICAL")
 
 
 def _small_buffer_socket(port: int) -> socket.socket:
@@ -122,11 +121,6 @@ def _wait_for_log(relay: RelayProcess, text: str) -> None:
         time.sleep(0.02)
 
 
-def _assert_quiet(log: str) -> None:
-    for word in NOISE:
-        assert word not in log, log[max(0, log.find(word) - 300) :][:6000]
-
-
 def _open(kind: str, port: int, ws: str) -> socket.socket:
     return _ws_subscriber(port, ws) if kind == "ws" else _sse_subscriber(port, ws)
 
@@ -146,7 +140,7 @@ def _shutdown_meets_a_departed_peer(kind: str) -> None:
         for s in subs:
             _reset(s)
         assert relay.stop() == 0
-    _assert_quiet(relay.logs())
+    assert_quiet_log(relay.logs())
 
 
 def test_shutdown_with_websocket_peers_gone_mid_close_is_quiet() -> None:
@@ -179,7 +173,7 @@ def _slow_consumer_gone(kind: str) -> None:
             time.sleep(0.05)
         assert _metric(c, "hive_relay_slow_consumers_disconnected_total") == 3
         assert relay.stop() == 0
-    _assert_quiet(relay.logs())
+    assert_quiet_log(relay.logs())
 
 
 def test_slow_websocket_consumer_gone_before_its_close_is_quiet() -> None:
@@ -212,4 +206,4 @@ def test_shutdown_with_long_pollers_gone_is_quiet() -> None:
         for s in polls[1:]:
             _reset(s)
         assert relay.stop() == 0
-    _assert_quiet(relay.logs())
+    assert_quiet_log(relay.logs())

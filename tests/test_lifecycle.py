@@ -16,7 +16,7 @@ import websockets
 from httpx_sse import aconnect_sse
 
 from relay.store.snapshot import FILENAME, read_snapshot
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, assert_quiet_log
 
 WAIT = 20.0
 
@@ -155,6 +155,7 @@ def test_sigterm_closes_streams_writes_snapshot_and_exits_zero(tmp_path: Path) -
     assert relay.stop() == 0
     assert (tmp_path / FILENAME).exists()
     assert "wrote the shutdown snapshot" in relay.logs()
+    assert_quiet_log(relay.logs())
 
     with RelayProcess(env=_snapshot_env(tmp_path)) as again:
         c2 = httpx.Client(base_url=again.url)
