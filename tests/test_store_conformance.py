@@ -342,11 +342,13 @@ async def test_device_channels_replace_and_bounds(make_store: MakeStore) -> None
 
 
 async def test_presence_ttl_expires_entries(make_store: MakeStore) -> None:
-    store = await make_store(Bounds(max_devices=2, presence_ttl=0.3))
+    # A TTL well above what three store calls take on a loaded machine: with 0.3 s,
+    # a test process stalled that long between the put and the count sees "a" gone.
+    store = await make_store(Bounds(max_devices=2, presence_ttl=1.5))
     await store.device_put("presence", "w", "a", b"1")
     await store.device_put("presence", "w", "b", b"2")
     assert len(await store.device_map("presence", "w")) == 2
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.6)
     assert await store.device_map("presence", "w") == []
     # Expired entries no longer count against the bound.
     await store.device_put("presence", "w", "c", b"3")
