@@ -27,6 +27,7 @@ from relay.api.common import MAX_U64, authorize, int_param, workspace_id
 from relay.api.envelopes import MAX_KEY_LEN, read_headers
 from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, nudge_frame, sse_row_frame
+from relay.logs import STREAM_ABANDONED
 from relay.runtime import Relay
 from relay.store.base import Page, StoreError, row_seq
 
@@ -108,17 +109,13 @@ class SSEStream(Response):
                         # Mid-stream the answer has begun: end it; the client resumes
                         # from its last id and meets the 503 while the store is down.
                         LOG.warning("the store failed during a live stream; ending it")
-                        with anyio.move_on_after(1):
-                            await send(
-                                {"type": "http.response.body", "body": b"", "more_body": False}
-                            )
+                        await _end(send)
                     finally:
                         watcher.cancel()
                 if sub.overflowed:
                     relay.metrics.slow_consumers.inc()
                     LOG.info("disconnected a slow SSE subscriber")
-                    with anyio.move_on_after(1):
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await _end(send)
         finally:
             relay.slots.release(self.client)
 
@@ -164,7 +161,7 @@ class SSEStream(Response):
                     {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
                 )
         if not sub.overflowed:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _end(send)
 
     async def _replay(self, sub: Subscriber, send: Send, cursor: int) -> int:
         """Send every retained row past `cursor`; live items queued meanwhile are
@@ -185,6 +182,21 @@ class SSEStream(Response):
                     sub.take()
                     continue
                 return cursor
+
+
+async def _end(send: Send) -> None:
+    """Send the answer's last (empty) chunk if the peer takes it within a second.
+
+    A peer that stopped reading (gone without a reset, or stalled) would hold it
+    until uvicorn's shutdown timeout; past the second the stream ends without it
+    and uvicorn drops the connection (its "incomplete answer" line is dropped too:
+    relay/logs.py). A peer that already left makes the send a no-op.
+    """
+    with anyio.move_on_after(1) as scope:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if scope.cancelled_caught:
+        STREAM_ABANDONED.set(True)
+        LOG.debug("SSE peer not reading: the stream ends without its last chunk")
 
 
 # ----------------------------------------------------------------- WebSocket
