@@ -7,10 +7,18 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 ACCESS = logging.getLogger("relay.access")
 LOG = logging.getLogger("relay")
+
+# Set in the task serving one request when the relay ends an SSE answer without its
+# last chunk because the peer stopped reading (relay/api/live.py). uvicorn then
+# reports that answer as incomplete, at ERROR; for such a task that line is dropped:
+# the peer is gone, the relay is not at fault, and it has logged at debug already.
+STREAM_ABANDONED: ContextVar[bool] = ContextVar("hive_relay_stream_abandoned", default=False)
+_INCOMPLETE = "ASGI callable returned without completing response."
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,6 +61,8 @@ class _DropPathLines(logging.Filter):
             or msg in ("connection open", "connection closed")
             # The websockets library's debug lines: hand-shake headers (tokens) and frames.
             or (record.levelno <= logging.DEBUG and msg.startswith(("< ", "> ", "= ", "! ")))
+            # Runs in the logging caller's context: the task of that one answer.
+            or (msg == _INCOMPLETE and STREAM_ABANDONED.get())
         )
 
 

@@ -124,3 +124,15 @@ class RelayProcess:
             self.stop()
         elif self.proc is not None:
             self._log.close()
+
+
+# What a healthy relay never logs, whatever its clients do (hang up, reset, stall):
+# uvicorn's line for an exception that escaped the app, any traceback, any error.
+LOG_NOISE = ("Traceback", "Exception in ASGI application", " ERROR ", " CRITICAL ")
+
+
+def assert_quiet_log(log: str) -> None:
+    """Fail, quoting the lines around it, if a text-format relay log holds LOG_NOISE."""
+    for word in LOG_NOISE:
+        at = log.find(word)
+        assert at < 0, log[max(0, at - 300) :][:6000]

@@ -16,7 +16,7 @@ import websockets
 from httpx_sse import aconnect_sse
 
 from relay.store.snapshot import FILENAME, read_snapshot
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, assert_quiet_log
 
 WAIT = 20.0
 
@@ -155,6 +155,7 @@ def test_sigterm_closes_streams_writes_snapshot_and_exits_zero(tmp_path: Path) -
     assert relay.stop() == 0
     assert (tmp_path / FILENAME).exists()
     assert "wrote the shutdown snapshot" in relay.logs()
+    assert_quiet_log(relay.logs())
 
     with RelayProcess(env=_snapshot_env(tmp_path)) as again:
         c2 = httpx.Client(base_url=again.url)
@@ -205,6 +206,20 @@ def test_restart_without_snapshot_changes_epoch_and_keeps_seqs_rising() -> None:
         assert page.headers["x-relay-epoch"] != epoch
 
 
+def _wait_for_periodic_snapshot(path: Path, since: float) -> None:
+    """Until the relay has written a periodic snapshot with rows after `since` (reading
+    one while the relay writes is safe: each is renamed into place whole)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        if path.exists():
+            header, workspaces, _ = read_snapshot(path)
+            fresh = not header["clean"] and header["written_at"] >= since
+            if fresh and workspaces and workspaces[0].rows:
+                return
+        assert time.monotonic() < deadline, "the relay wrote no periodic snapshot"
+        time.sleep(0.1)
+
+
 def test_kill_9_during_snapshot_writes_leaves_a_loadable_snapshot(tmp_path: Path) -> None:
     """Snapshots written continuously under load; kill -9 at random moments; every
     restart must load a complete snapshot (the previous or the new one)."""
@@ -214,12 +229,17 @@ def test_kill_9_during_snapshot_writes_leaves_a_loadable_snapshot(tmp_path: Path
     total = 0
     for round_ in range(3):
         relay = RelayProcess(env=env).start()
-        with httpx.Client(base_url=relay.url) as c:
+        since = time.time()
+        with httpx.Client(base_url=relay.url, timeout=WAIT) as c:
             batch = [{"r": round_, "i": i, "pad": pad} for i in range(500)]
             for k in range(0, 4000, 500):
                 c.post("/v1/workspaces/crash/envelopes/batch", json=[{**b, "k": k} for b in batch])
             total += 4000
-            time.sleep(1.0 + rng.random())
+            # Not a fixed sleep: on a loaded machine the first write of this round may
+            # take longer, and the file would still be the last round's clean one.
+            _wait_for_periodic_snapshot(tmp_path / FILENAME, since)
+            c.post("/v1/workspaces/crash/envelopes/batch", json=[{**b, "k": -1} for b in batch])
+            time.sleep(0.5 + rng.random())  # the kill lands before, during or after its write
         relay.stop(signal.SIGKILL)
         header, workspaces, _ = read_snapshot(tmp_path / FILENAME)  # loadable, checksummed
         assert header["clean"] is False

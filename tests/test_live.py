@@ -131,12 +131,17 @@ async def test_sse_start_cursor_rules(relay: RelayProcess) -> None:
             headers={"Last-Event-ID": str(seqs[2])},
         )
         assert [int(i) for _, i, _ in got] == seqs[3:]
-        # Neither: only new envelopes
-        task = asyncio.create_task(collect_sse(c, "/v1/workspaces/cursor/events?bodies=1", 1))
-        await asyncio.sleep(0.3)
-        new = await push(c, "cursor", {"i": "new"})
-        got = await asyncio.wait_for(task, WAIT)
-        assert [int(i) for _, i, _ in got] == [new]
+        # Neither: only new envelopes. Pushed once the stream is subscribed (its
+        # ": connected" comment), not after a guessed delay: a push that lands first
+        # is history to this stream, and it would wait for ever.
+        async with c.stream("GET", "/v1/workspaces/cursor/events?bodies=1") as s:
+            buf = bytearray()
+            await read_until(s, b": connected\n\n", buf)
+            new = await push(c, "cursor", {"i": "new"})
+            await read_until(s, b"id: %d\n" % new, buf)
+        events = bytes(buf).split(b"\n\n")
+        assert events[0] == b": connected"
+        assert events[1].startswith(b"id: %d\n" % new), events
 
 
 async def test_sse_resumes_exactly_after_reconnect(relay: RelayProcess) -> None:

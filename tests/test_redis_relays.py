@@ -60,8 +60,16 @@ async def read(c: httpx.AsyncClient, ws: str, after: int = 0) -> httpx.Response:
     return r
 
 
-async def sse_rows(c: httpx.AsyncClient, ws: str, after: int, count: int, got: list[Any]) -> None:
-    """Collect `count` rows from the bodies stream (parsed by hand: bytes matter)."""
+async def sse_rows(
+    c: httpx.AsyncClient,
+    ws: str,
+    after: int,
+    count: int,
+    got: list[Any],
+    started: asyncio.Event | None = None,
+) -> None:
+    """Collect `count` rows from the bodies stream (parsed by hand: bytes matter).
+    `started` is set at its first keep-alive: the replay is over, the stream is live."""
     url = f"/v1/workspaces/{ws}/events"
     async with c.stream("GET", url, params={"bodies": "1", "after": after}) as s:
         assert s.status_code == 200
@@ -70,6 +78,8 @@ async def sse_rows(c: httpx.AsyncClient, ws: str, after: int, count: int, got: l
             buf += chunk
             while b"\n\n" in buf:
                 event, buf = buf.split(b"\n\n", 1)
+                if event == b": keep-alive" and started is not None:
+                    started.set()
                 data = [ln[6:] for ln in event.split(b"\n") if ln.startswith(b"data: ")]
                 if data:
                     got.append(json.loads(b"\n".join(data)))
@@ -195,9 +205,13 @@ async def test_redis_outage_answers_503_and_recovers_without_loss() -> None:
             acked = [await push(ca if i % 2 else cb, "out", {"n": i}) for i in range(20)]
             epoch = (await read(ca, "out")).headers["x-relay-epoch"]
             got: list[Any] = []
-            stream = asyncio.create_task(sse_rows(cb, "out", acked[-1], 1, got))
+            started = asyncio.Event()
+            stream = asyncio.create_task(sse_rows(cb, "out", acked[-1], 1, got, started))
             async with websockets.connect(f"ws://127.0.0.1:{a.port}/v1/workspaces/out/ws") as wa:
-                await asyncio.sleep(0.2)  # both live streams are up
+                # Both live streams are up and past their replay. (A guessed delay let a
+                # loaded machine kill Redis while the SSE stream still read the store:
+                # the relay then ends it, by design, and the test saw no row.)
+                await asyncio.wait_for(started.wait(), WAIT)
                 server.kill()
                 for c in (ca, cb):
                     async with asyncio.timeout(WAIT):

@@ -188,7 +188,13 @@ async def test_read_unknown_workspace_is_empty(make_store: MakeStore) -> None:
 
 async def test_read_after_cursor_limit_and_more(make_store: MakeStore) -> None:
     store = await make_store()
-    got = [await push(store, "w", b"%d" % i) for i in range(10)]
+    got = [await push(store, "w", b"%d" % i) for i in range(4)]
+    # A seq is the clock in microseconds, or the last seq + 1 when two appends share
+    # a microsecond (as they did once here): leave the clock time to move on, so
+    # that there is a cursor strictly between got[3] and got[4].
+    await asyncio.sleep(0.002)
+    got += [await push(store, "w", b"%d" % i) for i in range(4, 10)]
+    assert got[4] > got[3] + 1
     assert seqs(await store.read("w", got[3], BIG, BIG)) == got[4:]
     assert seqs(await store.read("w", got[3] + 1, BIG, BIG)) == got[4:]  # between seqs
     page = await store.read("w", 0, 4, BIG)
@@ -342,11 +348,13 @@ async def test_device_channels_replace_and_bounds(make_store: MakeStore) -> None
 
 
 async def test_presence_ttl_expires_entries(make_store: MakeStore) -> None:
-    store = await make_store(Bounds(max_devices=2, presence_ttl=0.3))
+    # A TTL well above what three store calls take on a loaded machine: with 0.3 s,
+    # a test process stalled that long between the put and the count sees "a" gone.
+    store = await make_store(Bounds(max_devices=2, presence_ttl=1.5))
     await store.device_put("presence", "w", "a", b"1")
     await store.device_put("presence", "w", "b", b"2")
     assert len(await store.device_map("presence", "w")) == 2
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.6)
     assert await store.device_map("presence", "w") == []
     # Expired entries no longer count against the bound.
     await store.device_put("presence", "w", "c", b"3")

@@ -10,7 +10,6 @@ ends cleanly when the relay shuts down or the subscriber falls too far behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -29,6 +28,7 @@ from relay.api.common import MAX_U64, authorize, int_param, workspace_id
 from relay.api.envelopes import KEY_RULE, client_key, read_headers
 from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame
+from relay.logs import STREAM_ABANDONED
 from relay.runtime import Relay
 from relay.store.base import Page, StoreError, row_seq
 
@@ -139,10 +139,7 @@ class SSEStream(Response):
                         # Mid-stream the answer has begun: end it; the client resumes
                         # from its last id and meets the 503 while the store is down.
                         LOG.warning("the store failed during a live stream; ending it")
-                        with anyio.move_on_after(1):
-                            await send(
-                                {"type": "http.response.body", "body": b"", "more_body": False}
-                            )
+                        await _end(send)
                     finally:
                         watcher.cancel()
                         if expiry is not None:
@@ -156,16 +153,11 @@ class SSEStream(Response):
                     )(scope, receive, send)
                 elif self.expired:
                     LOG.info("ended an SSE stream: its token expired")
-                    with anyio.move_on_after(1):
-                        await send(
-                            {"type": "http.response.body", "body": EXPIRED_EVENT, "more_body": True}
-                        )
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await _end(send, EXPIRED_EVENT)
                 elif sub.overflowed:
                     relay.metrics.slow_consumers.inc()
                     LOG.info("disconnected a slow SSE subscriber")
-                    with anyio.move_on_after(1):
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await _end(send)
         finally:
             relay.slots.release(self.client)
 
@@ -211,7 +203,7 @@ class SSEStream(Response):
                     {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
                 )
         if not sub.overflowed:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _end(send)
 
     async def _replay(self, sub: Subscriber, send: Send, cursor: int) -> int:
         """Send every retained row past `cursor`; live items queued meanwhile are
@@ -232,6 +224,23 @@ class SSEStream(Response):
                     sub.take()
                     continue
                 return cursor
+
+
+async def _end(send: Send, last: bytes = b"") -> None:
+    """Send the answer's last chunk (`last`, then the end) if the peer takes it within a second.
+
+    A peer that stopped reading (gone without a reset, or stalled) would hold it
+    until uvicorn's shutdown timeout; past the second the stream ends without it
+    and uvicorn drops the connection (its "incomplete answer" line is dropped too:
+    relay/logs.py). A peer that already left makes the send a no-op.
+    """
+    with anyio.move_on_after(1) as scope:
+        if last:
+            await send({"type": "http.response.body", "body": last, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if scope.cancelled_caught:
+        STREAM_ABANDONED.set(True)
+        LOG.debug("SSE peer not reading: the stream ends without its last chunk")
 
 
 # ----------------------------------------------------------------- WebSocket
@@ -358,11 +367,14 @@ class WsSession:
                     if expiry is not None:
                         expiry.cancel()
                 tg.cancel_scope.cancel()
-            if self.expired:
+            if sub.overflowed:
+                relay.metrics.slow_consumers.inc()
+            if self.close_code == -1:
+                pass  # the peer has gone: whatever else ended the stream, no one to tell
+            elif self.expired:
                 LOG.info("closed a WebSocket: its token expired")
                 self.close_code, self.close_reason = WS_POLICY, "token expired"
             elif sub.overflowed:
-                relay.metrics.slow_consumers.inc()
                 self.close_code, self.close_reason = (
                     WS_TRY_LATER,
                     "slow consumer: resume from your cursor",
@@ -370,8 +382,24 @@ class WsSession:
             elif sub.closed and relay.hub.closing:
                 self.close_code, self.close_reason = WS_GOING_AWAY, "relay shutting down"
         if self.close_code != -1:
-            with anyio.move_on_after(1), contextlib.suppress(RuntimeError, OSError):
+            await self._close()
+
+    async def _close(self) -> None:
+        """Send the close frame; a peer that left meanwhile is normal, not an error."""
+        # A paused transport (the peer stopped reading) may hold the close: wait a
+        # second, then let uvicorn drop the connection. A peer that resets while we
+        # wait, or already has, surfaces as WebSocketDisconnect (Starlette's word for
+        # uvicorn's ClientDisconnected), OSError, or RuntimeError (uvicorn already
+        # closed it, e.g. a ping timeout).
+        with anyio.move_on_after(1):
+            try:
                 await self.socket.close(self.close_code, self.close_reason)
+            except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+                LOG.debug(
+                    "WebSocket peer gone before the close %d (%s)",
+                    self.close_code,
+                    type(exc).__name__,
+                )
 
     def _post(self, sub: Subscriber, frame: str) -> None:
         self.outbox.append(frame)
