@@ -450,7 +450,10 @@ def _next_page(response: httpx.Response, name: str) -> str | None:
     key, sep, value = raw.strip().partition("=")
     if key != name or not sep or not value:
         raise BadResponse(f"X-Relay-Next is not {name}=...: {raw!r}")
-    return unquote(value, errors="strict")
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise BadResponse(f"X-Relay-Next is not percent-encoded UTF-8: {raw!r}") from None
 
 
 @dataclass(frozen=True)

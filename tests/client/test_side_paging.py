@@ -190,6 +190,7 @@ MORE = {"x-relay-more": "true"}
         ("get_keyring", [({"x-relay-next": "after=a"}, b"[1]")], "before="),
         ("get_keyring", [({"x-relay-next": "before=-1"}, b"[1]")], "not a count"),
         ("get_presence", [({"x-relay-next": "after="}, b"{}")], "after="),
+        ("get_presence", [({"x-relay-next": "after=%FF"}, b"{}")], "percent-encoded UTF-8"),
     ],
 )
 def test_a_relay_that_loops_or_garbles_paging_is_a_bad_response(
