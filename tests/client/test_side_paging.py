@@ -30,6 +30,7 @@ from client import _requests as rq
 from tests.client import test_relay_client as shared
 from tests.client.conftest import OPEN_RELAY_ENV
 from tests.client.support import FAST, new_workspace_id
+from tests.client.test_client_cli import cli
 from tests.client.test_relay_client import Factory, mock_client
 from tests.relayproc import RelayProcess
 
@@ -301,7 +302,15 @@ def test_a_full_relay_refuses_a_new_workspace_with_relay_full(make_client: Facto
         with pytest.raises(RelayFull) as info:
             for n in range(200):
                 api.push(f"full-{n}", {"n": n})
-    assert info.value.status == 413 and info.value.code == "relay_full"
+        assert info.value.status == 413 and info.value.code == "relay_full"
+        # The CLI does not suggest a larger body limit: the relay is out of room.
+        env = {"HIVE_RELAY_URL": small.url, "HIVE_WORKSPACE": "full-new", "HIVE_WORKSPACE_KEY": "k"}
+        result = cli("send", '{"n": 1}', env=env)
+    assert result.returncode != 0
+    assert "out of room" in result.stderr and "HIVE_RELAY_MAX_BYTES" in result.stderr
+    assert (
+        "max_body_bytes" not in result.stderr and "HIVE_RELAY_MAX_BODY_BYTES" not in result.stderr
+    )
 
 
 def test_side_and_pairing_rate_limits_are_rate_limited(make_client: Factory) -> None:
