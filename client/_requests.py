@@ -478,7 +478,7 @@ def parse_keyring_page(response: httpx.Response) -> KeyringPage:
     raw = _next_page(response, "before")
     before = None
     if raw is not None:
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise BadResponse(f"X-Relay-Next has a before that is not a count: {raw!r}")
         before = int(raw)
     return KeyringPage(blobs, before)

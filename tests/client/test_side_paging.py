@@ -190,6 +190,7 @@ MORE = {"x-relay-more": "true"}
         ("get_presence", [(MORE, b'{"a":1}')], "no X-Relay-Next"),
         ("get_keyring", [({"x-relay-next": "after=a"}, b"[1]")], "before="),
         ("get_keyring", [({"x-relay-next": "before=-1"}, b"[1]")], "not a count"),
+        ("get_keyring", [({"x-relay-next": "before=%C2%B2"}, b"[1]")], "not a count"),
         ("get_presence", [({"x-relay-next": "after="}, b"{}")], "after="),
         ("get_presence", [({"x-relay-next": "after=%FF"}, b"{}")], "percent-encoded UTF-8"),
     ],
