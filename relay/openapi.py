@@ -204,7 +204,7 @@ def _device_channel(name: str) -> dict[str, Any]:
     return {
         "parameters": [_WS],
         "get": {
-            "summary": f"Read every device's {name} entry",
+            "summary": f"Read the devices' {name} entries (paged past HIVE_RELAY_MAX_PAGE_BYTES)",
             "operationId": f"get_{name}",
             "parameters": [_DEVICE_AFTER],
             "responses": {"200": _DEVICE_MAP, **_errors(400, 401, 403, 503)},
