@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from starlette.routing import Route, WebSocketRoute
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from relay.app import LIVE_ROUTES, ROUTES, cors_lists, create_app
 from relay.errors import RelayError
@@ -119,3 +119,25 @@ def test_a_stream_slot_is_given_back_however_the_stream_ends() -> None:
         assert full.value.status == 503 and full.value.code == "too_many_streams"
         assert full.value.headers["retry-after"] == "5"
     assert slots.total == 0
+
+
+def test_streams_refused_for_want_of_a_slot_answer_503_and_take_nothing() -> None:
+    app = create_app(Settings(max_sse=1))
+    relay = app.state.relay
+    with TestClient(app) as c, relay.slots.hold("someone else"):
+        r = c.get("/v1/workspaces/w/events")
+        assert r.status_code == 503
+        assert r.json()["error"] == "too_many_streams"
+        assert r.headers["retry-after"] == "5"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        r = c.get("/v1/workspaces/w/envelopes?wait=5")
+        assert r.status_code == 503 and r.json()["error"] == "too_many_streams"
+        with (
+            pytest.raises(WebSocketDenialResponse) as denied,
+            c.websocket_connect("/v1/workspaces/w/ws"),
+        ):
+            pytest.fail("a WebSocket past the cap")  # pragma: no cover
+        assert denied.value.status_code == 503
+        assert denied.value.json()["error"] == "too_many_streams"
+        assert relay.slots.total == 1  # only the slot held above
+    assert relay.slots.total == 0
