@@ -4,10 +4,11 @@ hub, the house-keeping sweep and the snapshot writer."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -18,13 +19,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from relay import logs
 from relay.access import policy_from_settings
 from relay.api import envelopes, live, public, side
-from relay.errors import SECURITY_HEADERS, RelayError, error_response, store_error_response
+from relay.errors import RelayError, add_security_headers, error_response, store_error_response
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots
 from relay.metrics import Metrics
@@ -35,13 +37,128 @@ from relay.store.base import Store, StoreError
 
 LOG = logging.getLogger("relay")
 SWEEP_INTERVAL = 30.0
-_SECURITY = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-LIVE_ROUTES = ("/v1/workspaces/{ws}/events", "/v1/workspaces/{ws}/ws")
+
+Endpoint = Callable[..., Awaitable[Response]]
 
 
-def _secure(start: Message) -> None:
-    """Add the security headers to a response-start message."""
-    start["headers"] = [*start.get("headers", ()), *_SECURITY]
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route, declared once. The router, the hot lane, the metrics' timing rule
+    and the CORS lists all read this table.
+
+    `endpoints` maps each HTTP method to its endpoint (HEAD is served by GET's
+    unless named); a WebSocket route has `socket` instead. `hot` routes are served
+    in front of Starlette's router; `live` ones hold a stream open, so their
+    duration is not a latency sample. `channel` is passed to side-channel
+    endpoints as `channel=`. `reads` and `sets` are the request and response
+    headers a browser client needs CORS to allow or expose.
+    """
+
+    path: str
+    name: str
+    endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
+    socket: Callable[[WebSocket], Awaitable[None]] | None = None
+    hot: bool = False
+    live: bool = False
+    channel: str | None = None
+    reads: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+
+    def by_method(self) -> dict[str, Endpoint]:
+        """Method → endpoint, with the side channel bound and HEAD served by GET."""
+        out: dict[str, Endpoint] = {}
+        for method, endpoint in self.endpoints.items():
+            out[method] = (
+                functools.partial(endpoint, channel=self.channel) if self.channel else endpoint
+            )
+        if "GET" in out:
+            out.setdefault("HEAD", out["GET"])
+        return out
+
+    def route(self) -> BaseRoute:
+        if self.socket is not None:
+            return WebSocketRoute(self.path, self.socket, name=self.name)
+        handlers = self.by_method()
+        if len(set(self.endpoints.values())) == 1:
+            endpoint = handlers[next(iter(self.endpoints))]
+        else:
+            # One route per path, so a 405 answer's Allow header names every method.
+            async def endpoint(request: Request) -> Response:
+                return await handlers[request.method](request)
+
+        return Route(self.path, endpoint, methods=list(self.endpoints), name=self.name)
+
+
+_WS = "/v1/workspaces/{ws}"
+_PAGED = ("X-Relay-More", "X-Relay-Next")
+_READ = ("X-Relay-Head", "X-Relay-Oldest", "X-Relay-Epoch", "X-Relay-Gap", *_PAGED)
+ROUTES: tuple[RouteSpec, ...] = (
+    RouteSpec(
+        f"{_WS}/envelopes",
+        "envelopes",
+        {"GET": envelopes.get_envelopes, "POST": envelopes.post_envelope},
+        hot=True,
+        reads=("Idempotency-Key", "X-Hive-Event-Id"),
+        sets=_READ,
+    ),
+    RouteSpec(
+        f"{_WS}/envelopes/batch",
+        "envelopes_batch",
+        {"POST": envelopes.post_batch},
+        reads=("Idempotency-Keys",),
+    ),
+    RouteSpec(
+        f"{_WS}/events",
+        "events",
+        {"GET": live.events},
+        hot=True,
+        live=True,
+        reads=("Last-Event-ID",),
+        sets=_READ,
+    ),
+    RouteSpec(f"{_WS}/ws", "ws", socket=live.websocket, live=True),
+    RouteSpec(
+        f"{_WS}/keyring",
+        "keyring",
+        {"GET": side.get_keyring, "POST": side.post_keyring},
+        sets=_PAGED,
+    ),
+    *(
+        RouteSpec(
+            f"{_WS}/{channel}",
+            channel,
+            {"GET": side.get_devices, "POST": side.post_device},
+            channel=channel,
+            sets=_PAGED,
+        )
+        for channel in ("presence", "candidates")
+    ),
+    RouteSpec("/v1/pair", "pair_create", {"POST": side.post_pair}),
+    RouteSpec("/v1/pair/{code}", "pair_resolve", {"GET": side.get_pair}),
+    RouteSpec("/v1/health", "health", {"GET": public.health, "HEAD": public.health}),
+    RouteSpec("/", "status_page", {"GET": public.status_page}),
+    RouteSpec("/metrics", "metrics", {"GET": public.metrics}),
+    RouteSpec("/openapi.json", "openapi", {"GET": public.openapi}),
+)
+LIVE_ROUTES = frozenset(spec.path for spec in ROUTES if spec.live)
+# Sent to or read from every route: the bearer token, a POST body's type, a 429/503's wait.
+_EVERY_READ = ("Authorization", "Content-Type")
+_EVERY_SET = ("Retry-After",)
+
+
+def _union(*lists: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(name for names in lists for name in names))
+
+
+def cors_lists() -> dict[str, list[str]]:
+    """CORSMiddleware's method and header lists, from the route table."""
+    return {
+        "allow_methods": _union(
+            *(spec.by_method() for spec in ROUTES if spec.socket is None), ["OPTIONS"]
+        ),
+        "allow_headers": _union(_EVERY_READ, *(spec.reads for spec in ROUTES)),
+        "expose_headers": _union(*(spec.sets for spec in ROUTES), _EVERY_SET),
+    }
 
 
 def head_size(scope: Scope) -> int:
@@ -69,43 +186,80 @@ def record(relay: Relay, scope: Scope, route: str, status: int, start: float) ->
         method,
         status or 500,
         duration,
+        # A live stream's or long-poll's duration is how long the client stayed.
         timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
     )
     if relay.settings.access_log:
         logs.access(method, route, status or 500, duration, relay.address(scope))
 
 
-class RequestLog:
-    """One log line and one metrics sample per request; security headers on every answer.
+class Front:
+    """The app's outermost layer: for every request the header limit, the security
+    headers, the metrics sample and the log line; and the hot lane.
+
+    The hot lane serves the routes marked `hot` (push and read envelopes, SSE)
+    without Starlette's router. The router tries routes in order and wraps each
+    endpoint in two exception-handling layers and a fresh Request; on the publish
+    path that is a fifth of the relay's own time, and an idle SSE stream would
+    hold those layers' frames for its whole life (docs/benchmarks.md). The lane
+    maps errors with the app's own exception handlers. With CORS on, Starlette's
+    CORSMiddleware wraps the lane as it wraps the router.
 
     Pure ASGI (no BaseHTTPMiddleware) so streaming responses pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, relay: Relay) -> None:
-        self.app = app
+    def __init__(
+        self,
+        relay: Relay,
+        handlers: Mapping[Any, Callable[[Request, Exception], Response]],
+        cors: Callable[[ASGIApp], ASGIApp] | None,
+    ) -> None:
+        self.app: ASGIApp = _no_stack
         self.relay = relay
         self.header_limit = relay.settings.header_limit
+        self.handlers = handlers
+        self.hot = [
+            (compile_path(spec.path)[0], spec.route(), spec.by_method())
+            for spec in ROUTES
+            if spec.hot
+        ]
+        self.lane: ASGIApp = self._serve_hot if cors is None else cors(self._serve_hot)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            for regex, route, by_method in self.hot:
+                match = regex.match(path)
+                if match is not None:
+                    endpoint = by_method.get(scope["method"])
+                    if endpoint is None:
+                        break  # the router answers 405
+                    scope["route"] = route
+                    scope["endpoint"] = endpoint
+                    scope["path_params"] = match.groupdict()
+                    await self.lane(scope, receive, send)
+                    return
+        elif kind != "websocket":
             await self.app(scope, receive, send)
             return
+        await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Any route but the hot ones: through Starlette's middleware and router."""
         start = time.perf_counter()
         status = 0
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             kind = message["type"]
-            if kind == "http.response.start":
+            if kind in ("http.response.start", "websocket.http.response.start"):
                 status = message["status"]
-                _secure(message)
+                message["headers"] = add_security_headers(message.get("headers", ()))
             elif kind == "websocket.accept":
                 status = 101
             elif kind == "websocket.close" and not status:
                 status = 403
-            elif kind == "websocket.http.response.start":
-                status = message["status"]
-                _secure(message)
             await send(message)
 
         try:
@@ -117,132 +271,71 @@ class RequestLog:
                 status = 431
                 await send({"type": "websocket.close", "code": 1009})
         finally:
-            route_obj = scope.get("route")
-            route = getattr(route_obj, "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
             record(self.relay, scope, route, status, start)
 
-
-class HotPath:
-    """Serve the hottest routes (push and read envelopes, SSE) without the router.
-
-    Starlette's router tries routes in order and wraps each endpoint in two
-    exception-handling layers and a fresh Request; on the publish path that was
-    a fifth of the relay's own time, and an idle SSE stream held those layers'
-    frames (about 3 KiB) for its whole life (docs/benchmarks.md). Errors are
-    mapped by the app's own handlers.
-
-    Where it sits depends on CORS. With CORS off (the default) it is the
-    outermost layer (`outermost=True`): for these routes it also does what
-    RequestLog and Starlette's ServerErrorMiddleware do (security headers, the
-    header limit, the metrics sample and log line, a JSON 500 for a bug),
-    without their two wrappers around every `send`. With CORS on it sits
-    innermost, after CORS, and those layers run as for any route.
-    """
-
-    PATH = re.compile(r"/v1/workspaces/([^/]+)/(envelopes|events)")
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        routes: dict[str, Route],
-        handlers: dict[Any, Any],
-        relay: Relay | None = None,
-        outermost: bool = False,
-    ) -> None:
-        self.app = app
-        self.routes = routes
-        self.handlers = handlers
-        self.relay = relay
-        self.outermost = outermost
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "GET", "HEAD"):
-            match = self.PATH.fullmatch(scope["path"])
-            if match is not None and (match.group(2) == "envelopes" or scope["method"] != "POST"):
-                route = self.routes[match.group(2)]
-                if self.outermost:
-                    await self._serve_whole(scope, receive, send, route, match.group(1))
-                    return
-                scope["route"] = route
-                scope["path_params"] = {"ws": match.group(1)}
-                request = Request(scope, receive, send)
-                try:
-                    response = await route.endpoint(request)
-                except Exception as exc:  # the same mapping the app's handlers apply
-                    response = self._handle(request, exc)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    async def _serve_whole(
-        self, scope: Scope, receive: Receive, send: Send, route: Route, ws: str
-    ) -> None:
-        relay = self.relay
-        assert relay is not None
+    async def _serve_hot(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A hot route: scope["route"] and scope["endpoint"] are set by __call__."""
         start = time.perf_counter()
         status = 0
-        scope["route"] = route
-        scope["path_params"] = {"ws": ws}
         unexpected: Exception | None = None
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                _secure(message)
+                message["headers"] = add_security_headers(message.get("headers", ()))
             await send(message)
 
         try:
-            if head_size(scope) > relay.settings.header_limit:
-                response = head_too_large(relay.settings.header_limit)
+            if head_size(scope) > self.header_limit:
+                response = head_too_large(self.header_limit)
             else:
                 request = Request(scope, receive, send)
                 try:
-                    response = await route.endpoint(request)
+                    response = await scope["endpoint"](request)
                 except Exception as exc:
                     try:
                         response = self._handle(request, exc)
-                    except Exception as bug:  # what ServerErrorMiddleware would answer
+                    except Exception as bug:  # the app's 500 handler answers it
                         unexpected = bug
-                        response = _server_error(request, bug)
+                        response = self.handlers[Exception](request, bug)
             if isinstance(response, live.SSEStream):
-                # A stream sends its own head (or a JSON error if the store fails first).
+                # A stream sends its own head (or a JSON error if it cannot begin).
                 try:
                     await response(scope, receive, send_with_headers)
                 except Exception as bug:
                     if status:  # the stream had begun: uvicorn ends the connection
                         raise
-                    unexpected, status = bug, 500
-                    await _server_error(request, bug)(scope, receive, send)
+                    unexpected = bug
+                    await self.handlers[Exception](request, bug)(scope, receive, send_with_headers)
             else:
                 # A whole answer: its headers are known; no wrapper around `send`.
                 status = response.status_code
-                with_security_headers(response)
+                add_security_headers(response.raw_headers)
                 await response(scope, receive, send)
         finally:
-            record(relay, scope, route.path, status, start)
+            record(self.relay, scope, scope["route"].path, status, start)
         if unexpected is not None:
             raise unexpected  # uvicorn logs it with its traceback, as for any route
 
     def _handle(self, request: Request, exc: Exception) -> Response:
+        """What the app's exception handlers answer; the 500 handler is the caller's."""
         for kind in type(exc).__mro__:
             handler = self.handlers.get(kind)
             if handler is not None and kind is not Exception:
-                response: Response = handler(request, exc)
-                return response
+                return handler(request, exc)
         raise exc
 
 
-def with_security_headers(response: Response) -> None:
-    raw = response.raw_headers
-    if _SECURITY[0] not in raw:
-        raw.extend(_SECURITY)
+async def _no_stack(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("Front.app is set when RelayApp builds its middleware stack")
 
 
 class RelayApp(Starlette):
-    """Starlette with the hot routes' lane in front of its middleware stack."""
+    """Starlette with Front in front of its middleware stack."""
 
-    front: HotPath | None = None
+    front: Front | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
@@ -297,10 +390,7 @@ def _disconnected(request: Request, exc: Exception) -> Response:
 
 def _server_error(request: Request, exc: Exception) -> Response:
     # uvicorn logs the traceback; the client only learns that it was our fault.
-    # Sent by Starlette's outermost middleware, past RequestLog: add the security headers.
-    return error_response(
-        500, "internal_error", "the relay hit an unexpected error", SECURITY_HEADERS
-    )
+    return error_response(500, "internal_error", "the relay hit an unexpected error")
 
 
 def build_relay(settings: Settings, store: Store | None = None) -> Relay:
@@ -375,18 +465,6 @@ async def _sweep_forever(relay: Relay) -> None:
             await anyio.lowlevel.checkpoint()
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _get_post(path: str, get: Endpoint, post: Endpoint) -> Route:
-    """One route per path, so a 405 answer's Allow header names every method."""
-
-    async def endpoint(request: Request) -> Response:
-        return await (post if request.method == "POST" else get)(request)
-
-    return Route(path, endpoint, methods=["GET", "POST"], name=post.__name__)
-
-
 def create_app(settings: Settings | None = None, store: Store | None = None) -> Starlette:
     settings = settings or Settings()
     relay = build_relay(settings, store)
@@ -413,50 +491,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             await snapshots.write_final()
         await relay.store.close()
 
-    ws_path = "/v1/workspaces/{ws}"
-    # The hot routes first: Starlette tries routes in order.
-    routes = [
-        _get_post(f"{ws_path}/envelopes", envelopes.get_envelopes, envelopes.post_envelope),
-        Route(f"{ws_path}/envelopes/batch", envelopes.post_batch, methods=["POST"]),
-        Route(f"{ws_path}/events", live.events, methods=["GET"]),
-        WebSocketRoute(f"{ws_path}/ws", live.websocket),
-        _get_post(f"{ws_path}/keyring", side.get_keyring, side.post_keyring),
-        _get_post(f"{ws_path}/presence", side.get_devices, side.post_device),
-        _get_post(f"{ws_path}/candidates", side.get_devices, side.post_device),
-        Route("/v1/pair", side.post_pair, methods=["POST"]),
-        Route("/v1/pair/{code}", side.get_pair, methods=["GET"]),
-        Route("/v1/health", public.health, methods=["GET", "HEAD"]),
-        Route("/", public.status_page, methods=["GET"]),
-        Route("/metrics", public.metrics, methods=["GET"]),
-        Route("/openapi.json", public.openapi, methods=["GET"]),
-    ]
-    middleware = [Middleware(RequestLog, relay=relay)]
-    if settings.cors_origin_list:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origin_list),
-                allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
-                allow_headers=[
-                    "Authorization",
-                    "Content-Type",
-                    "Idempotency-Key",
-                    "Idempotency-Keys",
-                    "X-Hive-Event-Id",
-                    "Last-Event-ID",
-                ],
-                expose_headers=[
-                    "X-Relay-Head",
-                    "X-Relay-Oldest",
-                    "X-Relay-Epoch",
-                    "X-Relay-Gap",
-                    "X-Relay-More",
-                    "X-Relay-Next",
-                    "Retry-After",
-                ],
-                max_age=600,
-            )
-        )
     handlers: dict[Any, Any] = {
         RelayError: _relay_error,
         StoreError: _store_error,
@@ -465,16 +499,23 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         ClientDisconnect: _disconnected,
         Exception: _server_error,
     }
-    hot = {r.path.rsplit("/", 1)[-1]: r for r in routes[:3] if isinstance(r, Route)}
-    assert set(hot) >= {"envelopes", "events"}
+    cors: dict[str, Any] | None = None
+    middleware = []
     if settings.cors_origin_list:
-        middleware.append(Middleware(HotPath, routes=hot, handlers=handlers))
+        # Bearer tokens, not cookies: credentials are never allowed.
+        cors = {"allow_origins": list(settings.cors_origin_list), "max_age": 600, **cors_lists()}
+        middleware.append(Middleware(CORSMiddleware, **cors))
     app = RelayApp(
-        routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan
+        routes=[spec.route() for spec in ROUTES],
+        middleware=middleware,
+        exception_handlers=handlers,
+        lifespan=lifespan,
     )
-    if not settings.cors_origin_list:
-        # Its `app` becomes Starlette's stack when RelayApp builds it.
-        app.front = HotPath(app, hot, handlers, relay=relay, outermost=True)
+    app.front = Front(
+        relay,
+        handlers,
+        None if cors is None else functools.partial(CORSMiddleware, **cors),
+    )
     app.router.redirect_slashes = False  # no redirect built from the client's Host header
     app.state.relay = relay
     app.state.snapshots = snapshots

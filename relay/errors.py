@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 from starlette.responses import Response
 
@@ -11,6 +13,21 @@ SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
 }
+_SECURITY_RAW = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def add_security_headers(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    """The ASGI header list with the security headers added (in place for a list).
+
+    Every answer the app sends gets them through here, once: a list that has
+    them already is returned unchanged.
+    """
+    raw = headers if isinstance(headers, list) else list(headers)
+    if _SECURITY_RAW[0] not in raw:
+        raw.extend(_SECURITY_RAW)
+    return raw
 
 
 class RelayError(Exception):

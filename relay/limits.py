@@ -6,11 +6,12 @@ pruned of full (idle) buckets, then of the oldest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from starlette.types import Scope
 
@@ -144,7 +145,11 @@ class RateLimiter:
 
 
 class StreamSlots:
-    """Counts live streams (SSE, WebSocket, long-poll), globally and per client."""
+    """Counts live streams (SSE, WebSocket, long-poll), globally and per client.
+
+    A stream holds its slot as `with slots.hold(client):` around its whole life,
+    so every way it ends (done, disconnect, cancel, error) gives the slot back.
+    """
 
     def __init__(self, max_total: int, max_per_client: int) -> None:
         self.max_total = max_total
@@ -152,7 +157,16 @@ class StreamSlots:
         self.total = 0
         self._per_client: dict[str, int] = {}
 
-    def acquire(self, client: str) -> None:
+    @contextlib.contextmanager
+    def hold(self, client: str) -> Iterator[None]:
+        """A slot for the `with` body; 503 (RelayError) when none is free."""
+        self._acquire(client)
+        try:
+            yield
+        finally:
+            self._release(client)
+
+    def _acquire(self, client: str) -> None:
         if self.max_total and self.total >= self.max_total:
             raise RelayError(
                 503,
@@ -171,7 +185,7 @@ class StreamSlots:
         self.total += 1
         self._per_client[client] = held + 1
 
-    def release(self, client: str) -> None:
+    def _release(self, client: str) -> None:
         self.total -= 1
         held = self._per_client.get(client, 0) - 1
         if held > 0:

@@ -376,7 +376,7 @@ def test_cors_allows_only_the_listed_origins() -> None:
                 assert name in exposed
             # Bearer tokens, not cookies: credentials are never allowed.
             assert "access-control-allow-credentials" not in r.headers
-            assert r.headers["x-content-type-options"] == "nosniff"  # CORS on: HotPath inside
+            assert r.headers["x-content-type-options"] == "nosniff"  # CORS wraps the hot lane
             pre = c.options(
                 "/v1/workspaces/w/envelopes",
                 headers={
@@ -441,8 +441,8 @@ def assert_opaque_500(r: httpx.Response) -> None:
 
 @pytest.mark.parametrize("cors", ["", "https://app.example"])
 def test_no_stack_traces_to_clients(caplog: pytest.LogCaptureFixture, cors: str) -> None:
-    """With CORS off the hot routes are served in front of Starlette's stack, with it
-    on inside it (relay/app.py HotPath): a bug must end the same way in both."""
+    """The hot routes are served by relay/app.py's hot lane, the rest by Starlette's
+    router, with CORS off or on: a bug must end the same way in every case."""
     app = create_app(Settings(cors_origins=cors), store=BrokenStore())
     with TestClient(app, raise_server_exceptions=False) as c:
         assert_opaque_500(c.get("/v1/workspaces/broken/envelopes"))  # the hot path

@@ -179,32 +179,26 @@ async def _long_poll(
     import anyio
 
     client = relay.client(request.scope)
-    relay.slots.acquire(client)
     page: Page | None = None
-    try:
-        with relay.hub.subscribe(ws, 0) as waiter:
-            async with anyio.create_task_group() as tg:
+    with relay.slots.hold(client), relay.hub.subscribe(ws, 0) as waiter:
+        async with anyio.create_task_group() as tg:
 
-                async def watch_disconnect() -> None:
-                    while (await request.receive())["type"] != "http.disconnect":
-                        pass
-                    waiter.close()
+            async def watch_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                waiter.close()
 
-                tg.start_soon(watch_disconnect)
-                with anyio.move_on_after(wait):
-                    while True:
-                        waiter.wake.clear()
-                        # Read first: a row may have landed between the caller's read
-                        # and the subscription.
-                        page = await relay.store.read(
-                            ws, after, limit, relay.settings.max_page_bytes
-                        )
-                        if page.rows or waiter.closed:
-                            break
-                        await waiter.wait(None)
-                tg.cancel_scope.cancel()
-    finally:
-        relay.slots.release(client)
+            tg.start_soon(watch_disconnect)
+            with anyio.move_on_after(wait):
+                while True:
+                    waiter.wake.clear()
+                    # Read first: a row may have landed between the caller's read
+                    # and the subscription.
+                    page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
+                    if page.rows or waiter.closed:
+                        break
+                    await waiter.wait(None)
+            tg.cancel_scope.cancel()
     if page is None or (not page.rows):
         page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
     return page

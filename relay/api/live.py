@@ -21,7 +21,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from relay.access import Denied, bearer_token
 from relay.api.common import MAX_U64, authorize, int_param, workspace_id
@@ -82,14 +82,13 @@ async def events(request: Request) -> Response:
     client = relay.client(request.scope)
     if relay.hub.closing:
         raise RelayError(503, "shutting_down", "the relay is shutting down", retry_after=2)
-    relay.slots.acquire(client)
     stream = SSEStream(relay, ws, client, with_bodies, cursor if with_bodies else None)
     stream.expires = grant.expires
     return stream
 
 
 class SSEStream(Response):
-    """A text/event-stream answer that owns one stream slot until it ends."""
+    """A text/event-stream answer that holds one stream slot while it is sent."""
 
     def __init__(
         self, relay: Relay, ws: str, client: str, bodies: bool, cursor: int | None
@@ -106,60 +105,69 @@ class SSEStream(Response):
         self.expired = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            with self.relay.slots.hold(self.client):
+                await self._serve(scope, receive, send)
+        except RelayError as exc:
+            if self.started:
+                raise
+            # No slot free: the stream never began, so this is its JSON answer.
+            await error_response(exc.status, exc.code, exc.message, exc.headers)(
+                scope, receive, send
+            )
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = self.relay
         settings = relay.settings
-        try:
-            with relay.hub.subscribe(
-                self.ws, settings.stream_buffer, settings.stream_buffer_bytes
-            ) as sub:
-                # A bare cancel scope and one plain task (not a task group): an idle
-                # stream is mostly what it holds while it waits (docs/benchmarks.md).
-                with anyio.CancelScope() as cancel_scope:
+        with relay.hub.subscribe(
+            self.ws, settings.stream_buffer, settings.stream_buffer_bytes
+        ) as sub:
+            # A bare cancel scope and one plain task (not a task group): an idle
+            # stream is mostly what it holds while it waits (docs/benchmarks.md).
+            with anyio.CancelScope() as cancel_scope:
 
-                    def expire() -> None:
-                        self.expired = True
-                        cancel_scope.cancel()
+                def expire() -> None:
+                    self.expired = True
+                    cancel_scope.cancel()
 
-                    expiry = _at_expiry(self.expires, expire)
+                expiry = _at_expiry(self.expires, expire)
 
-                    async def watch_disconnect() -> None:
-                        while (await receive())["type"] != "http.disconnect":
-                            pass
-                        cancel_scope.cancel()
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    cancel_scope.cancel()
 
-                    watcher = asyncio.get_running_loop().create_task(watch_disconnect())
-                    sub.on_overflow = cancel_scope.cancel
-                    sub.replaying = True
-                    try:
-                        await self._stream(sub, send)
-                    except StoreError as exc:
-                        if not self.started:  # still a normal JSON error answer
-                            await store_error_response(exc)(scope, receive, send)
-                            return
-                        # Mid-stream the answer has begun: end it; the client resumes
-                        # from its last id and meets the 503 while the store is down.
-                        LOG.warning("the store failed during a live stream; ending it")
-                        await _end(send)
-                    finally:
-                        watcher.cancel()
-                        if expiry is not None:
-                            expiry.cancel()
-                if self.expired and not self.started:  # expired while it was being set up
-                    await error_response(
-                        401,
-                        "unauthorized",
-                        "the bearer token has expired",
-                        {"www-authenticate": "Bearer"},
-                    )(scope, receive, send)
-                elif self.expired:
-                    LOG.info("ended an SSE stream: its token expired")
-                    await _end(send, EXPIRED_EVENT)
-                elif sub.overflowed:
-                    relay.metrics.slow_consumers.inc()
-                    LOG.info("disconnected a slow SSE subscriber")
+                watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+                sub.on_overflow = cancel_scope.cancel
+                sub.replaying = True
+                try:
+                    await self._stream(sub, send)
+                except StoreError as exc:
+                    if not self.started:  # still a normal JSON error answer
+                        await store_error_response(exc)(scope, receive, send)
+                        return
+                    # Mid-stream the answer has begun: end it; the client resumes
+                    # from its last id and meets the 503 while the store is down.
+                    LOG.warning("the store failed during a live stream; ending it")
                     await _end(send)
-        finally:
-            relay.slots.release(self.client)
+                finally:
+                    watcher.cancel()
+                    if expiry is not None:
+                        expiry.cancel()
+            if self.expired and not self.started:  # expired while it was being set up
+                await error_response(
+                    401,
+                    "unauthorized",
+                    "the bearer token has expired",
+                    {"www-authenticate": "Bearer"},
+                )(scope, receive, send)
+            elif self.expired:
+                LOG.info("ended an SSE stream: its token expired")
+                await _end(send, EXPIRED_EVENT)
+            elif sub.overflowed:
+                relay.metrics.slow_consumers.inc()
+                LOG.info("disconnected a slow SSE subscriber")
+                await _end(send)
 
     async def _stream(self, sub: Subscriber, send: Send) -> None:
         relay = self.relay
@@ -305,14 +313,13 @@ async def websocket(websocket: WebSocket) -> None:
         )
         return
     try:
-        relay.slots.acquire(client)
+        with relay.slots.hold(client):
+            await WsSession(relay, websocket, ws, client, grant.expires).run(subprotocol)
     except RelayError as exc:
+        if websocket.application_state is not WebSocketState.CONNECTING:
+            raise
+        # No slot free: refused before the handshake is answered.
         await _deny(websocket, exc.status, exc.code, exc.message, exc.headers)
-        return
-    try:
-        await WsSession(relay, websocket, ws, client, grant.expires).run(subprotocol)
-    finally:
-        relay.slots.release(client)
 
 
 class WsSession:

@@ -113,12 +113,8 @@ async def get_keyring(request: Request) -> Response:
     return _json(body, _more(f"before={start}") if start > 0 else None)
 
 
-def _channel(request: Request) -> str:
-    # The route path ends in the channel name.
-    return request.url.path.rsplit("/", 1)[-1]
-
-
-async def post_device(request: Request) -> Response:
+async def post_device(request: Request, channel: str) -> Response:
+    """Store one device's entry in `channel` ("presence" or "candidates", from the route)."""
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
@@ -129,15 +125,15 @@ async def post_device(request: Request) -> Response:
     entry = parse_json(body, DeviceEntry, "the body")
     if not 1 <= len(entry.device_id) <= MAX_DEVICE_ID:
         raise bad_request("invalid_device_id", f"device_id must be 1–{MAX_DEVICE_ID} characters")
-    await relay.store.device_put(_channel(request), ws, entry.device_id, bytes(entry.data))
+    await relay.store.device_put(channel, ws, entry.device_id, bytes(entry.data))
     return _json(OK)
 
 
-async def get_devices(request: Request) -> Response:
+async def get_devices(request: Request, channel: str) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
-    entries = await relay.store.device_map(_channel(request), ws)
+    entries = await relay.store.device_map(channel, ws)
     max_bytes = relay.settings.max_page_bytes
     after = request.query_params.get("after")
     if after is not None and not 1 <= len(after) <= MAX_DEVICE_ID:
