@@ -118,7 +118,7 @@ def _serve(settings: Settings) -> int:
     relay = app.state.relay
     for name in ignored_settings(settings):
         LOG.warning("%s is ignored: HIVE_RELAY_TOKEN_PUBKEY selects signed tokens", name)
-    if settings.data_dir and not settings.store.startswith("memory"):
+    if settings.data_dir and settings.store_kind != "memory":
         LOG.warning("HIVE_RELAY_DATA_DIR is ignored: snapshots apply to the memory store only")
 
     config = uvicorn.Config(
