@@ -353,3 +353,16 @@ def test_the_store_scheme_is_checked_once_and_names_the_store_kind() -> None:
     assert load({"HIVE_RELAY_STORE": "rediss://h:6380"}).store_kind == "redis"
     with pytest.raises(SettingsError, match="HIVE_RELAY_STORE: unknown store 'memory'"):
         store_kind_of("memory")
+
+
+def test_a_store_scheme_in_capitals_is_the_same_store_everywhere(tmp_path: Path) -> None:
+    # The scheme is read in one place: MEMORY:// snapshots like memory:// does.
+    from starlette.testclient import TestClient
+
+    from relay.app import create_app
+    from relay.store.snapshot import FILENAME
+
+    settings = Settings(store="MEMORY://", data_dir=str(tmp_path), push_rate=0)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/workspaces/caps/envelopes", content=b"{}").status_code == 200
+    assert (tmp_path / FILENAME).exists()
