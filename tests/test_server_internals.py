@@ -1,11 +1,13 @@
-"""The uvicorn internals relay/server.py and relay/__main__.py build on, and what they buy.
+"""The uvicorn and Starlette internals the relay builds on, and what they buy.
 
 The relay subclasses uvicorn's httptools and sans-I/O WebSocket protocols (for the
 guarantees listed in relay/server.py) and swaps each response cycle's transport
 (one send per small answer). pyproject.toml bounds uvicorn to the minor versions
 these were checked against; these tests fail loudly, naming the missing piece,
 when a uvicorn release renames or reshapes any of it, and check on a real relay
-that the one-send saving is in effect.
+that the one-send saving is in effect. `JSONBytes` (the publish and read answers)
+sets Response's attributes without Response.__init__: checked against Starlette's
+own constructor.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 import pytest
 import uvicorn
+from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from relay.api.envelopes import JSONBytes
 from relay.server import RelayHttpProtocol, RelayWebSocketProtocol, _HeadWithBody
 from tests.relayproc import RelayProcess
 
@@ -164,6 +168,28 @@ def test_the_uvicorn_state_the_http_protocol_reads_is_there_on_a_real_connection
     assert seen["resume_reading"] is True
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"\r\n\r\nok")
+
+
+class StarletteJSONBytes(Response):
+    media_type = "application/json"
+
+
+@pytest.mark.parametrize("headers", [None, {"X-Relay-More": "true", "X-Relay-Next": "after=5"}])
+def test_json_bytes_sets_what_starlettes_response_constructor_sets(
+    headers: dict[str, str] | None,
+) -> None:
+    ours = JSONBytes(b'{"seq":1}', headers)
+    theirs = StarletteJSONBytes(b'{"seq":1}', headers=headers)
+    # A new attribute in Starlette's constructor (that __call__ may read) fails here.
+    assert set(vars(ours)) == set(vars(theirs))
+    assert (ours.status_code, ours.body, ours.background, ours.media_type) == (
+        theirs.status_code,
+        theirs.body,
+        theirs.background,
+        theirs.media_type,
+    )
+    # The same headers (JSONBytes keeps a header name's case as the caller wrote it).
+    assert sorted((k.lower(), v) for k, v in ours.raw_headers) == sorted(theirs.raw_headers)
 
 
 # ------------------------------------------------------------ one send per answer
