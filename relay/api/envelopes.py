@@ -71,8 +71,8 @@ class JSONBytes(Response):
     """A prebuilt JSON answer that sets Response's attributes itself.
 
     Response.__init__ renders the body and assembles the headers generically; on
-    the publish and read answers that is a measurable share of the request, so
-    this sets the same attributes directly (tests/test_server_internals.py checks
+    a read answer, which carries paging headers, that is a measurable share of the
+    request, so this sets the same attributes directly (tests/test_server_internals.py checks
     they stay the ones Starlette's own constructor sets).
     """
 
