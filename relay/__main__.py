@@ -11,12 +11,17 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from relay.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 LOG = logging.getLogger("relay")
 
@@ -105,6 +110,27 @@ def _ws_protocol() -> type:
     return RelayWebSocketProtocol
 
 
+def _exit_0_after_a_graceful_stop(server: uvicorn.Server) -> None:
+    """Install the SIGINT/SIGTERM handlers uvicorn hands a signal back to.
+
+    uvicorn, once it has shut down for a signal, restores the handlers that were in
+    place before it ran and raises the signal again, so that the default action ends
+    the process (SIGTERM: killed by the signal; SIGINT: KeyboardInterrupt). A
+    graceful stop is a clean exit (0) for the relay's supervisors, so these
+    handlers ignore the signal once a stop is under way. A signal that arrives
+    before uvicorn's own handlers are in place starts the same stop.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # uvicorn installs no handlers either
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        if not server.should_exit:
+            server.handle_exit(sig, frame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
 def _serve(settings: Settings) -> int:
     import uvicorn
 
@@ -118,7 +144,7 @@ def _serve(settings: Settings) -> int:
     relay = app.state.relay
     for name in ignored_settings(settings):
         LOG.warning("%s is ignored: HIVE_RELAY_TOKEN_PUBKEY selects signed tokens", name)
-    if settings.data_dir and not settings.store.startswith("memory"):
+    if settings.data_dir and settings.store_kind != "memory":
         LOG.warning("HIVE_RELAY_DATA_DIR is ignored: snapshots apply to the memory store only")
 
     config = uvicorn.Config(
@@ -147,20 +173,19 @@ def _serve(settings: Settings) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            # Unlike uvicorn's default we do not re-raise the signal after shutdown:
-            # a graceful stop exits 0. First, end every live stream so connections
-            # can close within the shutdown timeout.
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
+            # First end every live stream, so that connections can close within the
+            # shutdown timeout; then uvicorn's own handling (stop, or force on a
+            # second Ctrl-C).
             if not self.should_exit:
                 LOG.info("signal %s: shutting down", signal.Signals(sig).name)
                 try:
                     asyncio.get_running_loop().call_soon_threadsafe(relay.hub.close_all)
                 except RuntimeError:
                     relay.hub.close_all()
-            self.should_exit = True
+            super().handle_exit(sig, frame)
 
     server = Server(config)
+    _exit_0_after_a_graceful_stop(server)
     LOG.info(
         "hive-relay %s listening on %s:%d (store %s, access %s)",
         __version__,

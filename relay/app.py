@@ -469,7 +469,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or Settings()
     relay = build_relay(settings, store)
     snapshots = None
-    if settings.data_dir and settings.store.startswith("memory"):
+    if settings.data_dir and settings.store_kind == "memory":
         from relay.store.snapshot import Snapshotter
 
         snapshots = Snapshotter(relay.store, settings.data_dir, settings.snapshot_interval)  # type: ignore[arg-type]

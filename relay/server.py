@@ -222,8 +222,8 @@ class RelayHttpProtocol(HttpToolsProtocol):
         self.linger_on_close = False
         self._stopping = False  # the server is shutting down: no lingering
         # The stall deadline is a float that every request moves (three times for a
-        # POST); one lazy timer per connection checks it. A call_later and a cancel
-        # per move cost about 5 % of a publish (py-spy, docs/benchmarks.md).
+        # POST); one lazy timer per connection checks it, because a call_later and a
+        # cancel per move would be a visible share of a publish's cost.
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._arm()

@@ -168,6 +168,23 @@ def test_sigterm_ends_live_streams_and_exits_0() -> None:
     assert "Traceback" not in proc.logs()
 
 
+def test_sigint_stops_gracefully_and_exits_0() -> None:
+    # uvicorn raises the signal again once it has stopped; the relay's handler takes it.
+    with RelayProcess() as proc:
+        with httpx.stream("GET", f"{proc.url}/v1/workspaces/sigint-test/events") as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            assert next(lines) == ": connected"
+            proc.send_signal(signal.SIGINT)
+            for _ in lines:
+                pass
+        assert proc.proc is not None
+        code = proc.proc.wait(30)
+    assert code == 0
+    assert "signal SIGINT: shutting down" in proc.logs()
+    assert "Traceback" not in proc.logs() and "KeyboardInterrupt" not in proc.logs()
+
+
 # -------------------------------------------------------------- request log
 def access_lines(log: str) -> list[dict[str, str]]:
     out = []

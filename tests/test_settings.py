@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relay.settings import KNOBS, MIB, Settings, SettingsError, default_max_bytes
+from relay.settings import (
+    KNOBS,
+    MIB,
+    Settings,
+    SettingsError,
+    build_parser,
+    default_max_bytes,
+    store_kind_of,
+)
 
 
 def load(env: dict[str, str] | None = None, argv: list[str] | None = None) -> Settings:
@@ -287,3 +296,73 @@ def test_settings_validate_when_made_directly(changes: dict[str, Any]) -> None:
         Settings(**changes)
     with pytest.raises(SettingsError):
         Settings().replace(**changes)
+
+
+# ------------------------------------------------------- one declaration
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_settings_rows() -> list[tuple[str, str, str]]:
+    """(variable, flag, default cell) of each row of README's settings table."""
+    rows = []
+    for line in README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[1].startswith("`--"):
+            rows.append((cells[0].strip("`"), cells[1].strip("`"), cells[2]))
+    return rows
+
+
+def readme_default(knob: Any) -> str:
+    if knob.default == "":
+        return "unset"
+    if knob.kind == "bool":
+        return "`true`" if knob.default else "`false`"
+    if knob.kind == "float":
+        return f"`{knob.default:g}`"
+    return f"`{knob.default}`"
+
+
+def test_readme_table_lists_every_setting_once_in_order_with_its_flag_and_default() -> None:
+    rows = readme_settings_rows()
+    assert rows[0][:2] == ("PORT", "--port")
+    rows = rows[1:]
+    assert [env for env, _, _ in rows] == [k.env for k in KNOBS]
+    for (env, flag, default), knob in zip(rows, KNOBS, strict=True):
+        assert flag == knob.flag, env
+        if knob.default is None:  # computed from the machine
+            assert "quarter of the machine" in default, env
+        else:
+            assert default.startswith(readme_default(knob)), (env, default)
+
+
+def test_help_shows_the_bounds_a_value_is_checked_against() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert "env HIVE_RELAY_MAX_BODY_BYTES; default 4194304; 64 to 1073741824]" in text
+    assert "env HIVE_RELAY_KEEPALIVE_SECS; default 25.0; 0.05 to 3600]" in text
+    assert "env HIVE_RELAY_STORE; default memory://]" in text
+    with pytest.raises(SettingsError, match="below the minimum 64"):
+        load({"HIVE_RELAY_MAX_BODY_BYTES": "63"})
+    assert load({"HIVE_RELAY_MAX_BODY_BYTES": "64"}).max_body_bytes == 64
+    with pytest.raises(SettingsError, match="above the maximum 3600"):
+        load(argv=["--keepalive-secs", "3600.5"])
+
+
+def test_the_store_scheme_is_checked_once_and_names_the_store_kind() -> None:
+    assert load().store_kind == "memory"
+    assert load({"HIVE_RELAY_STORE": "REDIS://h"}).store_kind == "redis"
+    assert load({"HIVE_RELAY_STORE": "rediss://h:6380"}).store_kind == "redis"
+    with pytest.raises(SettingsError, match="HIVE_RELAY_STORE: unknown store 'memory'"):
+        store_kind_of("memory")
+
+
+def test_a_store_scheme_in_capitals_is_the_same_store_everywhere(tmp_path: Path) -> None:
+    # The scheme is read in one place: MEMORY:// snapshots like memory:// does.
+    from starlette.testclient import TestClient
+
+    from relay.app import create_app
+    from relay.store.snapshot import FILENAME
+
+    settings = Settings(store="MEMORY://", data_dir=str(tmp_path), push_rate=0)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/workspaces/caps/envelopes", content=b"{}").status_code == 200
+    assert (tmp_path / FILENAME).exists()

@@ -68,7 +68,13 @@ def limit_push(relay: Relay, request: Request) -> None:
 
 
 class JSONBytes(Response):
-    """A prebuilt JSON answer; skips Response's per-call header assembly."""
+    """A prebuilt JSON answer that sets Response's attributes itself.
+
+    Response.__init__ renders the body and assembles the headers generically; on
+    a read answer, which carries paging headers, that is a measurable share of the
+    request, so this sets the same attributes directly (tests/test_server_internals.py checks
+    they stay the ones Starlette's own constructor sets).
+    """
 
     media_type = "application/json"
 

@@ -21,19 +21,16 @@ def bounds_from_settings(settings: Settings) -> Bounds:
 
 
 def open_store(settings: Settings) -> Store:
-    scheme = settings.store.split("://", 1)[0].lower()
     bounds = bounds_from_settings(settings)
-    if scheme == "memory":
+    if settings.store_kind == "memory":
         from relay.store.memory import MemoryStore
 
         return MemoryStore(bounds)
-    if scheme in ("redis", "rediss"):
-        try:
-            from relay.store.redis import RedisStore
-        except ImportError as exc:
-            raise SettingsError(
-                f"HIVE_RELAY_STORE: the Redis store is not available ({exc}); "
-                "install the extra: pip install 'hive-relay[redis]'"
-            ) from None
-        return RedisStore(settings.store, bounds)
-    raise SettingsError(f"HIVE_RELAY_STORE: unknown store {settings.store!r}")
+    try:
+        from relay.store.redis import RedisStore
+    except ImportError as exc:
+        raise SettingsError(
+            f"HIVE_RELAY_STORE: the Redis store is not available ({exc}); "
+            "install the extra: pip install 'hive-relay[redis]'"
+        ) from None
+    return RedisStore(settings.store, bounds)

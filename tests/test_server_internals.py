@@ -1,0 +1,243 @@
+"""The uvicorn and Starlette internals the relay builds on, and what they buy.
+
+The relay subclasses uvicorn's httptools and sans-I/O WebSocket protocols (for the
+guarantees listed in relay/server.py) and swaps each response cycle's transport
+(one send per small answer). pyproject.toml bounds uvicorn to the minor versions
+these were checked against; these tests fail loudly, naming the missing piece,
+when a uvicorn release renames or reshapes any of it, and check on a real relay
+that the one-send saving is in effect. `JSONBytes` (the publish and read answers)
+sets Response's attributes without Response.__init__: checked against Starlette's
+own constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import struct
+import sys
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from relay.api.envelopes import JSONBytes
+from relay.server import RelayHttpProtocol, RelayWebSocketProtocol, _HeadWithBody
+from tests.relayproc import RelayProcess
+
+# Every uvicorn method the relay's protocols override (and must keep the signature of).
+HTTP_OVERRIDES = {
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "send_400_response",
+    "shutdown",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_body",
+    "on_message_complete",
+    "on_response_complete",
+}
+WS_OVERRIDES = {
+    "connection_made",
+    "connection_lost",
+    "pause_writing",
+    "resume_writing",
+    "data_received",
+}
+# uvicorn methods the relay's protocols call without overriding them.
+HTTP_CALLS = {"_unset_keepalive_if_required"}
+# uvicorn state the HTTP protocol reads or sets, on itself and on a request's cycle.
+HTTP_STATE = (
+    "loop",
+    "transport",
+    "parser",
+    "url",
+    "headers",
+    "cycle",
+    "pipeline",
+    "expect_100_continue",
+    "flow",
+    "server_state",
+)
+CYCLE_STATE = (
+    "transport",
+    "more_body",
+    "response_started",
+    "response_complete",
+    "keep_alive",
+    "disconnected",
+    "message_event",
+)
+
+
+def overridden(ours: type, base: type) -> set[str]:
+    """Names our class defines that the base (or its bases) defines too."""
+    return {name for name in vars(ours) if not name.startswith("__") and hasattr(base, name)}
+
+
+def parameters(function: Any) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+@pytest.mark.parametrize(
+    ("ours", "base", "expected"),
+    [
+        (RelayHttpProtocol, HttpToolsProtocol, HTTP_OVERRIDES),
+        (RelayWebSocketProtocol, WebSocketsSansIOProtocol, WS_OVERRIDES),
+    ],
+)
+def test_each_override_replaces_a_uvicorn_method_of_the_same_signature(
+    ours: type, base: type, expected: set[str]
+) -> None:
+    # A method uvicorn renamed would leave ours never called: it is missing here.
+    assert overridden(ours, base) == expected, f"uvicorn {uvicorn.__version__}"
+    for name in sorted(expected):
+        assert parameters(getattr(ours, name)) == parameters(getattr(base, name)), name
+
+
+def test_the_uvicorn_methods_the_http_protocol_calls_exist() -> None:
+    for name in sorted(HTTP_CALLS):
+        assert callable(getattr(HttpToolsProtocol, name, None)), name
+        assert parameters(getattr(HttpToolsProtocol, name)) == ["self"], name
+    # The cycle writes a response through `transport.write`: what `_HeadWithBody` holds.
+    assert "self.transport.write(" in inspect.getsource(RequestResponseCycle.send)
+    # The WebSocket protocol reads these of its websockets connection.
+    ws = inspect.getsource(WebSocketsSansIOProtocol)
+    for needle in ("self.handshake_initiated", "self.conn = ", "self.transport = transport"):
+        assert needle in ws, needle
+
+
+def test_handle_exit_is_uvicorns_signal_hook_with_the_same_signature() -> None:
+    assert parameters(uvicorn.Server.handle_exit) == ["self", "sig", "frame"]
+    assert callable(getattr(uvicorn.Server, "capture_signals", None))
+
+
+def test_the_uvicorn_state_the_http_protocol_reads_is_there_on_a_real_connection() -> None:
+    seen: dict[str, Any] = {}
+    protocols: list[RelayHttpProtocol] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        protocol = protocols[-1]
+        cycle = protocol.cycle
+        seen["missing"] = [n for n in HTTP_STATE if not hasattr(protocol, n)] + [
+            f"cycle.{n}" for n in CYCLE_STATE if not hasattr(cycle, n)
+        ]
+        seen["method"] = protocol.parser.get_method()
+        seen["more_body"] = cycle.more_body  # the body is still arriving
+        seen["swapped"] = isinstance(cycle.transport, _HeadWithBody)
+        seen["total_requests"] = protocol.server_state.total_requests
+        seen["resume_reading"] = callable(protocol.flow.resume_reading)
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False)
+        config.load()
+        state = ServerState()
+
+        def factory() -> RelayHttpProtocol:
+            protocols.append(RelayHttpProtocol(config, state, {}, _loop=loop))
+            return protocols[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # Half the body: the answer comes early, through `answered_early`.
+            writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+            return await asyncio.wait_for(reader.readuntil(b"ok"), 30)
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+
+    answer = asyncio.run(main())
+    assert seen["missing"] == [], f"uvicorn {uvicorn.__version__}"
+    assert seen["method"] == b"POST"
+    assert seen["more_body"] is True
+    assert seen["swapped"] is True
+    assert isinstance(seen["total_requests"], int)
+    assert seen["resume_reading"] is True
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"\r\n\r\nok")
+
+
+class StarletteJSONBytes(Response):
+    media_type = "application/json"
+
+
+@pytest.mark.parametrize("headers", [None, {"X-Relay-More": "true", "X-Relay-Next": "after=5"}])
+def test_json_bytes_sets_what_starlettes_response_constructor_sets(
+    headers: dict[str, str] | None,
+) -> None:
+    ours = JSONBytes(b'{"seq":1}', headers)
+    theirs = StarletteJSONBytes(b'{"seq":1}', headers=headers)
+    # A new attribute in Starlette's constructor (that __call__ may read) fails here.
+    assert set(vars(ours)) == set(vars(theirs))
+    assert (ours.status_code, ours.body, ours.background, ours.media_type) == (
+        theirs.status_code,
+        theirs.body,
+        theirs.background,
+        theirs.media_type,
+    )
+    # The same headers (JSONBytes keeps a header name's case as the caller wrote it).
+    assert sorted((k.lower(), v) for k, v in ours.raw_headers) == sorted(theirs.raw_headers)
+
+
+# ------------------------------------------------------------ one send per answer
+def data_segments_in(sock: socket.socket) -> int:
+    """Linux's tcp_info.tcpi_data_segs_in: segments received that carried data."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+def exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Send one request; read until its whole answer (head and Content-Length body) is in."""
+    sock.sendall(request)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            lengths = [
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ]
+            assert len(lengths) == 1, head
+            if len(body) >= lengths[0]:
+                assert len(body) == lengths[0], data
+                return data
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tcp_info is Linux's")
+def test_a_small_answer_leaves_in_one_segment_head_and_body_together() -> None:
+    # The kernel counts the segments; no timing is involved. Without the held head
+    # every one of these answers takes two (the head, then the body).
+    ws = "/v1/workspaces/one-send"
+    requests = [
+        b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST %s/envelopes HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}" % ws.encode(),
+        b"GET %s/envelopes?after=0&limit=5 HTTP/1.1\r\nhost: x\r\n\r\n" % ws.encode(),
+        b"GET %s/nowhere HTTP/1.1\r\nhost: x\r\n\r\n" % ws.encode(),  # an error answer
+    ]
+    with RelayProcess() as proc, socket.create_connection(("127.0.0.1", proc.port)) as sock:
+        segments = []
+        for _ in range(20):
+            for request in requests:
+                before = data_segments_in(sock)
+                answer = exchange(sock, request)
+                assert answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 404 ")), answer
+                segments.append(data_segments_in(sock) - before)
+    assert segments == [1] * len(segments)
