@@ -52,7 +52,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -64,6 +63,7 @@ from redis.backoff import NoBackoff
 
 from relay.store.base import (
     DEVICE_CHANNELS,
+    MAX_U64,
     AppendListener,
     Bounds,
     Page,
@@ -73,9 +73,10 @@ from relay.store.base import (
     StoreFull,
     StoreUnavailable,
     encode_row,
+    new_epoch,
+    new_pair_code,
     row_seq,
 )
-from relay.store.memory import PAIR_ALPHABET, PAIR_CODE_LEN, new_epoch
 
 LOG = logging.getLogger("relay.store.redis")
 
@@ -96,7 +97,6 @@ FETCH_ROWS = 256  # rows per catch-up read for a watched workspace
 FETCH_BYTES = 4 << 20
 FETCH_RETRY = 0.5
 INLINE_BYTES = 64 * 1024  # rows up to this size ride along in the notification
-MAX_U64 = (1 << 64) - 1
 BUSY_RETRY_AFTER = 30
 
 EPOCH_KEY = "relay:epoch"
@@ -962,7 +962,7 @@ class RedisStore:
     # ----------------------------------------------------------------- pairing
     async def pair_create(self, payload: str, ttl: int) -> str:
         for _ in range(20):
-            code = "".join(secrets.choice(PAIR_ALPHABET) for _ in range(PAIR_CODE_LEN))
+            code = new_pair_code()
             keys = [f"relay:{{pair}}:c:{code}", PAIR_INDEX]
             args = [_raw(payload), int(ttl * 1000), self.bounds.max_pairings, code]
             with _errors():
