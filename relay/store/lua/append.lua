@@ -60,7 +60,7 @@ local rows = {}
 for _, i in ipairs(fresh) do
   local key = ARGV[i]
   local sq = fmt(seen[key])
-  local row = '{"seq":' .. sq .. ',"body":' .. ARGV[i + 1] .. '}'
+  local row = '{"seq":' .. sq .. ',"body":' .. ARGV[i + 1] .. '}'  -- as relay.store.base.encode_row
   redis.call('XADD', log, sq .. '-0', 'r', row, 'k', key)
   redis.call('HSET', dedup, key, sq)
   added_b = added_b + #row
