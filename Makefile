@@ -52,3 +52,9 @@ fuzz: $(VENV)/.dev-installed
 soak: $(VENV)/.dev-installed
 	HIVE_RELAY_SOAK_SECS=$${HIVE_RELAY_SOAK_SECS:-600} \
 	$(PY) -m pytest -q -s tests/test_soak.py $(PYTEST_ARGS)
+
+# The Redis store's Lua scripts (relay/store/lua, settings in .luacheckrc); needs
+# luacheck (Debian: lua-check). tests/test_redis_scripts.py runs it too.
+.PHONY: lint-lua
+lint-lua:
+	luacheck relay/store/lua/

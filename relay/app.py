@@ -33,7 +33,14 @@ from relay.metrics import Metrics
 from relay.runtime import Relay
 from relay.settings import Settings
 from relay.store import open_store
-from relay.store.base import Store, StoreError
+from relay.store.base import (
+    BudgetedStore,
+    LocalStatsStore,
+    Store,
+    StoreError,
+    SweepingStore,
+    WatchingStore,
+)
 
 LOG = logging.getLogger("relay")
 SWEEP_INTERVAL = 30.0
@@ -400,7 +407,7 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         store=store,
         policy=policy_from_settings(settings),
         # Stores fed by other processes (Redis) follow only locally watched workspaces.
-        hub=Hub(getattr(store, "watch", None), getattr(store, "unwatch", None)),
+        hub=Hub(store.watch, store.unwatch) if isinstance(store, WatchingStore) else Hub(),
         metrics=Metrics(),
         push_limiter=RateLimiter(settings.push_rate, settings.push_burst, "rate_limited", "pushes"),
         pair_limiter=RateLimiter(
@@ -418,12 +425,13 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
     )
     relay.store.set_listener(relay.hub.on_append)
-    set_listened = getattr(relay.store, "set_listened", None)
-    if set_listened is not None:
-        set_listened(relay.hub.listened)
+    stats_store = store if isinstance(store, LocalStatsStore) else None
+    budgeted = store if isinstance(store, BudgetedStore) else None
+    if budgeted is not None:
+        budgeted.set_listened(relay.hub.listened)
 
     def gauges() -> dict[str, tuple[str, float]]:
-        stats = relay.store.stats_now() if hasattr(relay.store, "stats_now") else None
+        stats = stats_store.stats_now() if stats_store is not None else None
         out: dict[str, tuple[str, float]] = {
             "hive_relay_live_streams": (
                 "Live streams open (SSE, WebSocket, long-poll)",
@@ -436,9 +444,8 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
             out["hive_relay_envelopes_retained"] = ("Envelopes retained", stats.envelopes)
             out["hive_relay_stored_bytes"] = ("Stored row bytes", stats.stored_bytes)
             out["hive_relay_pairings"] = ("Pairing codes held", stats.pairings)
-        charged = getattr(relay.store, "charged_now", None)
-        if charged is not None:
-            pool, side = charged()
+        if budgeted is not None:
+            pool, side = budgeted.charged_now()
             out["hive_relay_budget_bytes"] = (
                 "Envelopes and workspaces as charged to HIVE_RELAY_MAX_BYTES",
                 pool,
@@ -454,9 +461,10 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
 
 
 async def _sweep_forever(relay: Relay) -> None:
-    steps = getattr(relay.store, "sweep_steps", None)
-    if steps is None:
+    store = relay.store
+    if not isinstance(store, SweepingStore):
         return
+    steps = store.sweep_steps
     interval = min(SWEEP_INTERVAL, max(1.0, relay.settings.idle_workspace_secs / 4))
     while True:
         await anyio.sleep(interval)

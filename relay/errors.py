@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import msgspec
 from starlette.responses import Response
 
-from relay.store.base import StoreError
+from relay.store.base import StoreError, StoreFull
 
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -65,9 +65,15 @@ def error_response(
     )
 
 
+def store_error_status(exc: StoreError) -> int:
+    """The HTTP status of a store's refusal: 413 for a bound that holds until data is
+    removed (StoreFull), 503 for everything that clears by itself or by retrying."""
+    return 413 if isinstance(exc, StoreFull) else 503
+
+
 def store_error_response(exc: StoreError) -> Response:
     """A store's refusal as the JSON error answer: 413 for a bound, else 503 + Retry-After."""
-    status = exc.status if exc.status in (413, 503) else 503
+    status = store_error_status(exc)
     headers = {"retry-after": str(exc.retry_after)} if exc.retry_after else None
     if status == 503 and headers is None:
         headers = {"retry-after": "1"}

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from relay import __version__
+from relay.store.base import MAX_U64
 
 WS_PATTERN = r"^[A-Za-z0-9._~:@-]{1,200}$"
-MAX_U64 = (1 << 64) - 1
 
 
 def uint_pattern(high: int) -> str:

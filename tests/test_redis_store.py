@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from relay.errors import store_error_status
 from relay.store.base import Bounds, StoreBusy, StoreError, StoreUnavailable, row_seq
 from tests.redisproc import RedisServer, flush, own_server_required, redis_url
 
@@ -137,7 +138,7 @@ async def test_a_full_redis_refuses_writes_whole(stores: Any, url: str) -> None:
             for i in range(100):
                 bodies = [body[:-1] + b'%d"' % (i * 10 + j) for j in range(10)]
                 await store.append_batch("w", bodies, [digest(b) for b in bodies])
-        assert (busy.value.code, busy.value.status) == ("relay_full", 503)
+        assert (busy.value.code, store_error_status(busy.value)) == ("relay_full", 503)
         assert busy.value.retry_after
         page = await store.read("w", 0, BIG, BIG)
         assert len(page.rows) % 10 == 1  # whole batches only
@@ -174,7 +175,7 @@ async def test_redis_down_is_unavailable_then_recovers(stores: Any, server: Redi
         ):
             with pytest.raises(StoreUnavailable) as exc:
                 await call
-            assert exc.value.status == 503
+            assert store_error_status(exc.value) == 503
             assert exc.value.retry_after
         await store.stats()  # the status page keeps working on cached counters
     server.start()  # same port, same AOF

@@ -36,8 +36,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from relay.store.base import Bounds, Page, StoreFull, row_body, row_seq
-from relay.store.memory import PAIR_ALPHABET, MemoryStore
+from relay.store.base import PAIR_ALPHABET, Bounds, Page, StoreFull, row_body, row_seq
+from relay.store.memory import MemoryStore
 
 EXAMPLES = int(os.environ.get("HIVE_RELAY_STATEFUL_EXAMPLES", "40"))
 STEPS = 30

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import relay.store.memory
+from relay.errors import store_error_status
 from relay.store.base import (
     BLOB_OVERHEAD,
     ENVELOPE_OVERHEAD,
@@ -166,7 +167,7 @@ def test_new_workspaces_past_the_budget_free_empty_ones_first() -> None:
     with pytest.raises(StoreFull) as refused:
         for made in range(100):
             run(full.device_put("presence", f"w-{made:02d}", "d", b"1"))
-    assert refused.value.code == "relay_full" and refused.value.status == 413
+    assert refused.value.code == "relay_full" and store_error_status(refused.value) == 413
     before = (full.charged_now(), full.stats_now())
     with pytest.raises(StoreFull):
         run(full.append("another", b"1", b"k"))

@@ -18,8 +18,18 @@ from typing import Any
 
 import pytest
 
-from relay.store.base import Bounds, Page, Store, StoreBusy, StoreFull, encode_row, row_seq
-from relay.store.memory import PAIR_ALPHABET, MemoryStore
+from relay.errors import store_error_status
+from relay.store.base import (
+    PAIR_ALPHABET,
+    Bounds,
+    Page,
+    Store,
+    StoreBusy,
+    StoreFull,
+    encode_row,
+    row_seq,
+)
+from relay.store.memory import MemoryStore
 from tests.redisproc import flush, redis_url
 
 pytestmark = pytest.mark.anyio
@@ -318,10 +328,10 @@ async def test_keyring_append_list_and_bounds(make_store: MakeStore) -> None:
     await store.keyring_append("w", b'"two"')
     with pytest.raises(StoreFull) as full:
         await store.keyring_append("w", b"3")
-    assert (full.value.code, full.value.status) == ("keyring_full", 413)
+    assert (full.value.code, store_error_status(full.value)) == ("keyring_full", 413)
     with pytest.raises(StoreFull) as big:
         await store.keyring_append("other", b'"' + b"x" * 20 + b'"')
-    assert (big.value.code, big.value.status) == ("too_large", 413)
+    assert (big.value.code, store_error_status(big.value)) == ("too_large", 413)
     assert await store.keyring_list("w") == [b'{"k":1}', b'"two"']
     assert await store.keyring_list("other") == []
 
@@ -334,7 +344,7 @@ async def test_device_channels_replace_and_bounds(make_store: MakeStore) -> None
     await store.device_put("presence", "w", "bé", b"[1, 2]")
     with pytest.raises(StoreFull) as full:
         await store.device_put("presence", "w", "c", b"1")
-    assert (full.value.code, full.value.status) == ("too_many_devices", 413)
+    assert (full.value.code, store_error_status(full.value)) == ("too_many_devices", 413)
     await store.device_put("presence", "w", "a", b'{"on":2}')  # replacing is fine when full
     with pytest.raises(StoreFull) as big:
         await store.device_put("presence", "w", "a", b"x" * 33)
@@ -399,7 +409,7 @@ async def test_pairing_code_bound(make_store: MakeStore) -> None:
     await store.pair_create("b", 60)
     with pytest.raises(StoreBusy) as busy:
         await store.pair_create("c", 60)
-    assert (busy.value.code, busy.value.status) == ("too_many_pairings", 503)
+    assert (busy.value.code, store_error_status(busy.value)) == ("too_many_pairings", 503)
     assert busy.value.retry_after
     await asyncio.sleep(1.1)  # the first one expired: room again
     await store.pair_create("c", 60)

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from relay.runtime import Relay
 
 _WS_RE = re.compile(r"[A-Za-z0-9._~:@-]{1,200}")
-MAX_U64 = (1 << 64) - 1
 T = TypeVar("T")
 
 

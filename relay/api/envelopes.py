@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.api.common import (
-    MAX_U64,
     ShapeError,
     authorize,
     check_json,
@@ -23,7 +22,7 @@ from relay.api.common import (
 )
 from relay.errors import bad_request
 from relay.runtime import Relay
-from relay.store.base import Page
+from relay.store.base import MAX_U64, Page
 
 MAX_KEY_LEN = 200
 MAX_BATCH = 1000

@@ -24,13 +24,13 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from relay.access import Denied, bearer_token
-from relay.api.common import MAX_U64, authorize, int_param, workspace_id
+from relay.api.common import authorize, int_param, workspace_id
 from relay.api.envelopes import KEY_RULE, client_key, read_headers
 from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame
 from relay.logs import STREAM_ABANDONED
 from relay.runtime import Relay
-from relay.store.base import Page, StoreError, row_seq
+from relay.store.base import MAX_U64, Page, StoreError, row_seq
 
 LOG = logging.getLogger("relay.live")
 REPLAY_PAGE = 1000

@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.api.common import (
-    MAX_U64,
     authorize,
     check_json,
     int_param,
@@ -30,7 +29,7 @@ from relay.api.common import (
 )
 from relay.errors import RelayError, bad_request
 from relay.runtime import Relay
-from relay.store.memory import PAIR_ALPHABET, PAIR_CODE_LEN
+from relay.store.base import MAX_U64, PAIR_ALPHABET, PAIR_CODE_LEN
 
 OK = b'{"ok":true}'
 PAIR_TTL_DEFAULT = 600

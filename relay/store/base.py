@@ -11,9 +11,10 @@ at append time, so a read is a join of byte strings and never re-encodes a body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # A listener is told, synchronously and in seq order, of every row appended to a
 # workspace: (workspace, [(seq, row_bytes), ...]).
@@ -23,10 +24,37 @@ AppendListener = Callable[[str, list[tuple[int, bytes]]], None]
 DEVICE_CHANNELS = ("presence", "candidates")
 
 
-class StoreError(Exception):
-    """Base class of errors a store reports to the API layer."""
+# The largest cursor or seq the API accepts: seqs and cursors are unsigned 64-bit.
+MAX_U64 = (1 << 64) - 1
 
-    status = 500
+# Pairing codes: six characters of Crockford's base32 alphabet (no I, L, O, U), so a
+# code read aloud or typed from a screen is hard to get wrong.
+PAIR_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+PAIR_CODE_LEN = 6
+
+
+def new_pair_code() -> str:
+    return "".join(secrets.choice(PAIR_ALPHABET) for _ in range(PAIR_CODE_LEN))
+
+
+def new_epoch() -> str:
+    """A fresh name for a store's history (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+def next_seq(head: int, now_us: int) -> int:
+    """The seq rule (docs/protocol.md): the append time in Unix microseconds, or head + 1.
+
+    A seq never rewinds as long as the clock does not go back and a workspace does
+    not sustain over a million appends a second; the Redis append script applies
+    the same rule with Redis TIME.
+    """
+    return max(now_us, head + 1)
+
+
+class StoreError(Exception):
+    """Base class of errors a store reports to the API layer (relay.errors maps them to HTTP)."""
+
     code = "store_error"
 
     def __init__(self, message: str, retry_after: int | None = None) -> None:
@@ -38,8 +66,6 @@ class StoreError(Exception):
 class StoreFull(StoreError):
     """A bound was reached; the write was refused and nothing changed."""
 
-    status = 413
-
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -47,8 +73,6 @@ class StoreFull(StoreError):
 
 class StoreBusy(StoreError):
     """A relay-wide bound that will clear by itself (expiring entries)."""
-
-    status = 503
 
     def __init__(self, code: str, message: str, retry_after: int = 60) -> None:
         super().__init__(message, retry_after)
@@ -58,7 +82,6 @@ class StoreBusy(StoreError):
 class StoreUnavailable(StoreError):
     """The backend cannot be reached; the request may be retried."""
 
-    status = 503
     code = "store_unavailable"
 
     def __init__(self, message: str = "the store is unavailable", retry_after: int = 1) -> None:
@@ -186,3 +209,45 @@ class Store(Protocol):
     async def pair_resolve(self, code: str) -> str | None: ...
 
     async def stats(self) -> Stats: ...
+
+
+# Optional capabilities. The app asks for each with isinstance() at start-up, so a
+# store offers what it can and the type checker knows the signatures.
+@runtime_checkable
+class WatchingStore(Protocol):
+    """A store fed by other processes: it follows only workspaces the hub watches."""
+
+    def watch(self, ws: str) -> None:
+        """The first local subscriber of `ws` arrived: deliver its appends to the listener."""
+        ...
+
+    def unwatch(self, ws: str) -> None: ...
+
+
+@runtime_checkable
+class SweepingStore(Protocol):
+    """A store that expires and frees things itself, a bounded step at a time."""
+
+    def sweep_steps(self, listened: Callable[[str], bool] = ...) -> Iterator[int]:
+        """Yields after each step (workspaces freed so far); the caller yields in between."""
+        ...
+
+
+@runtime_checkable
+class LocalStatsStore(Protocol):
+    """A store that can tell its counters without I/O (for the metrics gauges)."""
+
+    def stats_now(self) -> Stats: ...
+
+
+@runtime_checkable
+class BudgetedStore(Protocol):
+    """A store that charges what it holds against HIVE_RELAY_MAX_BYTES itself."""
+
+    def charged_now(self) -> tuple[int, int]:
+        """(envelopes and workspaces, side-channel entries) as charged to the budget."""
+        ...
+
+    def set_listened(self, listened: Callable[[str], bool]) -> None:
+        """Tells the store which workspaces have live listeners (never freed early)."""
+        ...

@@ -7,9 +7,8 @@ at append; `keys` holds each row's dedup key so pruning can forget it. Pruning
 only advances `start` and clears the slot; the dead prefix is cut off once it is
 half the log, so append stays amortized O(1) even at the retention cap.
 
-Seq rule (docs/protocol.md): a seq is `max(now in Unix microseconds, head + 1)`. It
-never rewinds, across restarts with or without a snapshot, as long as the clock
-does not go back and a workspace does not sustain over a million appends a second.
+Seqs follow the rule in relay.store.base (`next_seq`), across restarts with or
+without a snapshot.
 
 The global byte budget evicts the oldest envelopes relay-wide: `_order` holds a
 reference to the workspace of every appended row in append order. A workspace
@@ -22,7 +21,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import secrets
 import time
 from array import array
 from collections import deque
@@ -41,11 +39,12 @@ from relay.store.base import (
     StoreFull,
     device_charge,
     encode_row,
+    new_epoch,
+    new_pair_code,
+    next_seq,
     workspace_charge,
 )
 
-PAIR_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-PAIR_CODE_LEN = 6
 _COMPACT_MIN = 1024
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
 # app yields to the event loop between steps, so a sweep never stalls it.
@@ -56,10 +55,6 @@ _EMPTY_SEARCH_PAUSE = 1.0
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(8)
 
 
 class _Workspace:
@@ -321,7 +316,7 @@ class MemoryStore:
         seen = w.dedup.get(key)
         if seen is not None:
             return seen, True
-        seq = max(now_us(), w.head + 1)
+        seq = next_seq(w.head, now_us())
         row = encode_row(seq, body)
         w.append_row(seq, row, key)
         self._order.append(w)
@@ -336,8 +331,8 @@ class MemoryStore:
     async def append_batch(
         self, ws: str, bodies: list[bytes], keys: list[bytes]
     ) -> list[tuple[int, bool]]:
-        # The single-append steps, inlined: a batch is the bulk path (issue 7's target
-        # is 100,000 envelopes/s), and attribute lookups per element add up.
+        # The single-append steps, inlined: a batch is the bulk path, and attribute
+        # lookups per element add up.
         w = self._get(ws)
         dedup = w.dedup
         seqs, cum, rows, row_keys = w.seqs, w.cum, w.rows, w.keys
@@ -353,8 +348,8 @@ class MemoryStore:
             if seen is not None:
                 out.append((seen, True))
                 continue
-            head = max(now, head + 1)
-            row = b'{"seq":%d,"body":%b}' % (head, body)
+            head = next_seq(head, now)
+            row = encode_row(head, body)
             total += len(row)
             key_bytes += len(key)
             seqs.append(head)
@@ -544,7 +539,7 @@ class MemoryStore:
                 "too_many_pairings", "the relay holds too many pairing codes; try again later"
             )
         while True:
-            code = "".join(secrets.choice(PAIR_ALPHABET) for _ in range(PAIR_CODE_LEN))
+            code = new_pair_code()
             if code not in self._pairs:
                 break
         self._pairs[code] = (payload, now + ttl)

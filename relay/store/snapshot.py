@@ -32,7 +32,8 @@ import anyio
 import msgspec
 
 from relay.settings import SettingsError
-from relay.store.memory import MemoryStore, WorkspaceState, new_epoch
+from relay.store.base import new_epoch
+from relay.store.memory import MemoryStore, WorkspaceState
 
 LOG = logging.getLogger("relay.snapshot")
 MAGIC = b"HIVE-RELAY-SNAPSHOT\n"

@@ -1,0 +1,114 @@
+-- Appends envelopes to a workspace's stream; relay/store/redis/store.py calls it.
+-- fmt and id_seq come from common.lua, which the loader puts first.
+-- KEYS: log, dedup, meta
+-- ARGV: max_envelopes, retention_us, channel, inline_bytes, expire_ms, (key, body)...
+local log, dedup, meta = KEYS[1], KEYS[2], KEYS[3]
+local max_n = tonumber(ARGV[1])
+local ret_us = tonumber(ARGV[2])
+local inline = tonumber(ARGV[4])
+local expire_ms = tonumber(ARGV[5])
+local CAP = 10000
+
+local m = redis.call('HMGET', meta, 'h', 'd', 'n', 'b')
+local head = tonumber(m[1]) or 0
+local dropped = tonumber(m[2]) or 0
+local count = tonumber(m[3]) or 0
+local bytes = tonumber(m[4]) or 0
+local prev = head
+local created = 0
+if not m[1] then created = 1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- Pass 1, read-only: dedup and seq assignment. Nothing is written before every
+-- element is decided, so an error (or OOM on the first write) leaves no trace.
+local out, fresh, seen = {}, {}, {}
+for i = 6, #ARGV, 2 do
+  local key = ARGV[i]
+  local s = seen[key]
+  if not s then
+    local v = redis.call('HGET', dedup, key)
+    if v then s = tonumber(v) end
+  end
+  if s then
+    out[#out + 1] = s
+    out[#out + 1] = 1
+  else
+    head = math.max(now, head + 1)  -- the seq rule (relay.store.base.next_seq)
+    seen[key] = head
+    fresh[#fresh + 1] = i
+    out[#out + 1] = head
+    out[#out + 1] = 0
+  end
+end
+if #fresh == 0 then
+  return {prev, 0, 0, 0, 0, 0, out}
+end
+
+local drop_n, drop_b = 0, 0
+if count > 0 and redis.call('EXISTS', log) == 0 then
+  -- Age retention expired the whole idle log (see PEXPIRE below).
+  drop_n, drop_b = count, bytes
+  if prev > dropped then dropped = prev end
+  bytes = 0
+end
+
+-- Pass 2: write.
+local added_b = 0
+local hdr = {fmt(prev), fmt(head)}
+local rows = {}
+for _, i in ipairs(fresh) do
+  local key = ARGV[i]
+  local sq = fmt(seen[key])
+  local row = '{"seq":' .. sq .. ',"body":' .. ARGV[i + 1] .. '}'  -- as relay.store.base.encode_row
+  redis.call('XADD', log, sq .. '-0', 'r', row, 'k', key)
+  redis.call('HSET', dedup, key, sq)
+  added_b = added_b + #row
+  hdr[#hdr + 1] = sq .. ':' .. #row
+  rows[#rows + 1] = row
+end
+bytes = bytes + added_b
+
+local function drop(entries)
+  local last = nil
+  for _, e in ipairs(entries) do
+    local s = id_seq(e[1])
+    local f = e[2]
+    local row, key = f[2], f[4]
+    if redis.call('HGET', dedup, key) == fmt(s) then redis.call('HDEL', dedup, key) end
+    drop_n = drop_n + 1
+    drop_b = drop_b + #row
+    bytes = bytes - #row
+    last = s
+  end
+  if last then
+    if last > dropped then dropped = last end
+    redis.call('XTRIM', log, 'MINID', fmt(last) .. '-1')
+  end
+end
+if max_n > 0 then
+  local excess = redis.call('XLEN', log) - max_n
+  if excess > 0 then
+    drop(redis.call('XRANGE', log, '-', '+', 'COUNT', math.min(excess, CAP)))
+  end
+end
+if ret_us > 0 then
+  drop(redis.call('XRANGE', log, '-', fmt(now - ret_us - 1) .. '-0', 'COUNT', CAP))
+end
+redis.call('HSET', meta, 'h', fmt(head), 'd', fmt(dropped), 'n', redis.call('XLEN', log),
+  'b', bytes)
+if expire_ms > 0 then
+  -- Every row is older than the retention by then: an idle workspace forgets them
+  -- without anyone appending. meta keeps head and the dropped horizon.
+  redis.call('PEXPIRE', log, expire_ms)
+  redis.call('PEXPIRE', dedup, expire_ms)
+end
+
+local msg = table.concat(hdr, ' ') .. '\n'
+if added_b <= inline then
+  msg = msg .. table.concat(rows)
+else
+  msg = fmt(prev) .. ' ' .. fmt(head) .. '\n'
+end
+redis.call('PUBLISH', ARGV[3], msg)
+return {prev, created, #fresh, added_b, drop_n, drop_b, out}

@@ -1,0 +1,48 @@
+"""The Redis Streams store: history that survives relay restarts, shared by many relays.
+
+Selected by `HIVE_RELAY_STORE=redis://…` or `rediss://…` (TLS); needs the `redis`
+extra and Redis 6.2 or newer. Every instance behind a load balancer talks to the
+same Redis, so any instance can serve any request (no sticky sessions).
+
+One job per module:
+
+    store.py    RedisStore, the Store protocol on top of the modules below
+    scripts.py  the Lua scripts (relay/store/lua/*.lua, package data), run by SHA
+    errors.py   what redis-py raises, as StoreBusy / StoreUnavailable
+    keys.py     key and channel names
+    watch.py    live delivery: the watch state machine on one pub/sub connection
+    stats.py    approximate relay-wide counters
+    epoch.py    the name of the dataset's history
+
+Key layout. All keys of a workspace share the hash tag `{ws}`, so they live in one
+Redis Cluster slot and every Lua script touches one slot only:
+
+    relay:{ws}:log        Stream. Entry id `<seq>-0`, fields r=<encoded row>, k=<dedup key>
+    relay:{ws}:dedup      Hash  dedup key -> seq, for retained rows only
+    relay:{ws}:meta       Hash  h=head, d=dropped horizon, n=retained rows, b=retained bytes
+    relay:{ws}:keyring    List  of blobs
+    relay:{ws}:presence   Hash  device -> data     (and relay:{ws}:presence:t, a sorted set
+    relay:{ws}:candidates Hash  device -> data      device -> last write time, for the TTL)
+    relay:{pair}:c:<CODE> String payload, with the pairing TTL as Redis expiry
+    relay:{pair}:idx      Sorted set code -> expiry (ms), to bound the number of codes
+    relay:epoch           String: names this Redis dataset's history
+    relay:stats           Hash: approximate relay-wide counters for the status page
+
+Appends are one Lua script (atomic, all or nothing for a batch): dedup by key, seq by
+the rule of relay.store.base.next_seq with Redis TIME, XADD, trim by count and age
+(forgetting the dedup keys of dropped rows and recording the dropped horizon), and
+PUBLISH on the workspace's channel `relay:{ws}:n`. The message is `<prev head> <new
+head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so a listening relay
+usually delivers without reading the stream back (watch.py).
+
+Every read fetches the epoch in the same round trip, and a background task checks it
+each second (epoch.py).
+
+Relay-wide byte budgets (HIVE_RELAY_MAX_BYTES, the side-channel share of it) are
+not enforced here: set Redis `maxmemory` with `maxmemory-policy noeviction`; past it
+Redis refuses writes and the relay answers 503 `relay_full` with Retry-After.
+"""
+
+from relay.store.redis.store import RedisStore
+
+__all__ = ["RedisStore"]

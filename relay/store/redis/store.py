@@ -1,0 +1,340 @@
+"""RedisStore: the Store protocol on Redis Streams, one Lua script per write.
+
+The key layout, the notification format and the delivery rules are described in
+relay/store/redis/__init__.py; the scripts are relay/store/lua/*.lua.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from relay.store.base import (
+    DEVICE_CHANNELS,
+    MAX_U64,
+    AppendListener,
+    Bounds,
+    Page,
+    Stats,
+    StoreBusy,
+    StoreError,
+    StoreFull,
+    encode_row,
+    new_pair_code,
+)
+from relay.store.redis import scripts
+from relay.store.redis.epoch import Epoch
+from relay.store.redis.errors import redis_errors
+from relay.store.redis.keys import (
+    EPOCH_KEY,
+    PAIR_INDEX,
+    channel,
+    device_keys,
+    keyring_key,
+    pair_key,
+    raw,
+    text,
+    ws_keys,
+)
+from relay.store.redis.stats import StatsCounter
+from relay.store.redis.watch import Follower
+
+LOG = logging.getLogger("relay.store.redis")
+
+# Bounded waits: a request never hangs on Redis longer than these.
+SOCKET_TIMEOUT = 2.0  # a command's reply
+CONNECT_TIMEOUT = 1.0  # opening a connection
+POOL_SIZE = 64  # connections per relay process (shared by all requests)
+POOL_WAIT = 2.0  # waiting for a free pooled connection
+START_TIMEOUT = 3.0  # start() gives up on an unreachable Redis (and keeps retrying)
+MAINT_EVERY = 1.0  # epoch check, stats flush
+INLINE_BYTES = 64 * 1024  # rows up to this size ride along in the notification
+PAIR_TRIES = 20  # codes drawn before giving up when every one drawn is taken
+
+
+class RedisStore:
+    def __init__(self, url: str, bounds: Bounds | None = None) -> None:
+        self.url = url
+        self.bounds = bounds or Bounds()
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            # One retry, on connection errors only: a pooled connection that died
+            # with a restarted Redis is replaced once. Timeouts are not retried
+            # (a command that timed out may have run; the wait stays bounded).
+            retry=Retry(NoBackoff(), 1, supported_errors=(rx.ConnectionError,)),
+        )
+        self._redis: Any = Redis(connection_pool=self._pool)
+        self._epoch = Epoch()
+        self._stats = StatsCounter()
+        self._follower = Follower(url, self._redis, self._read_page)
+        self._background: list[asyncio.Task[Any]] = []
+        self._closed = False
+        ttl_ms = int(self.bounds.retention_secs * 1000)
+        self._expire_ms = ttl_ms + 1000 if ttl_ms else 0
+        self._retention_us = int(self.bounds.retention_secs * 1_000_000)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def epoch(self) -> str:
+        return self._epoch.value or "unknown"
+
+    def set_listener(self, listener: AppendListener | None) -> None:
+        self._follower.listener = listener
+
+    def _where(self) -> str:
+        kw = self._pool.connection_kwargs
+        if "path" in kw:
+            return str(kw["path"])
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+    async def start(self) -> None:
+        self._closed = False
+        self._background = [
+            asyncio.create_task(self._follower.run_forever(), name="redis-pubsub"),
+            asyncio.create_task(self._maintain_forever(), name="redis-maintenance"),
+        ]
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                with redis_errors():
+                    await scripts.load_all(self._redis)
+                    await self._epoch.check(self._redis)
+                    await self._check_config()
+        except (StoreError, TimeoutError):
+            LOG.warning(
+                "Redis at %s is not reachable; the relay answers 503 until it is", self._where()
+            )
+            return
+        LOG.info("Redis store at %s, epoch %s", self._where(), self._epoch.value)
+
+    async def _check_config(self) -> None:
+        """Warn about Redis settings that can lose acknowledged envelopes."""
+        try:
+            policy = await self._redis.config_get("maxmemory-policy")
+            persistence = await self._redis.info("persistence")
+        except rx.ResponseError:  # CONFIG/INFO disabled (managed Redis): nothing to say
+            return
+        value = policy.get(b"maxmemory-policy") or policy.get("maxmemory-policy")
+        if isinstance(value, bytes):
+            value = value.decode()
+        if value and value != "noeviction":
+            LOG.warning(
+                "Redis maxmemory-policy is %s: Redis may evict envelopes silently; "
+                "set maxmemory-policy noeviction (see docs/scaling.md)",
+                value,
+            )
+        if not persistence.get("aof_enabled"):
+            LOG.warning(
+                "Redis AOF is off: a Redis restart may lose acknowledged envelopes; "
+                "set appendonly yes (see docs/scaling.md)"
+            )
+        LOG.info(
+            "the relay-wide byte budget is Redis maxmemory with the Redis store "
+            "(HIVE_RELAY_MAX_BYTES applies to the memory store only)"
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = self._background
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background = []
+        await self._follower.close()
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._stats.flush(self._redis)
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect()
+
+    async def ping(self) -> bool:
+        try:
+            with redis_errors():
+                return bool(await self._redis.ping())
+        except StoreError:
+            return False
+
+    async def _maintain_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(MAINT_EVERY)
+            try:
+                with redis_errors():
+                    await self._epoch.check(self._redis)
+                await self._stats.refresh(self._redis)
+            except StoreError:
+                pass
+
+    # --------------------------------------------------------------- envelopes
+    async def append(self, ws: str, body: bytes, key: bytes) -> tuple[int, bool]:
+        return (await self._append(ws, [body], [key]))[0]
+
+    async def append_batch(
+        self, ws: str, bodies: list[bytes], keys: list[bytes]
+    ) -> list[tuple[int, bool]]:
+        if len(bodies) != len(keys):
+            raise ValueError("append_batch: one key per body")
+        if not bodies:
+            return []
+        return await self._append(ws, bodies, keys)
+
+    async def _append(
+        self, ws: str, bodies: list[bytes], keys: list[bytes]
+    ) -> list[tuple[int, bool]]:
+        args: list[Any] = [
+            self.bounds.max_envelopes,
+            self._retention_us,
+            channel(ws),
+            INLINE_BYTES,
+            self._expire_ms,
+        ]
+        for key, body in zip(keys, bodies, strict=True):
+            args.append(key)
+            args.append(body)
+        with redis_errors():
+            reply = await scripts.run(self._redis, "append", list(ws_keys(ws)), args)
+        prev, created, added, added_b, drop_n, drop_b, flat = reply
+        results = [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
+        if added:
+            self._stats.count(int(created), int(added) - int(drop_n), int(added_b) - int(drop_b))
+            rows = [
+                (seq, encode_row(seq, body))
+                for (seq, dup), body in zip(results, bodies, strict=True)
+                if not dup
+            ]
+            self._follower.appended(ws, int(prev), rows)
+        return results
+
+    async def read(self, ws: str, after: int, limit: int, max_bytes: int) -> Page:
+        await self._follower.wait_ready(ws)
+        return await self._read(ws, after, limit, max_bytes, with_epoch=True)
+
+    async def _read_page(self, ws: str, after: int, limit: int, max_bytes: int) -> Page:
+        return await self._read(ws, after, limit, max_bytes, with_epoch=False)
+
+    async def _read(
+        self, ws: str, after: int, limit: int, max_bytes: int, with_epoch: bool
+    ) -> Page:
+        log, _, meta = ws_keys(ws)
+        start = f"{after + 1}-0" if 0 <= after < MAX_U64 else ""
+        args = [start, max(1, min(limit, 1 << 40)), max(1, max_bytes)]
+        with redis_errors():
+            if with_epoch:
+                # The epoch rides in the same round trip, so every read notices a
+                # Redis that lost its dataset.
+                for attempt in (0, 1):
+                    try:
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            pipe.evalsha(scripts.SHAS["read"], 2, log, meta, *args)
+                            pipe.get(EPOCH_KEY)
+                            res, epoch = await pipe.execute()
+                        break
+                    except rx.NoScriptError:
+                        if attempt:
+                            raise
+                        await self._redis.script_load(scripts.SCRIPTS["read"])
+                await self._epoch.check(self._redis, epoch, known=True)
+            else:
+                res = await scripts.run(self._redis, "read", [log, meta], args)
+        head, oldest, dropped, more, rows = res
+        return Page(list(rows), int(head), int(oldest), int(dropped), bool(more))
+
+    # ------------------------------------------------------------ live delivery
+    def watch(self, ws: str) -> None:
+        """The hub's first local subscriber of `ws` arrived: follow its appends."""
+        self._follower.watch(ws)
+
+    def unwatch(self, ws: str) -> None:
+        self._follower.unwatch(ws)
+
+    # ------------------------------------------------------------ side channels
+    def _check_side(self, size: int) -> None:
+        if size > self.bounds.max_side_bytes:
+            raise StoreFull(
+                "too_large",
+                f"the entry is {size} bytes; the limit is {self.bounds.max_side_bytes}",
+            )
+
+    async def keyring_append(self, ws: str, blob: bytes) -> None:
+        self._check_side(len(blob))
+        with redis_errors():
+            ok = await scripts.run(
+                self._redis, "keyring", [keyring_key(ws)], [self.bounds.max_keyring, blob]
+            )
+        if not ok:
+            raise StoreFull(
+                "keyring_full",
+                f"the workspace keyring holds its limit of {self.bounds.max_keyring} blobs",
+            )
+
+    async def keyring_list(self, ws: str) -> list[bytes]:
+        with redis_errors():
+            return list(await self._redis.lrange(keyring_key(ws), 0, -1))
+
+    @staticmethod
+    def _device_keys(channel: str, ws: str) -> list[str]:
+        if channel not in DEVICE_CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; expected one of {DEVICE_CHANNELS}")
+        return device_keys(channel, ws)
+
+    async def device_put(self, channel: str, ws: str, device_id: str, data: bytes) -> None:
+        self._check_side(len(data))
+        keys = self._device_keys(channel, ws)
+        args = [raw(device_id), data, self.bounds.presence_ttl, self.bounds.max_devices]
+        with redis_errors():
+            ok = await scripts.run(self._redis, "device_put", keys, args)
+        if not ok:
+            raise StoreFull(
+                "too_many_devices",
+                f"the workspace {channel} holds its limit of {self.bounds.max_devices} devices",
+            )
+
+    async def device_map(self, channel: str, ws: str) -> list[tuple[str, bytes]]:
+        keys = self._device_keys(channel, ws)
+        with redis_errors():
+            flat = await scripts.run(self._redis, "device_map", keys, [self.bounds.presence_ttl])
+        return [(text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    # ----------------------------------------------------------------- pairing
+    async def pair_create(self, payload: str, ttl: int) -> str:
+        for _ in range(PAIR_TRIES):
+            code = new_pair_code()
+            keys = [pair_key(code), PAIR_INDEX]
+            args = [raw(payload), int(ttl * 1000), self.bounds.max_pairings, code]
+            with redis_errors():
+                res = await scripts.run(self._redis, "pair_create", keys, args)
+            if res == 1:
+                return code
+            if res == -1:
+                raise StoreBusy(
+                    "too_many_pairings", "the relay holds too many pairing codes; try again later"
+                )
+        raise StoreBusy("too_many_pairings", "no free pairing code; try again later")
+
+    async def pair_resolve(self, code: str) -> str | None:
+        with redis_errors():
+            value = await self._redis.get(pair_key(code))
+        return None if value is None else text(value)
+
+    # ------------------------------------------------------------------ stats
+    def stats_now(self) -> Stats:
+        """Cheap and approximate: the last relay-wide counters plus local changes since."""
+        return self._stats.now()
+
+    async def stats(self) -> Stats:
+        with contextlib.suppress(StoreError):
+            await self._stats.refresh(self._redis)
+        return self._stats.now()

@@ -1,0 +1,364 @@
+"""Live delivery across instances: follow the workspaces with local listeners.
+
+The hub calls `watch(ws)` when a workspace gains its first local subscriber. The
+follower then SUBSCRIBEs its channel (one dedicated pub/sub connection), and once
+Redis confirms, reads the head: that is the watch's delivered cursor. Reads of a
+workspace whose watch is not yet established wait for it (briefly), so every
+subscriber's replay read sees at least that head; every later row is published
+after the subscription and so reaches the listener. A message whose `prev` is
+above the cursor, a message without rows, or a re-subscription after a reconnect
+makes the follower read the stream from the cursor instead. The listener thus sees
+every row past the cursor once, in seq order, whichever instance appended it.
+
+The pub/sub connection is redis-py's public `PubSub`, on a client of its own that
+never times out a read and never retries: on any failure the whole connection is
+dropped and made afresh, and every watched channel is subscribed again (each
+confirmation then triggers a catch-up read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from relay.store.base import AppendListener, Page, StoreError, StoreUnavailable, row_seq
+from relay.store.redis.errors import redis_errors
+from relay.store.redis.keys import CONTROL_CHANNEL, channel, channel_ws, ws_keys
+
+LOG = logging.getLogger("relay.store.redis")
+
+CONNECT_TIMEOUT = 1.0  # opening the connection
+READY_TIMEOUT = 3.0  # a read of a newly watched workspace waits for its subscription
+# Keep-alive, dead-peer detection, reconnect backoff.
+PING_EVERY = 3.0
+SILENT_LIMIT = 7.0
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
+FETCH_ROWS = 256  # rows per catch-up read for a watched workspace
+FETCH_BYTES = 4 << 20
+FETCH_RETRY = 0.5
+SUBSCRIBE_CHUNK = 500  # channels per SUBSCRIBE / UNSUBSCRIBE command
+
+# A page read of the stream that does not wait for the watch: (ws, after, limit, max_bytes).
+ReadFn = Callable[[str, int, int, int], Awaitable[Page]]
+
+_SUB, _UNSUB = 1, 2
+
+
+class _Watch:
+    """A workspace with local listeners: what was delivered to them so far."""
+
+    __slots__ = ("cursor", "dirty", "establishing", "fetching", "ready", "ws")
+
+    def __init__(self, ws: str) -> None:
+        self.ws = ws
+        self.cursor: int | None = None  # delivered through this seq; None until established
+        self.ready = asyncio.Event()  # set once the cursor is known (or on unwatch)
+        self.establishing = False
+        self.fetching = False
+        self.dirty = False
+
+
+class Follower:
+    def __init__(self, url: str, redis: Any, read: ReadFn) -> None:
+        self._redis = redis  # the store's pooled client, for head lookups
+        self._read = read
+        self._ps_client: Any = Redis.from_url(
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+        )
+        self.listener: AppendListener | None = None
+        self._watches: dict[str, _Watch] = {}
+        # Pub/sub connection state, owned by run_forever.
+        self._chan: dict[str, list[int]] = {}  # ws -> [last command, acks pending]
+        self._wake = asyncio.Event()
+        self._up = False
+        self._last_rx = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -------------------------------------------------------------- the seam
+    def watch(self, ws: str) -> None:
+        if ws in self._watches:
+            return
+        self._watches[ws] = _Watch(ws)
+        self._wake.set()
+
+    def unwatch(self, ws: str) -> None:
+        w = self._watches.pop(ws, None)
+        if w is not None:
+            w.ready.set()
+            self._wake.set()
+
+    async def wait_ready(self, ws: str) -> None:
+        """Before a read of `ws`: wait until its watch (if any) is established."""
+        w = self._watches.get(ws)
+        if w is None or w.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(w.ready.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            raise StoreUnavailable("live delivery from the store is not ready") from None
+
+    def appended(self, ws: str, prev: int, rows: list[tuple[int, bytes]]) -> None:
+        """Rows this instance appended (prev = the head before them)."""
+        w = self._watches.get(ws)
+        if w is not None and w.cursor is not None and rows:
+            self._apply(w, prev, rows[-1][0], rows)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for w in self._watches.values():
+            w.ready.set()
+        with contextlib.suppress(Exception):
+            await self._ps_client.aclose()
+
+    # -------------------------------------------------------------- delivery
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _notify(self, ws: str, rows: list[tuple[int, bytes]]) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.listener(ws, rows)
+        except Exception:  # a listener bug must not stop delivery to others
+            LOG.exception("the append listener failed")
+
+    def _apply(self, w: _Watch, prev: int, new: int, rows: list[tuple[int, bytes]] | None) -> None:
+        """Rows (prev, new] of w.ws, from a local append or a notification."""
+        if w.cursor is None or self._watches.get(w.ws) is not w:
+            return  # not established: its catch-up read covers these rows
+        if w.fetching:
+            w.dirty = True
+            return
+        if new <= w.cursor:
+            return
+        if prev > w.cursor or rows is None:
+            self._fetch_soon(w)  # rows between the cursor and prev: read them
+            return
+        fresh = [r for r in rows if r[0] > w.cursor]
+        if fresh:
+            w.cursor = fresh[-1][0]
+            self._notify(w.ws, fresh)
+
+    def _fetch_soon(self, w: _Watch) -> None:
+        if w.fetching:
+            w.dirty = True
+            return
+        w.fetching = True
+        self._spawn(self._fetch(w))
+
+    async def _fetch(self, w: _Watch) -> None:
+        """Deliver every row past the watch's cursor, reading the stream."""
+        failed = False
+        try:
+            while self._watches.get(w.ws) is w and w.cursor is not None:
+                w.dirty = False
+                page = await self._read(w.ws, w.cursor, FETCH_ROWS, FETCH_BYTES)
+                if self._watches.get(w.ws) is not w:
+                    return
+                fresh = [(row_seq(r), r) for r in page.rows]
+                fresh = [r for r in fresh if r[0] > w.cursor]
+                if fresh:
+                    w.cursor = fresh[-1][0]
+                    self._notify(w.ws, fresh)
+                if not page.more and not w.dirty:
+                    return
+        except StoreError:
+            failed = True
+        finally:
+            w.fetching = False
+        if failed and self._up and not self._closed:
+            # Redis hiccup with pub/sub still up: try again (a pub/sub reconnect
+            # catches up by itself).
+            asyncio.get_running_loop().call_later(FETCH_RETRY, self._retry_fetch, w)
+
+    def _retry_fetch(self, w: _Watch) -> None:
+        if self._watches.get(w.ws) is w and not self._closed:
+            self._fetch_soon(w)
+
+    def _establish_soon(self, w: _Watch) -> None:
+        if w.establishing or w.cursor is not None:
+            return
+        w.establishing = True
+        self._spawn(self._establish(w))
+
+    async def _establish(self, w: _Watch) -> None:
+        """The channel is subscribed (confirmed): the head now is the delivered cursor."""
+        try:
+            with redis_errors():
+                head = await self._redis.hget(ws_keys(w.ws)[2], "h")
+        except StoreError:
+            w.establishing = False
+            # The pub/sub writer retries it on its next pass.
+            asyncio.get_running_loop().call_later(FETCH_RETRY, self._wake.set)
+            return
+        w.establishing = False
+        if self._watches.get(w.ws) is not w:
+            return
+        w.cursor = int(head or 0)
+        w.ready.set()
+        # Notifications that arrived before the cursor was known were dropped.
+        self._fetch_soon(w)
+
+    def _on_message(self, name: bytes, data: bytes) -> None:
+        ws = channel_ws(name)
+        w = self._watches.get(ws) if ws is not None else None
+        if w is None or w.cursor is None:
+            return
+        header, _, rest = data.partition(b"\n")
+        parts = header.split(b" ")
+        try:
+            prev, new = int(parts[0]), int(parts[1])
+        except (IndexError, ValueError):
+            LOG.warning("ignored a malformed notification")
+            return
+        if len(parts) == 2:
+            self._apply(w, prev, new, None)
+            return
+        rows: list[tuple[int, bytes]] = []
+        pos = 0
+        try:
+            for part in parts[2:]:
+                seq_text, _, size_text = part.partition(b":")
+                size = int(size_text)
+                rows.append((int(seq_text), rest[pos : pos + size]))
+                pos += size
+        except ValueError:
+            self._apply(w, prev, new, None)  # read the stream instead
+            return
+        self._apply(w, prev, new, rows)
+
+    def _on_ack(self, name: bytes) -> None:
+        if name == CONTROL_CHANNEL:
+            return
+        ws = channel_ws(name)
+        st = self._chan.get(ws) if ws is not None else None
+        if ws is None or st is None:
+            return
+        st[1] -= 1
+        if st[1] > 0:
+            return
+        if st[0] == _UNSUB:
+            del self._chan[ws]
+            return
+        w = self._watches.get(ws)
+        if w is None:
+            self._wake.set()  # no longer wanted: the writer unsubscribes
+        elif w.cursor is None:
+            self._establish_soon(w)
+        else:
+            self._fetch_soon(w)  # re-subscribed after a reconnect: catch up
+
+    # -------------------------------------------------- the pub/sub connection
+    async def run_forever(self) -> None:
+        """The pub/sub connection, reconnected with backoff until close()."""
+        self._closed = False  # a store may be started again after close()
+        delay = RECONNECT_MIN
+        down_logged = False
+        while not self._closed:
+            pubsub: Any = None
+            try:
+                pubsub = self._ps_client.pubsub()
+                self._chan = {}
+                self._last_rx = asyncio.get_running_loop().time()
+                await pubsub.subscribe(CONTROL_CHANNEL)  # connects
+                self._up = True
+                if down_logged:
+                    LOG.info("Redis pub/sub reconnected; catching up watched workspaces")
+                    down_logged = False
+                delay = RECONNECT_MIN
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._reader(pubsub))
+                    tg.create_task(self._writer(pubsub))
+            except* Exception as group:
+                first = group.exceptions[0]
+                if not isinstance(first, rx.RedisError | OSError | TimeoutError):
+                    LOG.error("Redis pub/sub listener failed; restarting it", exc_info=first)
+                elif not down_logged:
+                    LOG.warning("Redis pub/sub connection lost: %s", first)
+                    down_logged = True
+            finally:
+                self._up = False
+                self._chan = {}
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    async def _reader(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await pubsub.get_message(timeout=None)
+            self._last_rx = loop.time()
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == "message":
+                self._on_message(msg["channel"], msg["data"])
+            elif kind in ("subscribe", "unsubscribe"):
+                self._on_ack(msg["channel"])
+
+    async def _writer(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        last_ping = loop.time()
+        while True:
+            self._wake.clear()
+            await self._sync(pubsub)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), PING_EVERY)
+            now = loop.time()
+            if now - self._last_rx > SILENT_LIMIT:
+                raise rx.ConnectionError("the Redis pub/sub connection went silent")
+            if now - last_ping >= PING_EVERY:
+                await pubsub.ping()
+                last_ping = now
+
+    async def _sync(self, pubsub: Any) -> None:
+        """Subscribe what is watched, unsubscribe what is not, establish new watches."""
+        subs: list[str] = []
+        for ws, w in self._watches.items():
+            st = self._chan.get(ws)
+            if st is None or st[0] == _UNSUB:
+                subs.append(ws)
+            elif st[1] == 0 and w.cursor is None:
+                self._establish_soon(w)  # already subscribed and confirmed
+        unsubs = [ws for ws, st in self._chan.items() if st[0] == _SUB and ws not in self._watches]
+        for ws in subs:
+            st = self._chan.setdefault(ws, [_SUB, 0])
+            st[0] = _SUB
+            st[1] += 1
+        for ws in unsubs:
+            st = self._chan[ws]
+            st[0] = _UNSUB
+            st[1] += 1
+        for i in range(0, len(subs), SUBSCRIBE_CHUNK):
+            await pubsub.subscribe(*[channel(ws) for ws in subs[i : i + SUBSCRIBE_CHUNK]])
+        for i in range(0, len(unsubs), SUBSCRIBE_CHUNK):
+            await pubsub.unsubscribe(*[channel(ws) for ws in unsubs[i : i + SUBSCRIBE_CHUNK]])
