@@ -11,7 +11,6 @@ The Redis cases run against a private `redis-server` (tests/redisproc.py), or
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from relay.store.base import Bounds, Page, Store, StoreBusy, StoreFull, encode_row, row_seq
 from relay.store.memory import PAIR_ALPHABET, MemoryStore
 from tests.redisproc import flush, redis_url
+from tests.support import digest
 
 pytestmark = pytest.mark.anyio
 WAIT = 10.0  # upper bound for any wait on a condition; never a timing assertion
@@ -63,10 +63,6 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]
     yield make
     for store in stores:
         await store.close()
-
-
-def digest(body: bytes) -> bytes:
-    return hashlib.sha256(body).digest()
 
 
 async def push(store: Store, ws: str, body: bytes, key: bytes | None = None) -> int:
