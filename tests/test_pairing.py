@@ -18,6 +18,9 @@ from tests.rawhttp import assert_clean_4xx
 from tests.relayproc import RelayProcess
 from tests.support import as_client
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 WAIT = 20.0
 BURST = 10  # HIVE_RELAY_PAIR_CREATE_RATE's burst
 PAYLOAD_MAX = 8192  # UTF-8 bytes

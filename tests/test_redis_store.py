@@ -25,7 +25,7 @@ from redis.crc import key_slot  # noqa: E402
 
 from relay.store.redis import RedisStore  # noqa: E402
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 WAIT = 10.0
 BIG = 1 << 40
 

@@ -39,6 +39,9 @@ from relay.store.base import Bounds, Page, StoreFull, row_body, row_seq
 from relay.store.memory import PAIR_ALPHABET, MemoryStore
 from tests.support import digest
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = int(os.environ.get("HIVE_RELAY_STATEFUL_EXAMPLES", "40"))
 STEPS = 30
 BIG = 1 << 40

@@ -281,6 +281,7 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
     assert (await store.append("w", b'"a"', digest(b'"a"')))[1] is False
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_retention_by_age_reaches_idle_workspaces(make_store: MakeStore) -> None:
     store = await make_store(Bounds(retention_secs=0.2))
     a = await push(store, "w", b'"a"')
@@ -343,6 +344,7 @@ async def test_device_channels_replace_and_bounds(make_store: MakeStore) -> None
         await store.device_put("nope", "w", "a", b"1")
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_presence_ttl_expires_entries(make_store: MakeStore) -> None:
     # A TTL well above what three store calls take on a loaded machine: with 0.3 s,
     # a test process stalled that long between the put and the count sees "a" gone.
@@ -381,6 +383,7 @@ async def test_pairing_codes(make_store: MakeStore) -> None:
     assert await store.pair_resolve("000000" if "000000" not in codes else "111111") is None
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_pairing_codes_expire(make_store: MakeStore) -> None:
     store = await make_store()
     code = await store.pair_create("soon gone", 1)
@@ -389,6 +392,7 @@ async def test_pairing_codes_expire(make_store: MakeStore) -> None:
     assert await store.pair_resolve(code) is None
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_pairing_code_bound(make_store: MakeStore) -> None:
     store = await make_store(Bounds(max_pairings=2))
     await store.pair_create("a", 1)
@@ -401,6 +405,7 @@ async def test_pairing_code_bound(make_store: MakeStore) -> None:
     await store.pair_create("c", 60)
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_pairing_codes_expire_by_time_not_by_creation_order(make_store: MakeStore) -> None:
     """A short-lived code made after long-lived ones frees its place when it expires,
     once: a lookup that finds it expired and the expiry sweep do not count it twice."""
