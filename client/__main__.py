@@ -39,6 +39,7 @@ from client.errors import (
     PayloadTooLarge,
     RateLimited,
     RelayError,
+    RelayFull,
     Unauthorized,
     Unavailable,
     Unreachable,
@@ -300,6 +301,11 @@ def explain(
         return (
             f"{url} answered 404 ({exc.message}): {setting('url')} does not look like a hive "
             "relay's base URL (give it without /v1)."
+        )
+    if isinstance(exc, RelayFull):
+        return (
+            f"the relay is out of room ({exc.message}): a smaller body does not help. Its "
+            "operator can raise HIVE_RELAY_MAX_BYTES."
         )
     if isinstance(exc, PayloadTooLarge):
         return (

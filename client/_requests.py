@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 import msgspec
@@ -28,6 +28,7 @@ from client.errors import (
     PayloadTooLarge,
     RateLimited,
     RelayError,
+    RelayFull,
     Unauthorized,
     Unavailable,
 )
@@ -53,6 +54,15 @@ WORKSPACE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,200}")
 WORKSPACE_RULE = "1-200 characters from A-Z a-z 0-9 . _ ~ : @ - (and not . or ..)"
 MAX_BATCH = 1000
 MAX_WAIT = 60.0
+# The relay's rule for a client-chosen idempotency key (PROTOCOL.md; relay/api/envelopes.py
+# applies the same): 1-200 visible ASCII characters, 0x21-0x7E. A batch's keys travel
+# comma-joined, so a comma in one would split it (the relay then counts too many).
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,200}")
+IDEMPOTENCY_KEY_RULE = "1-200 visible ASCII characters (! to ~: no spaces, no accents)"
+#: Pages one side-channel read follows at most. Every relay page holds at least one
+#: entry, so this is also the most entries such a read can expect page by page
+#: (the relay keeps 1000 keyring blobs and 1000 devices by default).
+MAX_SIDE_PAGES = 10_000
 
 # --------------------------------------------------------------------------- values
 
@@ -148,6 +158,22 @@ def check_base_url(url: object) -> str:
     return text.rstrip("/")
 
 
+def check_idempotency_key(
+    key: object, what: str = "an idempotency key", *, in_batch: bool = False
+) -> str:
+    """`key` when the relay accepts it as an idempotency key, else `ValueError` (nothing sent).
+
+    A batch's keys (`in_batch`) also cannot hold a comma: they travel comma-joined.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"{what} is text, got {type(key).__name__}")
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValueError(f"invalid {what} {key!r}: {IDEMPOTENCY_KEY_RULE}")
+    if in_batch and "," in key:
+        raise ValueError(f"invalid {what} {key!r}: a batch's keys cannot hold a comma")
+    return key
+
+
 def workspace_path(workspace: str, tail: str) -> str:
     check_workspace_id(workspace)
     return f"/v1/workspaces/{quote(workspace, safe='~:@')}/{tail}"
@@ -208,6 +234,8 @@ def error_from_response(response: httpx.Response, *, token_sent: bool | None = N
     if not message:
         message = response.reason_phrase or f"HTTP {status}"
     cls = _STATUS_ERRORS.get(status)
+    if status == 413 and code == "relay_full":
+        cls = RelayFull
     if cls is None:
         cls = Unavailable if status >= 500 else RelayError
     if cls is Unauthorized and token_sent is not None:
@@ -342,9 +370,7 @@ def health_call() -> Call[bool]:
 def push_call(workspace: str, body: Any, idempotency_key: str | None) -> Call[PushResult]:
     headers = {"content-type": "application/json"}
     if idempotency_key is not None:
-        if not idempotency_key or "," in idempotency_key:
-            raise ValueError("an idempotency key is non-empty and has no comma")
-        headers["idempotency-key"] = idempotency_key
+        headers["idempotency-key"] = check_idempotency_key(idempotency_key)
     return Call(
         "POST",
         workspace_path(workspace, "envelopes"),
@@ -363,8 +389,8 @@ def batch_call(
     if idempotency_keys is not None:
         if len(idempotency_keys) != len(bodies):
             raise ValueError("give exactly one idempotency key per body")
-        if any(not k or "," in k for k in idempotency_keys):
-            raise ValueError("an idempotency key is non-empty and has no comma")
+        for n, key in enumerate(idempotency_keys):
+            check_idempotency_key(key, f"idempotency key {n}", in_batch=True)
         headers["idempotency-keys"] = ",".join(idempotency_keys)
     content = b"[" + b",".join(encode_body(b) for b in bodies) + b"]"
     return Call(
@@ -412,8 +438,95 @@ def _format_seconds(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def keyring_get_call(workspace: str) -> Call[list[bytes]]:
-    return Call("GET", workspace_path(workspace, "keyring"), parse_raw_list)
+def _next_page(response: httpx.Response, name: str) -> str | None:
+    """The `name` cursor in the answer's `X-Relay-Next`, or None when this was the last page."""
+    raw = response.headers.get("x-relay-next")
+    if raw is None:
+        if _header_true(response, "x-relay-more"):
+            raise BadResponse(
+                "the relay says more entries wait (X-Relay-More) but sent no X-Relay-Next"
+            )
+        return None
+    key, sep, value = raw.strip().partition("=")
+    if key != name or not sep or not value:
+        raise BadResponse(f"X-Relay-Next is not {name}=...: {raw!r}")
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise BadResponse(f"X-Relay-Next is not percent-encoded UTF-8: {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class KeyringPage:
+    """One page of keyring blobs (oldest first) and, when older ones were left off, the
+    `before` of the page that holds them."""
+
+    blobs: list[bytes]
+    before: int | None
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    """One page of a presence/candidate map and the `after` of the next page, if any."""
+
+    entries: dict[str, Any]
+    after: str | None
+
+
+def parse_keyring_page(response: httpx.Response) -> KeyringPage:
+    blobs = parse_raw_list(response)
+    raw = _next_page(response, "before")
+    before = None
+    if raw is not None:
+        if not (raw.isascii() and raw.isdigit()):
+            raise BadResponse(f"X-Relay-Next has a before that is not a count: {raw!r}")
+        before = int(raw)
+    return KeyringPage(blobs, before)
+
+
+def parse_device_page(response: httpx.Response) -> DevicePage:
+    return DevicePage(parse_device_map(response), _next_page(response, "after"))
+
+
+def keyring_get_call(workspace: str, before: int | None = None) -> Call[KeyringPage]:
+    params = {} if before is None else {"before": str(before)}
+    return Call("GET", workspace_path(workspace, "keyring"), parse_keyring_page, params=params)
+
+
+class KeyringPager:
+    """Reads the whole keyring page by page: newest page first, each next one older.
+
+    `call()` is the next request (None when done), `add()` takes its answer, and
+    `blobs` is the keyring assembled oldest first. A relay whose `before` does not
+    move back, or that needs more than `MAX_SIDE_PAGES` pages, is a `BadResponse`.
+    """
+
+    def __init__(self, workspace: str) -> None:
+        self.workspace = workspace
+        self._pages: list[list[bytes]] = []
+        self._before: int | None = None
+        self._done = False
+
+    def call(self) -> Call[KeyringPage] | None:
+        return None if self._done else keyring_get_call(self.workspace, self._before)
+
+    def add(self, page: KeyringPage) -> None:
+        self._pages.append(page.blobs)
+        if page.before is None:
+            self._done = True
+            return
+        if page.before == 0 or (self._before is not None and page.before >= self._before):
+            raise BadResponse(
+                f"the relay's keyring paging does not move back (before={page.before} after "
+                f"before={self._before}); stopped reading the keyring"
+            )
+        if len(self._pages) >= MAX_SIDE_PAGES:
+            raise BadResponse(f"the relay's keyring runs past {MAX_SIDE_PAGES} pages; stopped")
+        self._before = page.before
+
+    @property
+    def blobs(self) -> list[bytes]:
+        return [blob for page in reversed(self._pages) for blob in page]
 
 
 def keyring_post_call(workspace: str, blob: Any) -> Call[None]:
@@ -426,8 +539,48 @@ def keyring_post_call(workspace: str, blob: Any) -> Call[None]:
     )
 
 
-def device_map_get_call(workspace: str, channel: str) -> Call[dict[str, Any]]:
-    return Call("GET", workspace_path(workspace, channel), parse_device_map)
+def device_map_get_call(workspace: str, channel: str, after: str | None = None) -> Call[DevicePage]:
+    params = {} if after is None else {"after": after}
+    return Call("GET", workspace_path(workspace, channel), parse_device_page, params=params)
+
+
+class DevicePager:
+    """Reads a whole presence/candidate map page by page (device ids in code-point order).
+
+    The same interface as `KeyringPager`; `entries` is the merged map. A relay whose
+    `after` does not move forward, or that needs more than `MAX_SIDE_PAGES` pages,
+    is a `BadResponse`.
+    """
+
+    def __init__(self, workspace: str, channel: str) -> None:
+        self.workspace = workspace
+        self.channel = channel
+        self.entries: dict[str, Any] = {}
+        self._after: str | None = None
+        self._pages = 0
+        self._done = False
+
+    def call(self) -> Call[DevicePage] | None:
+        return (
+            None if self._done else device_map_get_call(self.workspace, self.channel, self._after)
+        )
+
+    def add(self, page: DevicePage) -> None:
+        self._pages += 1
+        self.entries.update(page.entries)
+        if page.after is None:
+            self._done = True
+            return
+        if self._after is not None and page.after <= self._after:
+            raise BadResponse(
+                f"the relay's {self.channel} paging does not move forward (after={page.after!r} "
+                f"after after={self._after!r}); stopped reading {self.channel}"
+            )
+        if self._pages >= MAX_SIDE_PAGES:
+            raise BadResponse(
+                f"the relay's {self.channel} map runs past {MAX_SIDE_PAGES} pages; stopped"
+            )
+        self._after = page.after
 
 
 def device_entry_put_call(workspace: str, channel: str, device_id: str, data: Any) -> Call[None]:

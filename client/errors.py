@@ -87,6 +87,16 @@ class PayloadTooLarge(RelayError):
     """
 
 
+class RelayFull(PayloadTooLarge):
+    """413 `relay_full`: the relay's memory budget has no room for a new workspace (or for
+    more keyring/presence/candidate data).
+
+    Not the body's size: a smaller body does not help. Only the relay's operator can
+    (a larger HIVE_RELAY_MAX_BYTES), or the relay frees room as other data expires.
+    A subclass of `PayloadTooLarge`, the class a 413 had before this code existed.
+    """
+
+
 class RateLimited(RelayError):
     """429: too many requests; `retry_after` says when to try again."""
 

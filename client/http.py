@@ -220,6 +220,12 @@ class RelayClient:
             return call.parse(response)
         raise rq.error_from_response(response, token_sent=self._token_sent)
 
+    def _device_map(self, workspace: str, channel: str) -> dict[str, Any]:
+        pager = rq.DevicePager(workspace, channel)
+        while (call := pager.call()) is not None:
+            pager.add(self._send(call))
+        return pager.entries
+
     def health(self) -> bool:
         """True when the relay and its store answer; False on `503 store unavailable`."""
         try:
@@ -262,24 +268,30 @@ class RelayClient:
         return self._send(rq.fetch_call(workspace, after, limit, wait, self._timeout))
 
     def get_keyring(self, workspace: str) -> list[bytes]:
-        """Every retained key-rotation blob, oldest first, as the raw JSON bytes stored."""
-        return self._send(rq.keyring_get_call(workspace))
+        """Every retained key-rotation blob, oldest first, as the raw JSON bytes stored.
+
+        A keyring larger than the relay's page follows `X-Relay-Next` to the oldest page.
+        """
+        pager = rq.KeyringPager(workspace)
+        while (call := pager.call()) is not None:
+            pager.add(self._send(call))
+        return pager.blobs
 
     def post_keyring(self, workspace: str, blob: Any) -> None:
         """Append a key-rotation blob (bytes as-is, else encoded as JSON)."""
         self._send(rq.keyring_post_call(workspace, blob))
 
     def get_presence(self, workspace: str) -> dict[str, Any]:
-        """`{device_id: data}` for every device that announced presence."""
-        return self._send(rq.device_map_get_call(workspace, "presence"))
+        """`{device_id: data}` for every device that announced presence (every page)."""
+        return self._device_map(workspace, "presence")
 
     def put_presence(self, workspace: str, device_id: str, data: Any) -> None:
         """Replace this device's presence entry with `data` (any JSON value)."""
         self._send(rq.device_entry_put_call(workspace, "presence", device_id, data))
 
     def get_candidates(self, workspace: str) -> dict[str, Any]:
-        """`{device_id: data}` for every device that published connection candidates."""
-        return self._send(rq.device_map_get_call(workspace, "candidates"))
+        """`{device_id: data}` for every device that published candidates (every page)."""
+        return self._device_map(workspace, "candidates")
 
     def put_candidates(self, workspace: str, device_id: str, data: Any) -> None:
         """Replace this device's candidates entry with `data` (any JSON value)."""
@@ -372,6 +384,12 @@ class AsyncRelayClient:
             return call.parse(response)
         raise rq.error_from_response(response, token_sent=self._token_sent)
 
+    async def _device_map(self, workspace: str, channel: str) -> dict[str, Any]:
+        pager = rq.DevicePager(workspace, channel)
+        while (call := pager.call()) is not None:
+            pager.add(await self._send(call))
+        return pager.entries
+
     async def health(self) -> bool:
         """True when the relay and its store answer; False on `503 store unavailable`."""
         try:
@@ -416,24 +434,30 @@ class AsyncRelayClient:
         return await self._send(rq.fetch_call(workspace, after, limit, wait, self._timeout))
 
     async def get_keyring(self, workspace: str) -> list[bytes]:
-        """Every retained key-rotation blob, oldest first, as the raw JSON bytes stored."""
-        return await self._send(rq.keyring_get_call(workspace))
+        """Every retained key-rotation blob, oldest first, as the raw JSON bytes stored.
+
+        A keyring larger than the relay's page follows `X-Relay-Next` to the oldest page.
+        """
+        pager = rq.KeyringPager(workspace)
+        while (call := pager.call()) is not None:
+            pager.add(await self._send(call))
+        return pager.blobs
 
     async def post_keyring(self, workspace: str, blob: Any) -> None:
         """Append a key-rotation blob (bytes as-is, else encoded as JSON)."""
         await self._send(rq.keyring_post_call(workspace, blob))
 
     async def get_presence(self, workspace: str) -> dict[str, Any]:
-        """`{device_id: data}` for every device that announced presence."""
-        return await self._send(rq.device_map_get_call(workspace, "presence"))
+        """`{device_id: data}` for every device that announced presence (every page)."""
+        return await self._device_map(workspace, "presence")
 
     async def put_presence(self, workspace: str, device_id: str, data: Any) -> None:
         """Replace this device's presence entry with `data` (any JSON value)."""
         await self._send(rq.device_entry_put_call(workspace, "presence", device_id, data))
 
     async def get_candidates(self, workspace: str) -> dict[str, Any]:
-        """`{device_id: data}` for every device that published connection candidates."""
-        return await self._send(rq.device_map_get_call(workspace, "candidates"))
+        """`{device_id: data}` for every device that published candidates (every page)."""
+        return await self._device_map(workspace, "candidates")
 
     async def put_candidates(self, workspace: str, device_id: str, data: Any) -> None:
         """Replace this device's candidates entry with `data` (any JSON value)."""

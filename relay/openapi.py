@@ -38,14 +38,15 @@ _UNICODE_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u
 _ERROR_CODES = {
     400: "invalid_workspace, invalid_json, invalid_body, invalid_after, invalid_limit, "
     "invalid_wait, invalid_batch, invalid_idempotency_key, invalid_device_id, "
-    "invalid_content_length, invalid_bodies, invalid_last_event_id, empty_payload, "
-    "payload_too_long",
+    "invalid_content_length, invalid_bodies, invalid_last_event_id, invalid_before, "
+    "empty_payload, payload_too_long",
     401: "unauthorized (with WWW-Authenticate: Bearer)",
     403: "forbidden: the token does not grant this workspace",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large, too_large, keyring_full, too_many_devices, relay_full",
-    429: "rate_limited, pair_rate_limited, pair_create_rate_limited (with Retry-After)",
+    429: "rate_limited, side_rate_limited, pair_rate_limited, pair_create_rate_limited "
+    "(with Retry-After)",
     503: "store_unavailable, relay_full (Redis store), too_many_pairings, shutting_down, "
     "too_many_streams, too_many_streams_for_client (with Retry-After)",
 }
@@ -134,10 +135,30 @@ _DEVICE_BODY = {
     "required": True,
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DeviceEntry"}}},
 }
+# Side-channel reads are paged at HIVE_RELAY_MAX_PAGE_BYTES: both headers or neither.
+_PAGE_HEADERS = {
+    "X-Relay-More": {"$ref": "#/components/headers/X-Relay-More"},
+    "X-Relay-Next": {"$ref": "#/components/headers/X-Relay-Next"},
+}
 _DEVICE_MAP = _json(
     {"type": "object", "additionalProperties": _ANY_JSON},
-    "Device id → its latest data",
+    "Device id → its latest data (one page, in device_id order when paged)",
+    _PAGE_HEADERS,
 )
+_DEVICE_AFTER = {
+    "name": "after",
+    "in": "query",
+    "description": "Page cursor from X-Relay-Next: the entries whose device_id sorts "
+    "after this one (1–200 characters); invalid_after otherwise",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+}
+_KEYRING_BEFORE = {
+    "name": "before",
+    "in": "query",
+    "description": "Page cursor from X-Relay-Next: the blobs older than the blob at this "
+    "index (default: from the newest); invalid_before otherwise",
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_U64},
+}
 # One Server-Sent Event as a client parses it (comments such as `: connected` and
 # `: keep-alive` are not events). As in OpenAPI 3.1 practice, the schema of a
 # text/event-stream response describes each event of the stream.
@@ -183,15 +204,16 @@ def _device_channel(name: str) -> dict[str, Any]:
     return {
         "parameters": [_WS],
         "get": {
-            "summary": f"Read every device's {name} entry",
+            "summary": f"Read the devices' {name} entries (paged past HIVE_RELAY_MAX_PAGE_BYTES)",
             "operationId": f"get_{name}",
+            "parameters": [_DEVICE_AFTER],
             "responses": {"200": _DEVICE_MAP, **_errors(400, 401, 403, 503)},
         },
         "post": {
             "summary": f"Replace one device's {name} entry",
             "operationId": f"post_{name}",
             "requestBody": _DEVICE_BODY,
-            "responses": {"200": _OK, **_errors(400, 401, 403, 413, 503)},
+            "responses": {"200": _OK, **_errors(400, 401, 403, 413, 429, 503)},
         },
     }
 
@@ -373,10 +395,12 @@ def openapi_document() -> dict[str, Any]:
         "/v1/workspaces/{ws}/keyring": {
             "parameters": [_WS],
             "get": {
-                "summary": "Every retained key-rotation blob, oldest first",
+                "summary": "Key-rotation blobs, oldest first; one page (the newest blobs) "
+                "at most HIVE_RELAY_MAX_PAGE_BYTES",
                 "operationId": "get_keyring",
+                "parameters": [_KEYRING_BEFORE],
                 "responses": {
-                    "200": _json({"type": "array", "items": _ANY_JSON}),
+                    "200": _json({"type": "array", "items": _ANY_JSON}, "OK", _PAGE_HEADERS),
                     **_errors(400, 401, 403, 503),
                 },
             },
@@ -387,7 +411,7 @@ def openapi_document() -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": _ANY_JSON}},
                 },
-                "responses": {"200": _OK, **_errors(400, 401, 403, 413, 503)},
+                "responses": {"200": _OK, **_errors(400, 401, 403, 413, 429, 503)},
             },
         },
         "/v1/workspaces/{ws}/presence": _device_channel("presence"),
@@ -436,7 +460,8 @@ def openapi_document() -> dict[str, Any]:
             "description": "Content-blind relay for end-to-end-encrypted event envelopes "
             "(the /v1 workspace-sync contract plus extensions). Besides the answers listed "
             "per operation, any request may be answered 431 headers_too_large (request line "
-            "and headers over HIVE_RELAY_HEADER_LIMIT), 404 not_found or 405 "
+            "and headers over HIVE_RELAY_HEADER_LIMIT), 400 bad_request (a request the HTTP "
+            "parser cannot read; the connection then closes), 404 not_found or 405 "
             "method_not_allowed (with Allow) for a path or method the relay does not serve, "
             "and 500 internal_error, which is always a relay bug. Errors are JSON "
             '`{"error": "<code>", "message": "<sentence>"}`.',
@@ -470,8 +495,14 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"type": "string", "enum": ["true"]},
                 },
                 "X-Relay-More": {
-                    "description": "true when rows past this page remain",
+                    "description": "true when rows (or side-channel entries) past this page remain",
                     "schema": {"type": "string", "enum": ["true"]},
+                },
+                "X-Relay-Next": {
+                    "description": "Side-channel reads: the query string of the next page "
+                    "(before=N on a keyring, after=<device_id> percent-encoded on presence "
+                    "and candidates); sent with X-Relay-More",
+                    "schema": {"type": "string", "pattern": "^(?:before=[0-9]+|after=.+)$"},
                 },
             },
             "schemas": {

@@ -461,4 +461,4 @@ def test_client_validates_arguments() -> None:
         with pytest.raises(ValueError):
             api.fetch("ws", wait=61)
         with pytest.raises(ValueError):
-            api.push("ws", {}, idempotency_key="a,b")
+            api.push("ws", {}, idempotency_key="café")  # the relay's rule: visible ASCII
