@@ -27,6 +27,7 @@ from relay.store.base import Page
 
 MAX_KEY_LEN = 200
 MAX_BATCH = 1000
+MAX_LIMIT = 10_000  # the most rows one read may ask for
 MAX_WAIT = 60
 
 
@@ -160,7 +161,7 @@ def read_headers(page: Page, after: int, epoch: str) -> dict[str, str]:
 
 def cursor_params(request: Request) -> tuple[int, int]:
     after = int_param(request, "after", 0, 0, MAX_U64)
-    limit = int_param(request, "limit", sys.maxsize, 1, 10_000)
+    limit = int_param(request, "limit", sys.maxsize, 1, MAX_LIMIT)
     return after, limit
 
 
