@@ -91,17 +91,12 @@ class JSONBytes(Response):
         self.raw_headers = raw
 
 
-async def _push(request: Request) -> tuple[Relay, str, bytes]:
-    """The start of every push: authorized, then rate-limited, then its body read."""
+async def post_envelope(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
     authorize(relay, request, ws)
     limit_push(relay, request)
-    return relay, ws, await read_body(request, relay.settings.max_body_bytes)
-
-
-async def post_envelope(request: Request) -> Response:
-    relay, ws, body = await _push(request)
+    body = await read_body(request, relay.settings.max_body_bytes)
     check_json(body)
     key = _request_key(request, body)
     seq, duplicate = await relay.store.append(ws, body, key)
@@ -113,7 +108,11 @@ async def post_envelope(request: Request) -> Response:
 
 
 async def post_batch(request: Request) -> Response:
-    relay, ws, body = await _push(request)
+    relay: Relay = request.app.state.relay
+    ws = workspace_id(request)
+    authorize(relay, request, ws)
+    limit_push(relay, request)
+    body = await read_body(request, relay.settings.max_body_bytes)
     try:
         elements = parse_json(body, list[msgspec.Raw])  # validates every element too
     except ShapeError:
