@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --quiet
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test test-fast lint typecheck unit bench clean
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hive-relay needs Python 3.11 or newer")'
@@ -33,6 +33,11 @@ unit: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# The edit loop: lint, types and every test not marked slow (real processes that
+# take seconds) or e2e (third-party components). `make test` stays the whole suite.
+test-fast: lint typecheck
+	$(PY) -m pytest -q -m 'not slow and not e2e' $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev-installed
 	$(PY) bench/run.py

@@ -26,7 +26,13 @@ from starlette.websockets import WebSocket
 from relay import logs
 from relay.access import policy_from_settings
 from relay.api import envelopes, live, public, side
-from relay.errors import RelayError, add_security_headers, error_response, store_error_response
+from relay.errors import (
+    RelayError,
+    add_security_headers,
+    error_response,
+    headers_too_large,
+    store_error_response,
+)
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots
 from relay.metrics import Metrics
@@ -179,9 +185,8 @@ def head_size(scope: Scope) -> int:
 def head_too_large(limit: int) -> Response:
     # relay/server.py cuts off a head that keeps arriving past the limit; one that
     # arrives whole in a single read is parsed first and stopped here.
-    return error_response(
-        431, "headers_too_large", f"the request line and headers exceed {limit} bytes"
-    )
+    refusal = headers_too_large(limit)
+    return error_response(refusal.status, refusal.code, refusal.message)
 
 
 def record(relay: Relay, scope: Scope, route: str, status: int, start: float) -> None:

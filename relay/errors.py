@@ -80,5 +80,16 @@ def store_error_response(exc: StoreError) -> Response:
     return error_response(status, exc.code, exc.message, headers)
 
 
+def headers_too_large(limit: int) -> RelayError:
+    """The 431 refusal of a request line and headers past HIVE_RELAY_HEADER_LIMIT.
+
+    The app answers a head that arrived whole; relay/server.py answers one still
+    arriving. Both send this code and message.
+    """
+    return RelayError(
+        431, "headers_too_large", f"the request line and headers exceed {limit} bytes"
+    )
+
+
 def bad_request(code: str, message: str) -> RelayError:
     return RelayError(400, code, message)

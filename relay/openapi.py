@@ -1,18 +1,26 @@
 """The OpenAPI 3.1 document of the whole API, served at /openapi.json.
 
-Written by hand from docs/protocol.md; tests/test_public.py checks that every
-route the app serves is described here and the other way round, and
-tests/test_fuzz.py fuzzes the relay against it with schemathesis.
+Every bound it states is imported from the module that enforces it, and the
+component schemas are msgspec's JSON Schema of the request and response types
+below, so the document cannot drift from the code. The prose follows
+docs/protocol.md; tests/test_public.py checks that every route the app serves is
+described here and the other way round, and tests/test_fuzz.py fuzzes the relay
+against it with schemathesis.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from relay import __version__
+from relay.api.common import WORKSPACE_ID_PATTERN
+from relay.api.envelopes import MAX_BATCH, MAX_KEY_LEN, MAX_LIMIT, MAX_WAIT
+from relay.api.side import MAX_DEVICE_ID, PAIR_PAYLOAD_MAX, PAIR_TTL_MAX, PAIR_TTL_MIN
 from relay.store.base import MAX_U64
 
-WS_PATTERN = r"^[A-Za-z0-9._~:@-]{1,200}$"
+WS_PATTERN = f"^{WORKSPACE_ID_PATTERN}$"
 
 
 def uint_pattern(high: int) -> str:
@@ -95,13 +103,13 @@ _LIMIT = {
     "name": "limit",
     "in": "query",
     "description": "At most this many rows",
-    "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
 }
 _WAIT = {
     "name": "wait",
     "in": "query",
     "description": "Long-poll: hold up to this many seconds when no row is past the cursor",
-    "schema": {"type": "integer", "minimum": 0, "maximum": 60},
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT},
 }
 _READ_HEADERS = {
     "X-Relay-Head": {"$ref": "#/components/headers/X-Relay-Head"},
@@ -109,24 +117,26 @@ _READ_HEADERS = {
     "X-Relay-Epoch": {"$ref": "#/components/headers/X-Relay-Epoch"},
     "X-Relay-Gap": {"$ref": "#/components/headers/X-Relay-Gap"},
 }
-# Idempotency-Keys: entries of up to 200 visible ASCII characters but the comma, with
-# optional spaces or tabs around each (an empty entry means sha256 of its element).
-_KEY_ENTRY = r"[ \t]*[!-+\--~]{0,200}[ \t]*"
+# Idempotency-Keys: entries of up to MAX_KEY_LEN visible ASCII characters but the
+# comma, with optional spaces or tabs around each (an empty entry means sha256 of its
+# element).
+_KEY_ENTRY = r"[ \t]*[!-+\--~]{0,%d}[ \t]*" % MAX_KEY_LEN
+_KEY_PATTERN = f"^[!-~]{{1,{MAX_KEY_LEN}}}$"
 _KEYS_PATTERN = f"^{_KEY_ENTRY}(,{_KEY_ENTRY})*$"
 _IDEMPOTENCY = [
     {
         "name": "Idempotency-Key",
         "in": "header",
-        "description": "Dedup key (1–200 visible ASCII characters, ! to ~); "
+        "description": f"Dedup key (1–{MAX_KEY_LEN} visible ASCII characters, ! to ~); "
         "else X-Hive-Event-Id; else sha256(body)",
-        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
+        "schema": {"type": "string", "pattern": _KEY_PATTERN},
     },
     {
         "name": "X-Hive-Event-Id",
         "in": "header",
         "description": "Dedup key used by Hive devices when Idempotency-Key is absent "
         "(the same rule)",
-        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
+        "schema": {"type": "string", "pattern": _KEY_PATTERN},
     },
 ]
 _ANY_JSON: dict[str, Any] = {"description": "Any JSON value (opaque to the relay)"}
@@ -149,8 +159,8 @@ _DEVICE_AFTER = {
     "name": "after",
     "in": "query",
     "description": "Page cursor from X-Relay-Next: the entries whose device_id sorts "
-    "after this one (1–200 characters); invalid_after otherwise",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    f"after this one (1–{MAX_DEVICE_ID} characters); invalid_after otherwise",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_DEVICE_ID},
 }
 _KEYRING_BEFORE = {
     "name": "before",
@@ -198,6 +208,93 @@ _SSE = {
     "content": {"text/event-stream": {"schema": _SSE_EVENT}},
     "headers": _READ_HEADERS,
 }
+
+
+# The request and response bodies, as types; the component schemas are msgspec's
+# JSON Schema of them. Bounds come from the modules that enforce them.
+Seq = Annotated[int, msgspec.Meta(ge=1)]
+Cursor = Annotated[int, msgspec.Meta(ge=0)]
+AnyJSON = Annotated[Any, msgspec.Meta(description=_ANY_JSON["description"])]
+
+
+class Error(msgspec.Struct):
+    error: str
+    message: str
+
+
+class Ok(msgspec.Struct):
+    ok: Literal[True]
+
+
+class Row(msgspec.Struct):
+    seq: Seq
+    body: AnyJSON
+
+
+class Nudge(msgspec.Struct):
+    seq: Cursor
+
+
+class Gap(msgspec.Struct):
+    oldest: Cursor
+
+
+class Pushed(msgspec.Struct, omit_defaults=True):
+    seq: Seq
+    duplicate: bool = False
+
+
+class BatchPushed(msgspec.Struct, omit_defaults=True):
+    seqs: list[Seq]
+    duplicates: list[bool] = []
+
+
+class DeviceEntry(msgspec.Struct):
+    device_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DEVICE_ID)]
+    data: AnyJSON = None
+
+
+class PairRequest(msgspec.Struct):
+    payload: Annotated[
+        str,
+        msgspec.Meta(
+            description=f"Opaque text, kept as sent: at most {PAIR_PAYLOAD_MAX} bytes as "
+            f"UTF-8 (so at most {PAIR_PAYLOAD_MAX} characters; a rule on bytes the schema "
+            "cannot state, over it is 400 payload_too_long), and not only "
+            "white space (400 empty_payload)",
+            min_length=1,
+            max_length=PAIR_PAYLOAD_MAX,
+            pattern=f"[^{_UNICODE_SPACE}]",
+        ),
+    ]
+    ttl_secs: int | None = None
+
+
+class PairCreated(msgspec.Struct):
+    code: Annotated[str, msgspec.Meta(pattern="^[0-9A-HJKMNP-TV-Z]{6}$")]
+    expires_in: Annotated[int, msgspec.Meta(ge=PAIR_TTL_MIN, le=PAIR_TTL_MAX)]
+
+
+class PairPayload(msgspec.Struct):
+    payload: str
+
+
+_SCHEMAS = msgspec.json.schema_components(
+    [
+        Error,
+        Ok,
+        Row,
+        Nudge,
+        Gap,
+        Pushed,
+        BatchPushed,
+        DeviceEntry,
+        PairRequest,
+        PairCreated,
+        PairPayload,
+    ],
+    ref_template="#/components/schemas/{name}",
+)[1]
 
 
 def _device_channel(name: str) -> dict[str, Any]:
@@ -317,7 +414,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/workspaces/{ws}/envelopes/batch": {
             "parameters": [_WS],
             "post": {
-                "summary": "Push 1–1000 envelopes, all or nothing",
+                "summary": f"Push 1–{MAX_BATCH} envelopes, all or nothing",
                 "operationId": "push_batch",
                 "parameters": [
                     {
@@ -326,9 +423,9 @@ def openapi_document() -> dict[str, Any]:
                         "description": "Comma-separated dedup keys, exactly one entry per "
                         "element of the batch (a rule between header and body that the schema "
                         "cannot state; another count is 400 invalid_idempotency_key). Spaces and "
-                        "tabs around an entry are ignored; each entry is then 1–200 of ! to ~ "
-                        "except the comma, or empty: that element is deduplicated by the SHA-256 "
-                        "of its body.",
+                        "tabs around an entry are ignored; each entry is then "
+                        f"1–{MAX_KEY_LEN} of ! to ~ except the comma, or empty: that element is "
+                        "deduplicated by the SHA-256 of its body.",
                         "schema": {
                             "type": "string",
                             "pattern": _KEYS_PATTERN,
@@ -342,7 +439,7 @@ def openapi_document() -> dict[str, Any]:
                             "schema": {
                                 "type": "array",
                                 "minItems": 1,
-                                "maxItems": 1000,
+                                "maxItems": MAX_BATCH,
                                 "items": _ANY_JSON,
                             }
                         }
@@ -505,82 +602,6 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": "^(?:before=[0-9]+|after=.+)$"},
                 },
             },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "message"],
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-                },
-                "Ok": {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}},
-                "Row": {
-                    "type": "object",
-                    "required": ["seq", "body"],
-                    "properties": {"seq": {"type": "integer", "minimum": 1}, "body": _ANY_JSON},
-                },
-                "Nudge": {
-                    "type": "object",
-                    "required": ["seq"],
-                    "properties": {"seq": {"type": "integer", "minimum": 0}},
-                },
-                "Gap": {
-                    "type": "object",
-                    "required": ["oldest"],
-                    "properties": {"oldest": {"type": "integer", "minimum": 0}},
-                },
-                "Pushed": {
-                    "type": "object",
-                    "required": ["seq"],
-                    "properties": {
-                        "seq": {"type": "integer", "minimum": 1},
-                        "duplicate": {"type": "boolean"},
-                    },
-                },
-                "BatchPushed": {
-                    "type": "object",
-                    "required": ["seqs"],
-                    "properties": {
-                        "seqs": {"type": "array", "items": {"type": "integer", "minimum": 1}},
-                        "duplicates": {"type": "array", "items": {"type": "boolean"}},
-                    },
-                },
-                "DeviceEntry": {
-                    "type": "object",
-                    "required": ["device_id"],
-                    "properties": {
-                        "device_id": {"type": "string", "minLength": 1, "maxLength": 200},
-                        "data": _ANY_JSON,
-                    },
-                },
-                "PairRequest": {
-                    "type": "object",
-                    "required": ["payload"],
-                    "properties": {
-                        "payload": {
-                            "description": "Opaque text, kept as sent: at most 8192 bytes as "
-                            "UTF-8 (so at most 8192 characters; a rule on bytes the schema "
-                            "cannot state, over it is 400 payload_too_long), and not only "
-                            "white space (400 empty_payload)",
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 8192,
-                            "pattern": f"[^{_UNICODE_SPACE}]",
-                        },
-                        "ttl_secs": {"type": ["integer", "null"]},
-                    },
-                },
-                "PairCreated": {
-                    "type": "object",
-                    "required": ["code", "expires_in"],
-                    "properties": {
-                        "code": {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{6}$"},
-                        "expires_in": {"type": "integer", "minimum": 30, "maximum": 3600},
-                    },
-                },
-                "PairPayload": {
-                    "type": "object",
-                    "required": ["payload"],
-                    "properties": {"payload": {"type": "string"}},
-                },
-            },
+            "schemas": _SCHEMAS,
         },
     }

@@ -37,7 +37,7 @@ import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from relay.errors import SECURITY_HEADERS
+from relay.errors import SECURITY_HEADERS, headers_too_large
 
 _SECURITY = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items())
 
@@ -270,12 +270,13 @@ class RelayHttpProtocol(HttpToolsProtocol):
         else:
             self._head_bytes += len(data)
         if self._head_bytes > self.head_limit:
+            refusal = headers_too_large(self.head_limit)
             self._refuse(
                 _error_bytes(
-                    431,
+                    refusal.status,
                     b"Request Header Fields Too Large",
-                    "headers_too_large",
-                    f"the request line and headers exceed {self.head_limit} bytes",
+                    refusal.code,
+                    refusal.message,
                 )
             )
 

@@ -26,6 +26,7 @@ import relay.access
 from relay.app import create_app
 from relay.settings import Settings, SettingsError
 from tests.relayproc import REPO, RelayProcess, relay_env
+from tests.support import make_unlimited_client as make_client
 
 # (method, path, body) of every gated route. Events is checked for refusals only:
 # a granted SSE request would stream forever.
@@ -45,13 +46,6 @@ WS_GATED = [g for g in GATED if "{ws}" in g[1]]
 PAIR_ROUTES = [("POST", "/v1/pair", b'{"payload":"p"}'), ("GET", "/v1/pair/ZZZZZZ", None)]
 ALL_GATED = GATED + PAIR_ROUTES
 IDS = [f"{m} {p}" for m, p, _ in ALL_GATED]
-
-
-def make_client(**settings: Any) -> TestClient:
-    settings.setdefault("push_rate", 0)
-    settings.setdefault("pair_resolve_rate", 0)
-    settings.setdefault("pair_create_rate", 0)
-    return TestClient(create_app(Settings(**settings)))
 
 
 def call(

@@ -7,7 +7,6 @@ status, its JSON error code, and that nothing changed in the store.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ import relay.store.memory
 from relay.app import create_app
 from relay.settings import Settings
 from relay.store.base import ENVELOPE_OVERHEAD, workspace_charge
+from tests.support import FakeTime, assert_error, make_client
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hive_envelopes"
 HIVE_BODIES = sorted(FIXTURES.glob("*.json"))
@@ -33,11 +33,6 @@ MAX_U64 = (1 << 64) - 1
 class RowRaw(msgspec.Struct):
     seq: int
     body: msgspec.Raw
-
-
-def make_client(**settings: Any) -> TestClient:
-    settings.setdefault("push_rate", 0)
-    return TestClient(create_app(Settings(**settings)))
 
 
 @pytest.fixture
@@ -72,15 +67,6 @@ def snapshot(c: TestClient, ws: str = WS) -> tuple[bytes, str, str, str, Any]:
     h = r.headers
     store: Any = c.app.state.relay.store  # type: ignore[attr-defined]
     return r.content, h["x-relay-head"], h["x-relay-oldest"], h["x-relay-epoch"], store.stats_now()
-
-
-def assert_error(r: Any, status: int, code: str) -> None:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    answer = r.json()
-    assert set(answer) == {"error", "message"}, answer
-    assert answer["error"] == code, answer
-    assert isinstance(answer["message"], str) and answer["message"]
 
 
 # ------------------------------------------------------------------ POST + GET
@@ -590,24 +576,8 @@ def test_global_byte_budget_drops_the_oldest_relay_wide_first() -> None:
         assert push(c, body(8), ws="a") > a2
 
 
-class StoreTime:
-    """Stands in for the `time` module in relay.store.memory, `offset` seconds ahead."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-    def time_ns(self) -> int:
-        return time.time_ns() + int(self.offset * 1e9)
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.offset
-
-
 def test_retention_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = StoreTime()
+    clock = FakeTime()
     monkeypatch.setattr(relay.store.memory, "time", clock)
     with make_client(retention_days=1) as c:
         old = push(c, b'"old"')

@@ -14,19 +14,12 @@ from starlette.testclient import TestClient
 import relay.limits
 import relay.store.memory
 from relay.api.side import DEVICE_BODY_EXTRA
-from relay.app import create_app
-from relay.settings import Settings
+from tests.support import FakeTime, assert_error
+from tests.support import make_unlimited_client as make_client
 
 WS = "b7d0c5a2-91e4-4f0e-8d7c-2a6b3c4d5e6f"
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 CHANNELS = ("presence", "candidates")
-
-
-def make_client(**settings: Any) -> TestClient:
-    settings.setdefault("push_rate", 0)
-    settings.setdefault("pair_resolve_rate", 0)
-    settings.setdefault("pair_create_rate", 0)
-    return TestClient(create_app(Settings(**settings)))
 
 
 @pytest.fixture
@@ -35,37 +28,12 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
-def assert_error(r: Any, status: int, code: str) -> None:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    answer = r.json()
-    assert set(answer) == {"error", "message"}, answer
-    assert answer["error"] == code, answer
-    assert isinstance(answer["message"], str) and answer["message"]
-
-
 def url(channel: str, ws: str = WS) -> str:
     return f"/v1/workspaces/{ws}/{channel}"
 
 
 def stats(c: TestClient) -> Any:
     return c.app.state.relay.store.stats_now()  # type: ignore[attr-defined]
-
-
-class FakeTime:
-    """Stands in for the `time` module in one relay module, with a clock tests move."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.offset
-
-    def time_ns(self) -> int:
-        return time.time_ns() + int(self.offset * 1e9)
 
 
 @pytest.fixture

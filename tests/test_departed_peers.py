@@ -21,9 +21,13 @@ import struct
 import time
 
 import httpx
+import pytest
 
 from relay.logs import STREAM_ABANDONED, _DropPathLines
 from tests.relayproc import RelayProcess, assert_quiet_log
+
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
 
 WAIT = 30.0
 # One envelope body larger than the kernel's largest send buffer (4 MiB by default)

@@ -42,6 +42,9 @@ from relay.api.live import KEEPALIVE  # noqa: E402
 from relay.app import create_app  # noqa: E402
 from relay.settings import Settings  # noqa: E402
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = int(os.environ.get("HIVE_RELAY_FUZZ_EXAMPLES", "25"))
 TOKEN = "fuzz-token-7d1c"
 # A safety net only: every answer, live streams included, ends well before it.

@@ -22,7 +22,6 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -30,7 +29,18 @@ import pytest
 import websockets
 
 from relay.api.side import PAIR_BODY_MAX
+from tests.rawhttp import (
+    Answer,
+    assert_clean_4xx,
+    connect,
+    exchange,
+    read_answer,
+    recv_into,
+    request,
+    upgrade,
+)
 from tests.relayproc import RelayProcess
+from tests.support import as_client
 
 WAIT = 20.0  # upper bound on any wait for a condition
 MAX_BODY = 1 << 20  # the hostile relay's body limit (room for 200,000-deep nesting)
@@ -40,87 +50,6 @@ CANARY = "canary"  # a workspace with known contents that must never change
 TOKEN = "hostile-token-3b9f"
 
 pytestmark = pytest.mark.slow
-
-
-# ----------------------------------------------------------------- raw HTTP
-@dataclass
-class Answer:
-    status: int
-    reason: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def _read_answer(sock: socket.socket, buf: bytearray, deadline: float) -> Answer | None:
-    """One HTTP/1.1 answer from `sock` (buffer `buf`), or None if the server closed first."""
-    while b"\r\n\r\n" not in buf:
-        if not _recv_into(sock, buf, deadline):
-            return None
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    _, status, reason = [*lines[0].split(" ", 2), ""][:3]
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    body = bytearray(rest)
-    while len(body) < length:
-        before = len(buf)
-        if not _recv_into(sock, buf, deadline):
-            break
-        body += buf[before:]
-    buf[:] = body[length:]
-    return Answer(int(status), reason, headers, bytes(body[:length]))
-
-
-def _recv_into(sock: socket.socket, buf: bytearray, deadline: float) -> bool:
-    sock.settimeout(max(0.01, deadline - time.monotonic()))
-    try:
-        chunk = sock.recv(65536)
-    except (TimeoutError, ConnectionError):
-        return False
-    buf += chunk
-    return bool(chunk)
-
-
-def connect(relay: RelayProcess) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", relay.port), timeout=WAIT)
-
-
-def exchange(
-    relay: RelayProcess, data: bytes, *, answers: int = 1, shut_write: bool = False
-) -> list[Answer]:
-    """Send raw bytes on a fresh connection; read up to `answers` answers."""
-    with connect(relay) as sock:
-        sock.sendall(data)
-        if shut_write:
-            sock.shutdown(socket.SHUT_WR)
-        buf = bytearray()
-        out: list[Answer] = []
-        deadline = time.monotonic() + WAIT
-        while len(out) < answers:
-            answer = _read_answer(sock, buf, deadline)
-            if answer is None:
-                break
-            out.append(answer)
-        return out
-
-
-def request(
-    method: str, target: str | bytes, headers: dict[str, str] | None = None, body: bytes = b""
-) -> bytes:
-    """A raw HTTP/1.1 request: the target is sent exactly as given."""
-    raw_target = target.encode("latin-1") if isinstance(target, str) else target
-    lines = [method.encode() + b" " + raw_target + b" HTTP/1.1", b"Host: relay.test"]
-    all_headers = {"Connection": "close", **(headers or {})}
-    if body and "Content-Length" not in all_headers and "Transfer-Encoding" not in all_headers:
-        all_headers["Content-Length"] = str(len(body))
-    lines += [f"{k}: {v}".encode("latin-1") for k, v in all_headers.items()]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 # ---------------------------------------------------------- state and health
@@ -168,20 +97,6 @@ def unchanged(relay: RelayProcess, auth: dict[str, str] | None = None) -> Iterat
     yield
     assert_healthy(relay)
     assert state(relay, auth) == before
-
-
-def assert_clean_4xx(answer: Answer | httpx.Response, *statuses: int) -> None:
-    """A 4xx (one of `statuses` when given; 503 only when named there) with a JSON
-    error body and no internals."""
-    status = answer.status if isinstance(answer, Answer) else answer.status_code
-    body = answer.body if isinstance(answer, Answer) else answer.content
-    assert 400 <= status < 500 or (status == 503 and 503 in statuses), (status, body[:300])
-    if statuses:
-        assert status in statuses, (status, body[:300])
-    assert b"Traceback" not in body and b'File "' not in body
-    error = json.loads(body)
-    assert set(error) == {"error", "message"}, error
-    assert re.fullmatch(r"[a-z_]+", error["error"]), error
 
 
 def assert_parser_400(answers: list[Answer]) -> None:
@@ -461,9 +376,9 @@ def test_endless_chunked_body_is_cut_off_at_the_limit(relay: RelayProcess) -> No
                 buf += sock.recv(65536)
             sock.setblocking(True)
             if b"\r\n\r\n" in buf:
-                answer = _read_answer(sock, buf, time.monotonic() + WAIT)
+                answer = read_answer(sock, buf, time.monotonic() + WAIT)
         if answer is None:
-            answer = _read_answer(sock, buf, time.monotonic() + WAIT)
+            answer = read_answer(sock, buf, time.monotonic() + WAIT)
         assert answer is not None, f"no answer after {sent} bytes of body"
         assert_clean_4xx(answer, 413)
         assert sent < 8 * MAX_BODY
@@ -577,20 +492,6 @@ def test_oversized_url_is_431(relay: RelayProcess) -> None:
             assert_clean_4xx(a, 431)
 
 
-UPGRADE = {
-    "Upgrade": "websocket",
-    "Connection": "Upgrade",
-    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-    "Sec-WebSocket-Version": "13",
-}
-
-
-def upgrade(target: str | bytes, headers: dict[str, str] | None = None) -> bytes:
-    """A raw WebSocket hand-shake request (keeps `Connection: Upgrade`)."""
-    data = request("GET", target, {**UPGRADE, **(headers or {})})
-    return data.replace(b"Connection: close\r\n", b"", 1)
-
-
 def test_oversized_websocket_handshakes_are_answered(relay: RelayProcess) -> None:
     """An oversized WebSocket hand-shake gets a 4xx answer. (uvicorn's websockets-sansio
     protocol leaves unsent the 431 that the websockets library prepares when it
@@ -648,7 +549,7 @@ def _endless(relay: RelayProcess, start: bytes, filler: bytes, most: int) -> tup
         # Loopback buffers hold megabytes: give the relay time to read and answer.
         deadline = time.monotonic() + WAIT / 4
         while b"\r\n\r\n" not in buf:
-            if not _recv_into(sock, buf, deadline):
+            if not recv_into(sock, buf, deadline):
                 return sent, time.monotonic() < deadline  # closed, or no answer in time
         status = int(bytes(buf).split(b" ", 2)[1])
         return sent, 400 <= status < 500
@@ -997,10 +898,6 @@ def limited() -> Iterator[RelayProcess]:
     assert "Traceback" not in proc.logs()
 
 
-def as_client(address: str) -> dict[str, str]:
-    return {"X-Forwarded-For": address}
-
-
 def assert_retry_after(r: httpx.Response | Answer) -> None:
     headers = r.headers
     assert int(headers["retry-after"]) >= 1, headers
@@ -1086,12 +983,12 @@ def open_sse(relay: RelayProcess, ws: str, who: str) -> tuple[socket.socket | No
     buf = bytearray()
     deadline = time.monotonic() + WAIT
     while b"\r\n\r\n" not in buf:
-        assert _recv_into(sock, buf, deadline), "no answer to an SSE request"
+        assert recv_into(sock, buf, deadline), "no answer to an SSE request"
     if buf.startswith(b"HTTP/1.1 200"):
         while b": connected" not in buf:
-            assert _recv_into(sock, buf, deadline), "the stream did not start"
+            assert recv_into(sock, buf, deadline), "the stream did not start"
         return sock, None
-    answer = _read_answer(sock, buf, deadline)
+    answer = read_answer(sock, buf, deadline)
     sock.close()
     return None, answer
 

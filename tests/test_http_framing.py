@@ -31,6 +31,9 @@ import pytest
 from client import AsyncRelayClient, PayloadTooLarge, RelayClient
 from tests.relayproc import RelayProcess
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 WAIT = 30.0
 MAX_BODY = 4 * 1024 * 1024  # the default HIVE_RELAY_MAX_BODY_BYTES
 SMALL_LIMIT = 1000  # HIVE_RELAY_MAX_BODY_BYTES of the `small` relay

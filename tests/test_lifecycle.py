@@ -18,6 +18,9 @@ from httpx_sse import aconnect_sse
 from relay.store.snapshot import FILENAME, read_snapshot
 from tests.relayproc import RelayProcess, assert_quiet_log
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 WAIT = 20.0
 
 

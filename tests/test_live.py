@@ -15,7 +15,7 @@ from httpx_sse import aconnect_sse
 
 from tests.relayproc import RelayProcess
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 WAIT = 10.0  # upper bound for any single wait; tests never assert on durations
 
 

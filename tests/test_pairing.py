@@ -14,8 +14,12 @@ import httpx
 import msgspec
 import pytest
 
+from tests.rawhttp import assert_clean_4xx
 from tests.relayproc import RelayProcess
-from tests.test_hostile import assert_clean_4xx
+from tests.support import as_client
+
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
 
 WAIT = 20.0
 BURST = 10  # HIVE_RELAY_PAIR_CREATE_RATE's burst
@@ -27,10 +31,6 @@ def relay() -> Iterator[RelayProcess]:
     with RelayProcess(env={"HIVE_RELAY_TRUSTED_PROXIES": "127.0.0.1"}) as proc:
         yield proc
     assert "Traceback" not in proc.logs()
-
-
-def as_client(address: str) -> dict[str, str]:
-    return {"X-Forwarded-For": address}
 
 
 def pairings(relay: RelayProcess) -> float:

@@ -14,19 +14,13 @@ from starlette.testclient import TestClient
 
 import relay.api.public
 from relay import __version__
-from relay.app import create_app
-from relay.settings import Settings
 from relay.store.base import StoreUnavailable
 from relay.store.memory import MemoryStore
+from tests.support import make_client
 
 SECRET_WS = "ws-secret-7c1d9e55-0b2a-4f3e"
 SECRET_TOKEN = "tok-secret-91f3a7c2d4"
 SECRET_BODY = b'{"body_secret":"b0dy-5ecret-e2a1"}'
-
-
-def make_client(store: Any = None, **settings: Any) -> TestClient:
-    settings.setdefault("push_rate", 0)
-    return TestClient(create_app(Settings(**settings), store=store))
 
 
 @pytest.fixture

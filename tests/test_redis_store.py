@@ -11,7 +11,6 @@ pub/sub reconnect and watch churn.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -20,13 +19,14 @@ import pytest
 from relay.errors import store_error_status
 from relay.store.base import Bounds, StoreBusy, StoreError, StoreUnavailable, row_seq
 from tests.redisproc import RedisServer, flush, own_server_required, redis_url
+from tests.support import digest
 
 redis = pytest.importorskip("redis", reason="the redis extra is not installed")
 from redis.crc import key_slot  # noqa: E402
 
 from relay.store.redis import RedisStore  # noqa: E402
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 WAIT = 10.0
 BIG = 1 << 40
 
@@ -58,10 +58,6 @@ def server() -> Iterator[RedisServer]:
     own_server_required()
     with RedisServer(aof=True) as s:
         yield s
-
-
-def digest(body: bytes) -> bytes:
-    return hashlib.sha256(body).digest()
 
 
 async def push(store: RedisStore, ws: str, body: bytes) -> int:

@@ -28,8 +28,8 @@ from relay.access import AllowlistPolicy, SignedTokenPolicy, issue_token
 from relay.app import create_app
 from relay.settings import Settings
 from relay.store.memory import MemoryStore
+from tests.rawhttp import exchange, request, upgrade
 from tests.relayproc import RelayProcess
-from tests.test_hostile import exchange, request, upgrade
 
 TOKEN = "sec-token-5d2e8a1f"
 NEAR_MISS = TOKEN[:-1] + "0"

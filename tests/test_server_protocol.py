@@ -103,6 +103,7 @@ def relay() -> Any:
         yield proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "path"),
     [

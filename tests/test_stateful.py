@@ -18,7 +18,6 @@ above every seq the workspace ever had, and the epoch must change.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -38,6 +37,10 @@ from hypothesis.stateful import (
 
 from relay.store.base import PAIR_ALPHABET, Bounds, Page, StoreFull, row_body, row_seq
 from relay.store.memory import MemoryStore
+from tests.support import digest
+
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
 
 EXAMPLES = int(os.environ.get("HIVE_RELAY_STATEFUL_EXAMPLES", "40"))
 STEPS = 30
@@ -123,10 +126,6 @@ Backend = MemoryBackend | RedisBackend
 
 
 # --------------------------------------------------------------------- model
-def digest(body: bytes) -> bytes:
-    return hashlib.sha256(body).digest()
-
-
 def expected_page(
     rows: list[tuple[int, bytes, bytes]], after: int, limit: int, cap: int
 ) -> tuple[list[tuple[int, bytes]], bool]:

@@ -264,6 +264,7 @@ async def _tiny_batches(store: MemoryStore) -> None:
         await store.append_batch("w", bodies, [hashlib.sha256(b).digest() for b in bodies])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fill", [_tiny_envelopes, _presence_in_many_workspaces, _tiny_batches], ids=lambda f: f.__name__
 )

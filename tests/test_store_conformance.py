@@ -11,7 +11,6 @@ The Redis cases run against a private `redis-server` (tests/redisproc.py), or
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,6 +30,7 @@ from relay.store.base import (
 )
 from relay.store.memory import MemoryStore
 from tests.redisproc import flush, redis_url
+from tests.support import digest
 
 pytestmark = pytest.mark.anyio
 WAIT = 10.0  # upper bound for any wait on a condition; never a timing assertion
@@ -73,10 +73,6 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]
     yield make
     for store in stores:
         await store.close()
-
-
-def digest(body: bytes) -> bytes:
-    return hashlib.sha256(body).digest()
 
 
 async def push(store: Store, ws: str, body: bytes, key: bytes | None = None) -> int:
@@ -295,6 +291,7 @@ async def test_retention_by_age(make_store: MakeStore) -> None:
     assert (await store.append("w", b'"a"', digest(b'"a"')))[1] is False
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_retention_by_age_reaches_idle_workspaces(make_store: MakeStore) -> None:
     store = await make_store(Bounds(retention_secs=0.2))
     a = await push(store, "w", b'"a"')
@@ -357,6 +354,7 @@ async def test_device_channels_replace_and_bounds(make_store: MakeStore) -> None
         await store.device_put("nope", "w", "a", b"1")
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_presence_ttl_expires_entries(make_store: MakeStore) -> None:
     # A TTL well above what three store calls take on a loaded machine: with 0.3 s,
     # a test process stalled that long between the put and the count sees "a" gone.
@@ -395,6 +393,7 @@ async def test_pairing_codes(make_store: MakeStore) -> None:
     assert await store.pair_resolve("000000" if "000000" not in codes else "111111") is None
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_pairing_codes_expire(make_store: MakeStore) -> None:
     store = await make_store()
     code = await store.pair_create("soon gone", 1)
@@ -403,6 +402,7 @@ async def test_pairing_codes_expire(make_store: MakeStore) -> None:
     assert await store.pair_resolve(code) is None
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_pairing_code_bound(make_store: MakeStore) -> None:
     store = await make_store(Bounds(max_pairings=2))
     await store.pair_create("a", 1)
@@ -415,6 +415,7 @@ async def test_pairing_code_bound(make_store: MakeStore) -> None:
     await store.pair_create("c", 60)
 
 
+@pytest.mark.slow  # waits out a real TTL of about a second
 async def test_pairing_codes_expire_by_time_not_by_creation_order(make_store: MakeStore) -> None:
     """A short-lived code made after long-lived ones frees its place when it expires,
     once: a lookup that finds it expired and the expiry sweep do not count it twice."""

@@ -203,7 +203,7 @@ class StoreModel(RuleBasedStateMachine):
         assert stats.envelopes == sum(len(r) for r in self.model.values())
 
 
-TestStoreModel = StoreModel.TestCase
+TestStoreModel = pytest.mark.slow(StoreModel.TestCase)
 TestStoreModel.settings = settings(
     max_examples=60,
     stateful_step_count=30,
@@ -251,6 +251,7 @@ def test_retention_by_age_prunes_on_sweep(monkeypatch: pytest.MonkeyPatch) -> No
     assert page.dropped == old and page.gap(0) and not page.gap(old)
 
 
+@pytest.mark.slow
 def test_pruning_stays_amortized_at_the_cap() -> None:
     """Appending far past the cap keeps the log bounded (the dead prefix is cut)."""
     store = MemoryStore(Bounds(max_envelopes=100))
@@ -348,6 +349,7 @@ def _expiry_work_per_create(monkeypatch: pytest.MonkeyPatch, held: int) -> float
     return _Counted.compared / creates
 
 
+@pytest.mark.slow
 def test_pairing_expiry_cost_does_not_grow_with_the_codes_held(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -14,7 +14,10 @@ from relay.errors import RelayError, bad_request
 if TYPE_CHECKING:
     from relay.runtime import Relay
 
-_WS_RE = re.compile(r"[A-Za-z0-9._~:@-]{1,200}")
+MAX_WORKSPACE_ID = 200
+# A workspace id: 1–MAX_WORKSPACE_ID of these characters (relay/openapi.py states it too).
+WORKSPACE_ID_PATTERN = r"[A-Za-z0-9._~:@-]{1,%d}" % MAX_WORKSPACE_ID
+_WS_RE = re.compile(WORKSPACE_ID_PATTERN)
 T = TypeVar("T")
 
 
@@ -23,8 +26,8 @@ def workspace_id(request: Request) -> str:
     if not _WS_RE.fullmatch(ws) or ws in (".", ".."):
         raise bad_request(
             "invalid_workspace",
-            "the workspace id must be 1–200 characters from A–Z a–z 0–9 . _ ~ : @ - "
-            "(and not . or ..)",
+            f"the workspace id must be 1–{MAX_WORKSPACE_ID} characters from "
+            "A–Z a–z 0–9 . _ ~ : @ - (and not . or ..)",
         )
     return ws
 

@@ -26,39 +26,48 @@ from relay.store.base import MAX_U64, Page
 
 MAX_KEY_LEN = 200
 MAX_BATCH = 1000
+MAX_LIMIT = 10_000  # the most rows one read may ask for
 MAX_WAIT = 60
 
 
-# One rule for every transport (issue 18 §9): a client-chosen key is 1–200 visible
-# ASCII characters (0x21–0x7E), compared byte for byte. HTTP headers arrive as bytes
+# One rule for every transport: a client-chosen key is 1–200 visible ASCII
+# characters (0x21–0x7E), compared byte for byte. HTTP headers arrive as bytes
 # (decoded here as latin-1, so each character is one byte) and WebSocket keys as JSON
 # strings; a key allowed by the rule is the same bytes either way.
 KEY_RULE = f"1–{MAX_KEY_LEN} visible ASCII characters (! to ~, no spaces)"
 _KEY_RE = re.compile(r"[!-~]{1,%d}" % MAX_KEY_LEN)
 
 
-def client_key(value: str) -> bytes | None:
-    """The dedup key for a client-chosen key, or None when the key breaks the rule."""
-    if _KEY_RE.fullmatch(value) is None:
+def dedup_key(chosen: str | None, body: bytes) -> bytes | None:
+    """The key an envelope is deduplicated by, for HTTP and WebSocket alike.
+
+    A client-chosen key when there is one (None when it breaks KEY_RULE), else
+    the body's SHA-256 digest, so a retried identical body is one envelope.
+    """
+    if chosen is None:
+        return hashlib.sha256(body).digest()
+    if _KEY_RE.fullmatch(chosen) is None:
         return None
     # Prefixed so a client-chosen key can never equal a body digest (32 raw bytes).
-    return b"k" + value.encode("ascii")
+    return b"k" + chosen.encode("ascii")
 
 
-def _header_key(value: str, name: str) -> bytes:
-    key = client_key(value)
+def _header_key(value: str | None, name: str, body: bytes) -> bytes:
+    key = dedup_key(value, body)
     if key is None:
         raise bad_request("invalid_idempotency_key", f"{name} must be {KEY_RULE}")
     return key
 
 
-def dedup_key(request: Request, body: bytes) -> bytes:
+def _request_key(request: Request, body: bytes) -> bytes:
     event_id = header(request, b"x-hive-event-id")
-    key = _header_key(event_id, "X-Hive-Event-Id") if event_id is not None else None
     value = header(request, b"idempotency-key")
-    if value is not None:
-        return _header_key(value, "Idempotency-Key")
-    return key or hashlib.sha256(body).digest()
+    if event_id is not None:
+        # Checked even when an Idempotency-Key overrides it: a bad header is an error.
+        key = _header_key(event_id, "X-Hive-Event-Id", body)
+        if value is None:
+            return key
+    return _header_key(value, "Idempotency-Key", body)
 
 
 def limit_push(relay: Relay, request: Request) -> None:
@@ -94,7 +103,7 @@ async def post_envelope(request: Request) -> Response:
     limit_push(relay, request)
     body = await read_body(request, relay.settings.max_body_bytes)
     check_json(body)
-    key = dedup_key(request, body)
+    key = _request_key(request, body)
     seq, duplicate = await relay.store.append(ws, body, key)
     if duplicate:
         relay.metrics.duplicates.inc()
@@ -118,7 +127,7 @@ async def post_batch(request: Request) -> Response:
     bodies = [bytes(e) for e in elements]
     keys_header = header(request, b"idempotency-keys")
     if keys_header is None:
-        keys = [hashlib.sha256(b).digest() for b in bodies]
+        keys = [_header_key(None, "Idempotency-Keys", b) for b in bodies]
     else:
         parts = [p.strip() for p in keys_header.split(",")]
         if len(parts) != len(bodies):
@@ -127,7 +136,7 @@ async def post_batch(request: Request) -> Response:
                 f"Idempotency-Keys has {len(parts)} entries for {len(bodies)} envelopes",
             )
         keys = [
-            _header_key(p, "each Idempotency-Keys entry") if p else hashlib.sha256(b).digest()
+            _header_key(p or None, "each Idempotency-Keys entry", b)
             for p, b in zip(parts, bodies, strict=True)
         ]
     results = await relay.store.append_batch(ws, bodies, keys)
@@ -156,7 +165,7 @@ def read_headers(page: Page, after: int, epoch: str) -> dict[str, str]:
 
 def cursor_params(request: Request) -> tuple[int, int]:
     after = int_param(request, "after", 0, 0, MAX_U64)
-    limit = int_param(request, "limit", sys.maxsize, 1, 10_000)
+    limit = int_param(request, "limit", sys.maxsize, 1, MAX_LIMIT)
     return after, limit
 
 

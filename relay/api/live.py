@@ -10,7 +10,6 @@ ends cleanly when the relay shuts down or the subscriber falls too far behind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import deque
@@ -25,9 +24,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from relay.access import Denied, bearer_token
 from relay.api.common import authorize, int_param, workspace_id
-from relay.api.envelopes import KEY_RULE, client_key, read_headers
+from relay.api.envelopes import KEY_RULE, dedup_key, read_headers
 from relay.errors import RelayError, error_response, store_error_response
-from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame
+from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame, ws_env_frame
 from relay.logs import STREAM_ABANDONED
 from relay.runtime import Relay
 from relay.store.base import MAX_U64, Page, StoreError, row_seq
@@ -214,24 +213,39 @@ class SSEStream(Response):
             await _end(send)
 
     async def _replay(self, sub: Subscriber, send: Send, cursor: int) -> int:
-        """Send every retained row past `cursor`; live items queued meanwhile are
-        dropped from the queue (the store has them) until the replay catches up."""
-        relay = self.relay
-        while True:
-            page = await relay.store.read(
-                self.ws, cursor, REPLAY_PAGE, relay.settings.max_page_bytes
-            )
-            if page.rows:
-                frames = b"".join(sse_row_frame(row_seq(r), r) for r in page.rows)
-                cursor = row_seq(page.rows[-1])
+        async def send_rows(rows: list[bytes]) -> None:
+            if rows:
+                frames = b"".join(sse_row_frame(row_seq(r), r) for r in rows)
                 await send({"type": "http.response.body", "body": frames, "more_body": True})
-            if not page.more:
-                if sub.overflowed:
-                    # Fell behind while replaying: the store still has it all; go again.
-                    sub.overflowed = False
-                    sub.take()
-                    continue
-                return cursor
+
+        return await replay(self.relay, self.ws, sub, cursor, send_rows)
+
+
+async def replay(
+    relay: Relay,
+    ws: str,
+    sub: Subscriber,
+    cursor: int,
+    send_rows: Callable[[list[bytes]], Awaitable[None]],
+) -> int:
+    """Hand every retained row past `cursor` to `send_rows`, a page at a time
+    (an empty page too); the cursor it reached.
+
+    SSE and the WebSocket both replay through here. Live items queued meanwhile
+    are dropped from the queue (the store has them) until the replay catches up.
+    """
+    while True:
+        page = await relay.store.read(ws, cursor, REPLAY_PAGE, relay.settings.max_page_bytes)
+        await send_rows(page.rows)
+        if page.rows:
+            cursor = row_seq(page.rows[-1])
+        if not page.more:
+            if sub.overflowed:
+                # Fell behind while replaying: the store still has it all; go again.
+                sub.overflowed = False
+                sub.take()
+                continue
+            return cursor
 
 
 async def _end(send: Send, last: bytes = b"") -> None:
@@ -507,16 +521,14 @@ class WsSession:
             return _ws_error("invalid_body", "pub needs a body", ref)
         if len(body) > max_body:
             return _ws_error("payload_too_large", f"the body exceeds {max_body} bytes", ref)
-        key = client_key(op.key) if op.key is not None else None
-        if op.key is not None and key is None:
+        key = dedup_key(op.key, body)
+        if key is None:
             return _ws_error("invalid_idempotency_key", f"key must be {KEY_RULE}", ref)
         if not body.isascii():
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError:
                 return _ws_error("invalid_json", "the body is not valid UTF-8", ref)
-        if key is None:
-            key = hashlib.sha256(body).digest()
         try:
             seq, dup = await relay.store.append(self.ws, body, key)
         except StoreError as exc:  # a store refusal reaches the client as a frame
@@ -569,22 +581,14 @@ class WsSession:
         page: Page = await relay.store.read(self.ws, self.cursor, 1, 1)
         if page.gap(self.cursor):
             await send_text('{"op":"gap","oldest":%d}' % page.oldest)
-        while True:
-            page = await relay.store.read(
-                self.ws, self.cursor, REPLAY_PAGE, relay.settings.max_page_bytes
-            )
-            for row in page.rows:
-                await send_text('{"op":"env",' + row[1:].decode())
-            if page.rows:
-                self.cursor = row_seq(page.rows[-1])
+
+        async def send_rows(rows: list[bytes]) -> None:
+            for row in rows:
+                await send_text(ws_env_frame(row))
             if self.outbox:
                 await self._flush_outbox(send_text)
-            if not page.more:
-                if sub.overflowed:
-                    sub.overflowed = False
-                    sub.take()
-                    continue
-                return
+
+        self.cursor = await replay(relay, self.ws, sub, self.cursor, send_rows)
 
 
 def _ws_error(code: str, message: str, ref: bytes = b"null", retry_after: str | None = None) -> str:

@@ -20,6 +20,9 @@ from tests.client.support import WAIT
 from tests.conftest import FIXTURES
 from tests.relayproc import REPO, RelayProcess, free_port
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 VECTORS = json.loads((FIXTURES / "hive_crypto_vectors.json").read_text())
 PASSPHRASE = VECTORS["passphrase"]
 

@@ -33,6 +33,9 @@ from tests.client.support import FAST, WAIT
 from tests.client.test_client_cli import cli, cli_env, run_cli
 from tests.relayproc import REPO, RelayProcess, free_port
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 KEY = WorkspaceKey.generate()
 
 

@@ -36,6 +36,9 @@ from tests.client.support import TokenSigner, new_workspace_id
 from tests.conftest import FIXTURES
 from tests.relayproc import RelayProcess, free_port
 
+# Real relay processes: seconds per test (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 HIVE_BODIES = sorted((FIXTURES / "hive_envelopes").glob("*.json"))
 
 

@@ -61,6 +61,7 @@ def raw_get(relay: RelayProcess, path: str) -> httpx.Response:
 # --------------------------------------------------------------------------- paging
 
 
+@pytest.mark.slow
 def test_the_keyring_is_read_across_pages_oldest_first(
     make_client: Factory, paged_relay: RelayProcess
 ) -> None:
@@ -76,6 +77,7 @@ def test_the_keyring_is_read_across_pages_oldest_first(
     assert got == blobs
 
 
+@pytest.mark.slow
 def test_presence_and_candidates_are_merged_across_pages(
     make_client: Factory, paged_relay: RelayProcess
 ) -> None:
@@ -95,6 +97,7 @@ def test_presence_and_candidates_are_merged_across_pages(
     assert api.get_candidates(ws) == {d: [f"10.0.0.{n}:4000", "c" * 40] for n, d in enumerate(ids)}
 
 
+@pytest.mark.slow
 def test_an_unpaged_map_is_one_request(make_client: Factory, paged_relay: RelayProcess) -> None:
     api = make_client(paged_relay.url)
     ws = new_workspace_id()
@@ -118,6 +121,7 @@ def bury_rotation(relay: RelayProcess, ws: str, devices: dict[str, Device]) -> N
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_a_workspace_adopts_an_epoch_only_on_an_older_page(
     paged_relay: RelayProcess,
 ) -> None:
@@ -132,6 +136,7 @@ async def test_a_workspace_adopts_an_epoch_only_on_an_older_page(
     assert parse_envelope(row[0].body).epoch == 1
 
 
+@pytest.mark.slow
 def test_a_sync_workspace_adopts_an_epoch_only_on_an_older_page(
     paged_relay: RelayProcess,
 ) -> None:
@@ -259,6 +264,7 @@ def test_a_comma_is_refused_only_in_batch_keys(kind: str, portal: BlockingPortal
     assert [r.headers["idempotency-key"] for r in seen] == ["a,b"]
 
 
+@pytest.mark.slow
 def test_keys_inside_the_rule_reach_the_relay(
     make_client: Factory, paged_relay: RelayProcess
 ) -> None:
@@ -297,6 +303,7 @@ def test_relay_full_is_its_own_error(kind: str, portal: BlockingPortal) -> None:
     assert type(plain.value) is PayloadTooLarge
 
 
+@pytest.mark.slow
 def test_a_full_relay_refuses_a_new_workspace_with_relay_full(make_client: Factory) -> None:
     with RelayProcess(env={**OPEN_RELAY_ENV, "HIVE_RELAY_MAX_BYTES": "1024"}) as small:
         api = make_client(small.url)
@@ -314,6 +321,7 @@ def test_a_full_relay_refuses_a_new_workspace_with_relay_full(make_client: Facto
     )
 
 
+@pytest.mark.slow
 def test_side_and_pairing_rate_limits_are_rate_limited(make_client: Factory) -> None:
     env = {
         **OPEN_RELAY_ENV,

@@ -11,7 +11,7 @@ from client import AsyncRelayClient, Event, Unsupported, Workspace, WorkspaceKey
 from tests.client.support import FAST, WAIT, OlderRelay, data_of
 from tests.relayproc import RelayProcess
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def follow_while_sending(reader: Workspace, writer: Workspace, count: int) -> list[Any]:

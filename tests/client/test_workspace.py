@@ -33,7 +33,7 @@ from tests.client.support import FAST, WAIT, DroppingProxy, collect, data_of, ne
 from tests.conftest import FIXTURES
 from tests.relayproc import RelayProcess
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 VECTORS = json.loads((FIXTURES / "hive_crypto_vectors.json").read_text())
 PASSPHRASE = VECTORS["passphrase"]

@@ -22,6 +22,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests.relayproc import free_port
+from tests.relayproc import relay_env as clean_env
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 ARTIFACTS = REPO / "test-artifacts"
@@ -44,12 +47,6 @@ CHROMIUM_FLAGS = (
 T = TypeVar("T")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
     """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -60,13 +57,6 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_RELAY_") and k != "PORT"}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
 
 
 class Proc:
