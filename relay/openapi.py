@@ -18,7 +18,7 @@ from relay import __version__
 from relay.api.common import WORKSPACE_ID_PATTERN
 from relay.api.envelopes import MAX_BATCH, MAX_KEY_LEN, MAX_LIMIT, MAX_WAIT
 from relay.api.side import MAX_DEVICE_ID, PAIR_PAYLOAD_MAX, PAIR_TTL_MAX, PAIR_TTL_MIN
-from relay.store.base import MAX_U64
+from relay.store.base import MAX_U64, PAIR_ALPHABET, PAIR_CODE_LEN
 
 WS_PATTERN = f"^{WORKSPACE_ID_PATTERN}$"
 
@@ -271,7 +271,7 @@ class PairRequest(msgspec.Struct):
 
 
 class PairCreated(msgspec.Struct):
-    code: Annotated[str, msgspec.Meta(pattern="^[0-9A-HJKMNP-TV-Z]{6}$")]
+    code: Annotated[str, msgspec.Meta(pattern=f"^[{PAIR_ALPHABET}]{{{PAIR_CODE_LEN}}}$")]
     expires_in: Annotated[int, msgspec.Meta(ge=PAIR_TTL_MIN, le=PAIR_TTL_MAX)]
 
 
