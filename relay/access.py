@@ -3,7 +3,9 @@
 The policy is resolved once at start-up (`policy_from_settings`), most specific
 first. A setting that is present but unusable raises SettingsError: the relay
 never starts more open than the operator asked for. Handlers never parse
-tokens; they call `policy.check(authorization_header, workspace)`.
+tokens: `relay.api.common.authorize` takes the bearer token from the request,
+asks `policy.authenticate(token)` for a `Grant`, and the grant says whether it
+`allows(workspace)`.
 
 Tokens are compared by their SHA-256 digest (a dictionary lookup on the
 digest reveals nothing about the secret), never logged, never used as labels.
