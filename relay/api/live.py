@@ -464,21 +464,17 @@ class WsSession:
                 try:
                     op = msgspec.json.decode(raw, type=WsOp)
                 except (msgspec.DecodeError, RecursionError) as exc:
-                    if self._allowed() is not None:
-                        self._refuse_flood(stop)
+                    if self._invalid(
+                        sub, stop, "invalid_frame", f"the frame is not a valid op: {exc}"
+                    ):
                         break
-                    self._post(
-                        sub, _ws_error("invalid_frame", f"the frame is not a valid op: {exc}")
-                    )
                     continue
                 ref = bytes(op.ref) or b"null"
                 if len(ref) > MAX_REF_BYTES:
-                    if self._allowed() is not None:
-                        self._refuse_flood(stop)
+                    if self._invalid(
+                        sub, stop, "invalid_ref", f"ref must be at most {MAX_REF_BYTES} bytes"
+                    ):
                         break
-                    self._post(
-                        sub, _ws_error("invalid_ref", f"ref must be at most {MAX_REF_BYTES} bytes")
-                    )
                     continue
                 refused = self._allowed()
                 if refused is not None:
@@ -507,6 +503,17 @@ class WsSession:
             self.close_code = -1
         finally:
             sub.close()
+
+    def _invalid(self, sub: Subscriber, stop: Callable[[], None], code: str, message: str) -> bool:
+        """Answer an invalid frame, or close the socket when it comes past the client's rate.
+
+        True when the socket is being closed (the reader stops).
+        """
+        if self._allowed() is not None:
+            self._refuse_flood(stop)
+            return True
+        self._post(sub, _ws_error(code, message))
+        return False
 
     def _refuse_flood(self, stop: Callable[[], None]) -> None:
         """An invalid frame past the client's rate: close rather than answer it."""
