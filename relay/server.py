@@ -120,6 +120,22 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
         self._gate.lost()
 
+    # At shutdown the relay ends its own live streams first (close 1001 "relay
+    # shutting down"); uvicorn's 1012 for an open socket waits this long, so the
+    # relay's close, already on its way, is the one the client gets. uvicorn's
+    # graceful shutdown waits for the connections meanwhile.
+    shutdown_grace = 1.0
+
+    def shutdown(self) -> None:
+        if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
+            self.loop.call_later(self.shutdown_grace, self._shutdown_now)
+            return
+        super().shutdown()
+
+    def _shutdown_now(self) -> None:
+        if not self.transport.is_closing():
+            super().shutdown()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         self._gate.write_blocked = True

@@ -49,6 +49,7 @@ WS_OVERRIDES = {
     "pause_writing",
     "resume_writing",
     "data_received",
+    "shutdown",
 }
 # uvicorn methods the relay's protocols call without overriding them.
 HTTP_CALLS = {"_unset_keepalive_if_required"}
