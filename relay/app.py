@@ -483,10 +483,22 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     relay = build_relay(settings, store)
     snapshots = None
     if settings.data_dir and settings.store_kind == "memory":
-        from relay.store.snapshot import Snapshotter
+        from relay.store.journal import journal_metrics
+        from relay.store.snapshot import JournalConfig, Snapshotter
 
-        snapshots = Snapshotter(relay.store, settings.data_dir, settings.snapshot_interval)  # type: ignore[arg-type]
+        config = JournalConfig(
+            mode=settings.fsync,
+            repair=settings.journal_repair,
+            segment_bytes=settings.journal_segment_bytes,
+            max_bytes=settings.journal_max_bytes,
+            max_age=settings.journal_max_age,
+        )
+        snapshots = Snapshotter(relay.store, settings.data_dir, settings.snapshot_interval, config)  # type: ignore[arg-type]
         snapshots.restore()
+        journal = snapshots.journal
+        if journal is not None:
+            relay.journal = journal
+            relay.metrics.add_collector(lambda: journal_metrics(journal))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

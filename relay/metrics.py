@@ -68,6 +68,7 @@ class Metrics(Collector):
         self.slow_consumers = Counter()
         self._rejected: dict[str, int] = {}
         self._gauges: list[Callable[[], dict[str, tuple[str, float]]]] = []
+        self._collectors: list[Callable[[], Iterator[Metric]]] = []
         self.registry.register(self)
 
     def observe(self, route: str, method: str, status: int, seconds: float, timed: bool) -> None:
@@ -85,6 +86,10 @@ class Metrics(Collector):
 
     def add_gauges(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
         self._gauges.append(read)
+
+    def add_collector(self, read: Callable[[], Iterator[Metric]]) -> None:
+        """Families another part builds itself (the journal's histograms)."""
+        self._collectors.append(read)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -127,3 +132,5 @@ class Metrics(Collector):
         for read in self._gauges:
             for name, (doc, value) in read().items():
                 yield GaugeMetricFamily(name, doc, value=value)
+        for collect in self._collectors:
+            yield from collect()

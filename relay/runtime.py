@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.types import Scope
 
@@ -15,6 +16,9 @@ from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.store.base import Store
+
+if TYPE_CHECKING:
+    from relay.store.journal import Journal
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Relay:
     pair_create_limiter: RateLimiter
     slots: StreamSlots
     started: float = field(default_factory=time.time)
+    journal: Journal | None = None  # the memory store's journal, with HIVE_RELAY_DATA_DIR
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""

@@ -189,9 +189,40 @@ class Settings:
         "store URL: memory:// or redis://… / rediss://…",
         check=_check_with(store_kind_of),
     )
-    data_dir: str = setting("", "snapshot directory for the memory store (empty = no snapshots)")
+    data_dir: str = setting(
+        "",
+        "directory for the memory store's snapshots and write-ahead journal "
+        "(empty = memory only, nothing kept across restarts)",
+    )
     snapshot_interval: float = setting(
-        30.0, "seconds between snapshots when something changed", 1, 86400
+        30.0, "seconds between snapshots (journal checkpoints) when something changed", 1, 86400
+    )
+    fsync: str = setting(
+        "always",
+        "when the journal is synced to disk: always (before each answer), everysec "
+        "(once a second) or off (the operating system decides)",
+        check=_one_of("always", "everysec", "off"),
+    )
+    journal_repair: str = setting(
+        "off",
+        "off, or truncate: start despite a damaged journal record, keeping everything "
+        "before it (the epoch changes)",
+        check=_one_of("off", "truncate"),
+    )
+    journal_segment_bytes: int = setting(
+        64 * MIB, "size at which the journal starts a new segment file", 4096, 1 << 40
+    )
+    journal_max_bytes: int = setting(
+        1 << 30,
+        "journal bytes after which a snapshot (checkpoint) is written early",
+        4096,
+        1 << 50,
+    )
+    journal_max_age: float = setting(
+        3600.0,
+        "seconds after which journal records not yet covered by a snapshot force one",
+        1,
+        1e9,
     )
     max_body_bytes: int = setting(4 * MIB, "largest request body in bytes", 64, 1 << 30)
     max_page_bytes: int = setting(

@@ -170,6 +170,8 @@ def test_every_knob_can_be_set_by_flag_and_by_env() -> None:
         "HIVE_RELAY_LOG_LEVEL": "debug",
         "HIVE_RELAY_TRUSTED_PROXIES": "127.0.0.1",
         "HIVE_RELAY_CORS_ORIGINS": "https://a.example",
+        "HIVE_RELAY_FSYNC": "everysec",
+        "HIVE_RELAY_JOURNAL_REPAIR": "truncate",
     }
     ranged = {"HIVE_RELAY_IPV6_PREFIX": "56"}
     for knob in KNOBS:

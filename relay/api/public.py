@@ -70,6 +70,20 @@ async def status_page(request: Request) -> Response:
         ("Stored body bytes", f"{stats.stored_bytes:,}"),
         ("Live streams", f"{relay.slots.total:,}"),
     ]
+    journal = relay.journal
+    if journal is not None:
+        fs = journal.stats.fsync_seconds
+        per = journal.stats.records_per_fsync
+        rows += [
+            ("Durability", f"journal, fsync {journal.mode}"),
+            ("Journal", "failed: writes refused until restart" if journal.failed else "ok"),
+            ("Journal size", f"{journal.total_bytes:,} bytes"),
+            (
+                "fsync latency p50 / p99",
+                f"{fs.quantile(0.5) * 1000:.2f} ms / {fs.quantile(0.99) * 1000:.2f} ms",
+            ),
+            ("Records per fsync (mean)", f"{per.total / per.n:.1f}" if per.n else "–"),
+        ]
     table = "\n".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
     )

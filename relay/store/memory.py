@@ -7,6 +7,14 @@ at append; `keys` holds each row's dedup key so pruning can forget it. Pruning
 only advances `start` and clears the slot; the dead prefix is cut off once it is
 half the log, so append stays amortized O(1) even at the retention cap.
 
+Durability gate: with a journal attached (relay.store.journal, with
+HIVE_RELAY_DATA_DIR), every change is also handed to the journal as a record,
+and an answer waits until the journal reports that record safe. Each workspace
+keeps `durable`, the highest seq whose record is safe: reads (and so
+long-polls and live replays) stop at it, and the append listener (live
+wake-ups) hears of rows only when they pass it (`_release`). That mark is the
+one place visibility is decided; without a journal it is the head.
+
 Seqs follow the rule in relay.store.base (`next_seq`), across restarts with or
 without a snapshot.
 
@@ -26,6 +34,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from relay.store.base import (
     BLOB_OVERHEAD,
@@ -45,6 +54,9 @@ from relay.store.base import (
     workspace_charge,
 )
 
+if TYPE_CHECKING:
+    from relay.store.journal import Journal
+
 _COMPACT_MIN = 1024
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
 # app yields to the event loop between steps, so a sweep never stalls it.
@@ -63,6 +75,7 @@ class _Workspace:
         "cum",
         "dedup",
         "dropped",
+        "durable",
         "head",
         "keyring",
         "keyring_bytes",
@@ -85,6 +98,7 @@ class _Workspace:
         self.dedup: dict[bytes, int] = {}
         self.start = 0
         self.head = 0
+        self.durable = 0  # the highest seq a reader may see (relay.store.journal)
         self.dropped = 0
         self.stale = 0
         self.keyring: list[bytes] = []
@@ -183,6 +197,9 @@ class MemoryStore:
         self._empty_search_after = 0.0
         # Bumped on every change, so the snapshot writer knows whether to write.
         self.version = 0
+        # The journal, when the store is durable; rows waiting for it, in its order.
+        self._journal: Journal | None = None
+        self._pending: deque[tuple[int, _Workspace, list[tuple[int, bytes]]]] = deque()
 
     # ----------------------------------------------------------------- basics
     @property
@@ -200,13 +217,49 @@ class MemoryStore:
         self._listened = listened
 
     async def start(self) -> None:
-        return None
+        if self._journal is not None:
+            self._journal.start()
 
     async def close(self) -> None:
         return None
 
     async def ping(self) -> bool:
-        return True
+        return self._journal is None or self._journal.failed is None
+
+    # ------------------------------------------------------------ durability
+    @property
+    def journal(self) -> Journal | None:
+        return self._journal
+
+    def attach_journal(self, journal: Journal) -> None:
+        """From now on every change is journaled, and readers see only durable rows."""
+        self._journal = journal
+        journal.on_durable = self._release
+        for w in self._ws.values():
+            w.durable = w.head
+
+    def _release(self, lsn: int) -> None:
+        """The journal made everything up to `lsn` safe: readers and listeners may see it."""
+        pending = self._pending
+        listener = self._listener
+        while pending and pending[0][0] <= lsn:
+            _, w, rows = pending.popleft()
+            w.durable = rows[-1][0]
+            if listener is not None:
+                listener(w.name, rows)
+
+    async def _durable(self, lsn: int) -> None:
+        """Until record `lsn` is safe (StoreUnavailable if the disk failed)."""
+        assert self._journal is not None
+        fut = self._journal.wait(lsn)
+        if fut is not None:
+            await fut
+
+    async def _seen(self, w: _Workspace, seq: int) -> None:
+        """A duplicate's answer waits until the row it names is durable too."""
+        j = self._journal
+        if j is not None and seq > w.durable:
+            await self._durable(j.lsn)
 
     async def stats(self) -> Stats:
         return self.stats_now()
@@ -299,6 +352,8 @@ class MemoryStore:
         self._ws_bytes -= charge
         self._bare_bytes -= charge
         self.version += 1
+        if self._journal is not None:
+            self._journal.add(("f", name))
 
     def _side_added(self, w: _Workspace) -> None:
         """Call before a workspace gains side-channel data."""
@@ -312,9 +367,13 @@ class MemoryStore:
 
     # -------------------------------------------------------------- envelopes
     async def append(self, ws: str, body: bytes, key: bytes) -> tuple[int, bool]:
+        j = self._journal
+        if j is not None:
+            j.check()
         w = self._get(ws)
         seen = w.dedup.get(key)
         if seen is not None:
+            await self._seen(w, seen)
             return seen, True
         seq = next_seq(w.head, now_us())
         row = encode_row(seq, body)
@@ -323,9 +382,15 @@ class MemoryStore:
         self._stored_bytes += len(row)
         self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
         self._envelopes += 1
+        if j is None:
+            self._after_append(w, 1)
+            if self._listener is not None:
+                self._listener(ws, [(seq, row)])
+            return seq, False
+        lsn = j.add(("a", ws, seq, key, row))
+        self._pending.append((lsn, w, [(seq, row)]))
         self._after_append(w, 1)
-        if self._listener is not None:
-            self._listener(ws, [(seq, row)])
+        await self._durable(lsn)
         return seq, False
 
     async def append_batch(
@@ -333,6 +398,9 @@ class MemoryStore:
     ) -> list[tuple[int, bool]]:
         # The single-append steps, inlined: a batch is the bulk path, and attribute
         # lookups per element add up.
+        j = self._journal
+        if j is not None:
+            j.check()
         w = self._get(ws)
         dedup = w.dedup
         seqs, cum, rows, row_keys = w.seqs, w.cum, w.rows, w.keys
@@ -343,10 +411,13 @@ class MemoryStore:
         out: list[tuple[int, bool]] = []
         fresh: list[tuple[int, bytes]] = []
         key_bytes = 0
+        seen_max = 0
+        fresh_keys: list[bytes] = []
         for body, key in zip(bodies, keys, strict=True):
             seen = dedup.get(key)
             if seen is not None:
                 out.append((seen, True))
+                seen_max = max(seen_max, seen)
                 continue
             head = next_seq(head, now)
             row = encode_row(head, body)
@@ -359,15 +430,24 @@ class MemoryStore:
             dedup[key] = head
             out.append((head, False))
             fresh.append((head, row))
+            fresh_keys.append(key)
         if fresh:
             w.head = head
             self._order.extend(itertools.repeat(w, len(fresh)))
             self._stored_bytes += total - before
             self._pool += total - before + key_bytes + len(fresh) * ENVELOPE_OVERHEAD
             self._envelopes += len(fresh)
+            if j is None:
+                self._after_append(w, len(fresh))
+                if self._listener is not None:
+                    self._listener(ws, fresh)
+                return out
+            lsn = j.add(("b", ws, [s for s, _ in fresh], fresh_keys, [r for _, r in fresh]))
+            self._pending.append((lsn, w, fresh))
             self._after_append(w, len(fresh))
-            if self._listener is not None:
-                self._listener(ws, fresh)
+            await self._durable(lsn)
+        elif seen_max:
+            await self._seen(w, seen_max)
         return out
 
     def _after_append(self, w: _Workspace, added: int) -> None:
@@ -384,6 +464,8 @@ class MemoryStore:
 
     def _drop_local(self, w: _Workspace, n: int = 1) -> None:
         rows, keys = w.drop_oldest(n)
+        if self._journal is not None:
+            self._journal.add(("d", w.name, w.dropped))
         self._stored_bytes -= rows
         self._pool -= rows + keys + n * ENVELOPE_OVERHEAD
         self._envelopes -= n
@@ -402,6 +484,8 @@ class MemoryStore:
             self._stale_total -= 1
             return
         rows, keys = w.drop_oldest()
+        if self._journal is not None:
+            self._journal.add(("d", w.name, w.dropped))
         self._stored_bytes -= rows
         self._pool -= rows + keys + ENVELOPE_OVERHEAD
         self._envelopes -= 1
@@ -424,14 +508,21 @@ class MemoryStore:
         if w is None:
             return Page([], 0, 0, 0, False)
         end = len(w.seqs)
+        head = w.head
+        oldest = w.oldest
+        if w.durable < head and self._journal is not None:
+            # The durability gate: rows past `durable` are not safe yet.
+            head = w.durable
+            end = bisect.bisect_right(w.seqs, head, w.start, end)
+            oldest = w.seqs[w.start] if w.start < end else 0
         i = bisect.bisect_right(w.seqs, after, w.start, end)
         if i >= end:
-            return Page([], w.head, w.oldest, w.dropped, False)
+            return Page([], head, oldest, w.dropped, False)
         base = w.cum[i] - len(w.rows[i] or b"")
         j = bisect.bisect_right(w.cum, base + max_bytes, i, min(end, i + limit))
         j = max(j, i + 1)
         rows = w.rows[i:j]
-        return Page(rows, w.head, w.oldest, w.dropped, j < end)  # type: ignore[arg-type]
+        return Page(rows, head, oldest, w.dropped, j < end)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------- side channels
     def _check_side(self, size: int, charge: int, replaces: int = 0) -> None:
@@ -455,6 +546,9 @@ class MemoryStore:
             )
 
     async def keyring_append(self, ws: str, blob: bytes) -> None:
+        j = self._journal
+        if j is not None:
+            j.check()
         charge = len(blob) + BLOB_OVERHEAD
         self._check_side(len(blob), charge)
         w = self._ws.get(ws)
@@ -464,10 +558,15 @@ class MemoryStore:
                 f"the workspace keyring holds its limit of {self.bounds.max_keyring} blobs",
             )
         w = self._get(ws)
+        self._put_blob(w, blob)
+        if j is not None:
+            await self._durable(j.add(("k", ws, blob)))
+
+    def _put_blob(self, w: _Workspace, blob: bytes) -> None:
         self._side_added(w)
         w.keyring.append(blob)
         w.keyring_bytes += len(blob)
-        self._side_bytes += charge
+        self._side_bytes += len(blob) + BLOB_OVERHEAD
         self.version += 1
 
     async def keyring_list(self, ws: str) -> list[bytes]:
@@ -484,6 +583,9 @@ class MemoryStore:
     async def device_put(self, channel: str, ws: str, device_id: str, data: bytes) -> None:
         if channel not in DEVICE_CHANNELS:
             raise ValueError(f"unknown channel {channel!r}; expected one of {DEVICE_CHANNELS}")
+        j = self._journal
+        if j is not None:
+            j.check()
         now = time.time()
         w = self._ws.get(ws)
         old: tuple[bytes, float] | None = None
@@ -502,9 +604,17 @@ class MemoryStore:
                 f"the workspace {channel} holds its limit of {self.bounds.max_devices} devices",
             )
         w = self._get(ws)
+        self._put_device(w, channel, device_id, data, now)
+        if j is not None:
+            await self._durable(j.add(("v", channel, ws, device_id, data, now)))
+
+    def _put_device(self, w: _Workspace, channel: str, device: str, data: bytes, at: float) -> None:
+        entries = self._channel(w, channel)
+        old = entries.get(device)
         self._side_added(w)
-        self._channel(w, channel)[device_id] = (data, now)
-        self._side_bytes += charge - replaces
+        entries[device] = (data, at)
+        replaces = device_charge(device, old[0]) if old is not None else 0
+        self._side_bytes += device_charge(device, data) - replaces
         self.version += 1
 
     async def device_map(self, channel: str, ws: str) -> list[tuple[str, bytes]]:
@@ -532,6 +642,9 @@ class MemoryStore:
 
     # --------------------------------------------------------------- pairing
     async def pair_create(self, payload: str, ttl: int) -> str:
+        j = self._journal
+        if j is not None:
+            j.check()
         now = time.time()
         self._expire_pairs(now)
         if len(self._pairs) >= self.bounds.max_pairings:
@@ -545,6 +658,8 @@ class MemoryStore:
         self._pairs[code] = (payload, now + ttl)
         heapq.heappush(self._pair_expiry, (now + ttl, code))
         self.version += 1
+        if j is not None:
+            await self._durable(j.add(("p", code, payload, now + ttl)))
         return code
 
     async def pair_resolve(self, code: str) -> str | None:
@@ -674,3 +789,68 @@ class MemoryStore:
         for w in loaded:
             if w.count:
                 self._after_append(w, 0)
+
+    # ------------------------------------------------------------------ replay
+    def replay(self, records: Iterator[list[Any]]) -> int:
+        """Apply journal records (relay.store.journal) at start-up; returns how many.
+
+        Kinds: "a" (ws, seq, key, row) one append; "b" (ws, seqs, keys, rows) a
+        batch's new rows; "d" (ws, seq) rows up to seq dropped; "f" (ws) an empty
+        workspace freed; "k" (ws, blob) a keyring blob; "v" (channel, ws, device,
+        data, at) a presence or candidate entry; "p" (code, payload, expiry) a
+        pairing code; "h" (a segment's header) and "c" (a clean stop) are read by
+        the snapshotter. The bounds apply as they did when the records were made.
+        """
+        n = 0
+        get = self._get
+        for rec in records:
+            n += 1
+            kind = rec[0]
+            if kind == "a":
+                w = get(rec[1], loading=True)
+                seq = rec[2]
+                if seq <= w.head:
+                    continue
+                row = rec[4]
+                key = rec[3]
+                w.append_row(seq, row, key)
+                self._order.append(w)
+                self._stored_bytes += len(row)
+                self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
+                self._envelopes += 1
+                self._after_append(w, 1)
+            elif kind == "b":
+                w = get(rec[1], loading=True)
+                added = 0
+                for seq, key, row in zip(rec[2], rec[3], rec[4], strict=True):
+                    if seq <= w.head:
+                        continue
+                    w.append_row(seq, row, key)
+                    self._stored_bytes += len(row)
+                    self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
+                    added += 1
+                if added:
+                    self._order.extend(itertools.repeat(w, added))
+                    self._envelopes += added
+                    self._after_append(w, added)
+            elif kind == "d":
+                found = self._ws.get(rec[1])
+                if found is not None:
+                    upto = bisect.bisect_right(found.seqs, rec[2], found.start, len(found.seqs))
+                    if upto > found.start:
+                        self._drop_local(found, upto - found.start)
+                    found.dropped = max(found.dropped, rec[2])
+            elif kind == "f":
+                found = self._ws.get(rec[1])
+                if found is not None and found.is_empty():
+                    self._forget(rec[1])
+            elif kind == "k":
+                self._put_blob(get(rec[1], loading=True), rec[2])
+            elif kind == "v":
+                self._put_device(get(rec[2], loading=True), rec[1], rec[3], rec[4], rec[5])
+            elif kind == "p":
+                code, payload, exp = rec[1], rec[2], rec[3]
+                self._pairs[code] = (payload, exp)
+                heapq.heappush(self._pair_expiry, (exp, code))
+        self.version += 1
+        return n

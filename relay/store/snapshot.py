@@ -25,6 +25,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,19 @@ import anyio
 import msgspec
 
 from relay.settings import SettingsError
-from relay.store.base import new_epoch
+from relay.store.base import StoreUnavailable, new_epoch
+from relay.store.journal import (
+    MAGIC,
+    Journal,
+    JournalError,
+    list_segments,
+    scan_segment,
+    segment_name,
+)
 from relay.store.memory import MemoryStore, WorkspaceState
 
 LOG = logging.getLogger("relay.snapshot")
-MAGIC = b"HIVE-RELAY-SNAPSHOT\n"
+SNAPSHOT_MAGIC = b"HIVE-RELAY-SNAPSHOT\n"
 FORMAT_VERSION = 1
 FILENAME = "relay.snapshot"
 CHUNK_ROWS = 512
@@ -86,9 +95,9 @@ def write_snapshot(
     size = 0
     encoder = msgspec.msgpack.Encoder()
     with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        digest.update(MAGIC)
-        size += len(MAGIC)
+        f.write(SNAPSHOT_MAGIC)
+        digest.update(SNAPSHOT_MAGIC)
+        size += len(SNAPSHOT_MAGIC)
         for record in _records(header, workspaces, pairs):
             payload = encoder.encode(record)
             framed = _LEN.pack(len(payload)) + payload
@@ -114,13 +123,13 @@ def read_snapshot(
 ) -> tuple[dict[str, Any], list[WorkspaceState], list[tuple[str, str, float]]]:
     data = path.read_bytes()
     where = f"snapshot {str(path)!r}"
-    if not data.startswith(MAGIC):
+    if not data.startswith(SNAPSHOT_MAGIC):
         raise SnapshotError(
             f"HIVE_RELAY_DATA_DIR: {where} is not a hive-relay snapshot; move it away "
             "or point HIVE_RELAY_DATA_DIR elsewhere"
         )
     decoder = msgspec.msgpack.Decoder()
-    pos = len(MAGIC)
+    pos = len(SNAPSHOT_MAGIC)
     records: list[dict[str, Any]] = []
     end: dict[str, Any] | None = None
     try:
@@ -182,15 +191,41 @@ def read_snapshot(
     return header, workspaces, pairs
 
 
+@dataclass(frozen=True)
+class JournalConfig:
+    mode: str = "always"
+    repair: str = "off"
+    segment_bytes: int = 64 << 20
+    max_bytes: int = 1 << 30
+    max_age: float = 3600.0
+
+
 class Snapshotter:
-    def __init__(self, store: MemoryStore, data_dir: str, interval: float) -> None:
+    """Snapshots, and with a journal, checkpoints: each snapshot names the first
+    journal segment it does not cover (`journal_next`); start-up loads the
+    snapshot and replays the segments from there; a written snapshot removes the
+    segments it covers."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        data_dir: str,
+        interval: float,
+        journal: JournalConfig | None = None,
+    ) -> None:
         self.store = store
         self.dir = Path(data_dir)
         self.path = self.dir / FILENAME
         self.interval = interval
+        self.config = journal
+        self.journal: Journal | None = None
         self._written_version = -1
+        self._written_at = time.monotonic()
+        self._written_lsn = 0
         self.last_write_seconds = 0.0
         self.last_size = 0
+        self.replayed = 0
+        self.replay_seconds = 0.0
         self._lock = anyio.Lock()
 
     def restore(self) -> None:
@@ -207,36 +242,193 @@ class Snapshotter:
             ) from None
         for stale in self.dir.glob(f"{FILENAME}.tmp-*"):
             stale.unlink(missing_ok=True)
-        if not self.path.exists():
+        header: dict[str, Any] | None = None
+        if self.path.exists():
+            started = time.perf_counter()
+            header, workspaces, pairs = read_snapshot(self.path)
+            self.store.import_state(iter(workspaces), pairs)
+            stats = self.store.stats_now()
             LOG.info(
-                "no snapshot yet in the data dir; starting empty with epoch %s", self.store.epoch
+                "restored snapshot: %d workspaces, %d envelopes in %.2f s",
+                stats.workspaces,
+                stats.envelopes,
+                time.perf_counter() - started,
             )
-            return
-        started = time.perf_counter()
-        header, workspaces, pairs = read_snapshot(self.path)
-        self.store.import_state(iter(workspaces), pairs)
-        if header.get("clean"):
-            self.store.adopt_epoch(str(header["epoch"]))
+        if self.config is not None:
+            epoch = self._replay_journal(header)
+        elif header is None:
+            epoch = self.store.epoch
+            LOG.info("no snapshot yet in the data dir; starting empty with epoch %s", epoch)
+        elif header.get("clean"):
+            epoch = str(header["epoch"])
         else:
-            self.store.adopt_epoch(new_epoch())
+            epoch = new_epoch()
             LOG.warning(
                 "restored a snapshot written before an unclean stop: envelopes acknowledged "
                 "after it may be lost, so the epoch changes"
             )
-        stats = self.store.stats_now()
-        LOG.info(
-            "restored snapshot: %d workspaces, %d envelopes in %.2f s; epoch %s",
-            stats.workspaces,
-            stats.envelopes,
-            time.perf_counter() - started,
-            self.store.epoch,
-        )
+        self.store.adopt_epoch(epoch)
+        if self.config is not None:
+            self._open_journal()
+        LOG.info("serving epoch %s", self.store.epoch)
         # The restored state is on disk already, but the next write must record
         # the (possibly new) epoch; mark it changed.
         self._written_version = -1
 
+    # ---------------------------------------------------------------- journal
+    def _replay_journal(self, header: dict[str, Any] | None) -> str:
+        """Replay the segments after the snapshot; returns the epoch to serve."""
+        assert self.config is not None
+        repair = self.config.repair == "truncate"
+        start = int(header.get("journal_next", 0)) if header is not None else 1
+        segments = list_segments(self.dir)
+        for n, path in segments:
+            if n < start:  # covered by the snapshot; left by a stop before their removal
+                path.unlink(missing_ok=True)
+        segments = [(n, p) for n, p in segments if n >= start]
+        damaged = False
+        expected = start if header is not None and start else (segments[0][0] if segments else 1)
+        if header is None and segments and segments[0][0] != 1:
+            damaged = self._damage(
+                repair,
+                f"the snapshot is missing: the journal starts at {segments[0][1].name}, so "
+                "the segments before it were folded into a snapshot that is gone",
+            )
+            expected = segments[0][0]
+        started = time.perf_counter()
+        replayed = 0
+        last_header: list[Any] | None = None
+        clean = False
+        kept: list[tuple[int, Path]] = []
+        cut_rest = False  # a repair keeps only what comes before the damage
+        for i, (n, path) in enumerate(segments):
+            if not cut_rest and n != expected:
+                damaged = cut_rest = self._damage(
+                    repair,
+                    f"journal segment {segment_name(expected)} is missing before {path.name}",
+                )
+            if cut_rest:
+                path.unlink()  # only reached when repairing
+                continue
+            expected = n + 1
+            scan = scan_segment(path)
+            last = i == len(segments) - 1
+            if scan.damage == "torn" and last:
+                LOG.warning(
+                    "journal %s ends in a record cut short by a crash: dropped its last "
+                    "%d bytes (nothing in them was acknowledged)",
+                    path.name,
+                    scan.size - scan.good_end,
+                )
+                self._cut(path, scan.good_end)
+            elif scan.damage:
+                what = "ends short" if scan.damage == "torn" else scan.damage
+                damaged = cut_rest = self._damage(
+                    repair,
+                    f"journal {str(path)!r} is damaged at offset {scan.damage_at} ({what})",
+                )
+                self._cut(path, scan.good_end)
+            if scan.good_end <= len(MAGIC) and not scan.records:
+                path.unlink()
+                continue
+            kept.append((n, path))
+            if scan.header is not None:
+                last_header = scan.header
+            clean = bool(scan.records) and scan.records[-1][0] == "c"
+            replayed += self.store.replay(iter(scan.records))
+        self.replayed = replayed
+        self.replay_seconds = time.perf_counter() - started
+        self._segments = kept
+        self._next_segment = max([start, *(n + 1 for n, _ in kept), 1])
+        if kept:
+            stats = self.store.stats_now()
+            LOG.info(
+                "replayed %d journal records from %d segments in %.2f s: %d workspaces, "
+                "%d envelopes",
+                replayed,
+                len(kept),
+                self.replay_seconds,
+                stats.workspaces,
+                stats.envelopes,
+            )
+        if damaged:
+            LOG.warning(
+                "HIVE_RELAY_JOURNAL_REPAIR=truncate: kept everything before the damage; "
+                "the epoch changes"
+            )
+            return new_epoch()
+        if last_header is not None:
+            epoch, mode = str(last_header[2]), str(last_header[3])
+            if clean or mode == "always":
+                return epoch
+            LOG.warning(
+                "the last run (fsync %s) stopped uncleanly: envelopes acknowledged in its "
+                "last second may be lost, so the epoch changes",
+                mode,
+            )
+            return new_epoch()
+        if header is None:
+            LOG.info("no snapshot or journal yet in the data dir; starting empty")
+            return self.store.epoch
+        if header.get("clean"):
+            return str(header["epoch"])
+        LOG.warning(
+            "restored a snapshot written before an unclean stop, with no journal after it: "
+            "envelopes acknowledged after it may be lost, so the epoch changes"
+        )
+        return new_epoch()
+
+    @staticmethod
+    def _damage(repair: bool, what: str) -> bool:
+        if not repair:
+            raise JournalError(
+                f"HIVE_RELAY_DATA_DIR: {what}; start with --journal-repair=truncate "
+                "(HIVE_RELAY_JOURNAL_REPAIR=truncate) to keep everything before it (the "
+                "epoch changes), or restore a backup"
+            )
+        LOG.warning("journal repair: %s; keeping everything before it", what)
+        return True
+
+    @staticmethod
+    def _cut(path: Path, size: int) -> None:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _open_journal(self) -> None:
+        assert self.config is not None
+        existing = sum(p.stat().st_size for _, p in self._segments)
+        try:
+            self.journal = Journal(
+                self.dir,
+                self.config.mode,
+                self.config.segment_bytes,
+                self.store.epoch,
+                self._next_segment,
+                existing,
+            )
+        except OSError as exc:
+            raise SnapshotError(
+                f"HIVE_RELAY_DATA_DIR: cannot start a journal segment in {str(self.dir)!r} "
+                f"({exc.strerror or exc})"
+            ) from None
+        for n, p in self._segments:
+            self.journal.segment_sizes[n] = p.stat().st_size
+        self.store.attach_journal(self.journal)
+
+    # ---------------------------------------------------------------- writing
     async def write(self, clean: bool) -> None:
         async with self._lock:
+            journal = self.journal
+            if journal is not None and journal.failed is not None:
+                return  # the disk is not trusted any more; a restart replays the journal
+            next_segment = 0
+            if journal is not None:
+                # Everything handed to the journal before this point is in the
+                # snapshot; everything after goes to the new segment.
+                next_segment = journal.rotate()
+                rotated = journal.lsn
             version = self.store.version
             workspaces, pairs = self.store.export_state()
             header = {
@@ -246,18 +438,41 @@ class Snapshotter:
                 "epoch": self.store.epoch,
                 "clean": clean,
                 "written_at": time.time(),
+                "journal_next": next_segment,
             }
             started = time.perf_counter()
+            if journal is not None:
+                # The new segment exists on disk before a snapshot names it.
+                fut = journal.wait(rotated)
+                if fut is not None:
+                    await fut
             self.last_size = await anyio.to_thread.run_sync(
                 write_snapshot, self.path, header, workspaces, pairs
             )
+            if journal is not None:
+                covered = journal.forget_segments_before(next_segment)
+                await anyio.to_thread.run_sync(_unlink_all, covered)
+                self._written_lsn = rotated
             self.last_write_seconds = time.perf_counter() - started
             self._written_version = version
+            self._written_at = time.monotonic()
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if self.store.version != self._written_version and now - self._written_at >= self.interval:
+            return True
+        j = self.journal
+        if j is None or j.failed is not None or j.lsn <= self._written_lsn + 1:
+            return False
+        return j.total_bytes >= self.config.max_bytes or (  # type: ignore[union-attr]
+            now - self._written_at >= self.config.max_age  # type: ignore[union-attr]
+        )
 
     async def run(self) -> None:
+        tick = self.interval if self.journal is None else min(self.interval, 1.0)
         while True:
-            await anyio.sleep(self.interval)
-            if self.store.version != self._written_version:
+            await anyio.sleep(tick)
+            if self._due():
                 try:
                     await self.write(clean=False)
                 except OSError:
@@ -265,8 +480,24 @@ class Snapshotter:
 
     async def write_final(self) -> None:
         with anyio.CancelScope(shield=True):
+            journal = self.journal
+            if journal is not None and journal.failed is not None:
+                LOG.warning("no shutdown snapshot: the journal failed; the next start replays it")
+                await journal.close(clean=False)
+                return
             try:
+                if journal is not None:
+                    await journal.wait_all()
                 await self.write(clean=True)
                 LOG.info("wrote the shutdown snapshot (%d bytes)", self.last_size)
             except OSError:
                 LOG.exception("writing the shutdown snapshot failed")
+            except StoreUnavailable:
+                pass
+            if journal is not None:
+                await journal.close(clean=True)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)

@@ -1,0 +1,552 @@
+"""The memory store's write-ahead journal in HIVE_RELAY_DATA_DIR.
+
+Files: `journal-<16 digits>.log` segments, numbered from 1. A segment is a magic
+line, then records: a 4-byte length, the CRC-32 of the payload, the payload (a
+msgpack array whose first item names the kind). The first record of every
+segment is a header naming the epoch and the fsync mode of the run that wrote
+it; the kinds after it are listed in `relay.store.memory` (`replay_record`).
+
+Order: records are framed on the event loop, in the order the store changes,
+and handed to one writer thread, which writes and syncs them. Each record has
+a position (`lsn`, counted per run). The loop learns from the thread how far
+records are safe: synced in `always` mode, written to the operating system in
+`everysec` and `off`. That point is the store's *durable high-water mark*;
+answers and readers wait for it (relay.store.memory, "Durability gate").
+
+Group commit: while one fsync runs, new records queue; the next write and
+fsync take all of them at once, so concurrent publishers share fsyncs.
+
+Damage (scan): a last record cut short or unreadable is a torn tail (the
+process died mid-write; nothing in it was acknowledged) and is cut off. An
+unreadable record before the end is damage: start-up stops unless the
+operator asked for repair, which keeps what comes before it.
+
+Failure: a failed write or fsync leaves the journal failed for the rest of the
+process: the records it held are never acknowledged, no further write is
+accepted (the page cache may no longer match the disk), /v1/health answers
+503; reads go on. A restart replays what reached the disk.
+
+Two environment variables exist for the tests only, never for operators:
+HIVE_RELAY_TEST_FSYNC_DELAY (seconds each fsync is made to take longer) and
+HIVE_RELAY_TEST_JOURNAL_TRACE (a file the writer appends "<segment> <offset>"
+to after each sync returned, before any answer depending on it is released).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from relay.settings import SettingsError
+from relay.store.base import StoreUnavailable
+
+LOG = logging.getLogger("relay.journal")
+MAGIC = b"HIVE-RELAY-JOURNAL 1\n"
+FRAME = struct.Struct(">II")  # payload length, CRC-32 of the payload
+MODES = ("always", "everysec", "off")
+SEGMENT_RE = re.compile(r"journal-(\d{16})\.log")
+# How long a failed journal asks clients to wait: it stays failed until a restart.
+FAILED_RETRY_AFTER = 30
+
+FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class JournalError(SettingsError):
+    """The journal cannot be used as it is; start-up stops with this message."""
+
+
+def segment_name(n: int) -> str:
+    return f"journal-{n:016d}.log"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in directory.iterdir():
+        m = SEGMENT_RE.fullmatch(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def frame(record: tuple[Any, ...] | list[Any]) -> bytes:
+    payload = _ENCODER.encode(record)
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------- scanning
+@dataclass
+class Scan:
+    """One segment read back: its records, where they end, and what is wrong after."""
+
+    path: Path
+    records: list[list[Any]]
+    good_end: int  # offset just past the last whole record
+    size: int  # the file's size
+    damage: str = ""  # "" (none), "torn" (the tail) or a description of mid-file damage
+    damage_at: int = 0
+
+    @property
+    def header(self) -> list[Any] | None:
+        return self.records[0] if self.records and self.records[0][0] == "h" else None
+
+
+def scan_segment(path: Path) -> Scan:
+    data = path.read_bytes()
+    size = len(data)
+    if not data.startswith(MAGIC):
+        if MAGIC.startswith(data):  # cut short while the segment was being created
+            return Scan(path, [], 0, size, "torn" if data else "", 0)
+        return Scan(path, [], 0, size, "not a hive-relay journal segment", 0)
+    decoder = msgspec.msgpack.Decoder()
+    pos = len(MAGIC)
+    records: list[list[Any]] = []
+    view = memoryview(data)
+    while pos < size:
+        if pos + FRAME.size > size:
+            return Scan(path, records, pos, size, "torn", pos)
+        n, crc = FRAME.unpack_from(data, pos)
+        end = pos + FRAME.size + n
+        if end > size:
+            return Scan(path, records, pos, size, "torn", pos)
+        payload = view[pos + FRAME.size : end]
+        bad = zlib.crc32(payload) != crc
+        record: Any = None
+        if not bad:
+            try:
+                record = decoder.decode(payload)
+            except msgspec.DecodeError:
+                bad = True
+            if not isinstance(record, list) or not record or not isinstance(record[0], str):
+                bad = True
+        if bad:
+            if end == size:  # the last record: written in part before a crash
+                return Scan(path, records, pos, size, "torn", pos)
+            return Scan(path, records, pos, size, "a record fails its checksum", pos)
+        records.append(record)
+        pos = end
+    return Scan(path, records, pos, size)
+
+
+# -------------------------------------------------------------------- writing
+class _Rotate:
+    __slots__ = ("header", "number")
+
+    def __init__(self, number: int, header: bytes) -> None:
+        self.number = number
+        self.header = header
+
+
+class _Histogram:
+    """Observed from the writer thread, read at scrape time (a torn read is harmless)."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+        self.n = 0
+        self.recent: list[float] = []  # the last few thousand, for the status page
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+        self.recent.append(value)
+        if len(self.recent) > 4096:
+            del self.recent[:2048]
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+    def quantile(self, q: float) -> float:
+        values = sorted(self.recent)
+        if not values:
+            return 0.0
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@dataclass
+class JournalStats:
+    fsync_seconds: _Histogram = field(default_factory=lambda: _Histogram(FSYNC_BUCKETS))
+    records_per_fsync: _Histogram = field(default_factory=lambda: _Histogram(BATCH_BUCKETS))
+    writes: int = 0
+
+
+class Journal:
+    """The writer side: frames records on the loop, writes and syncs them in a thread."""
+
+    def __init__(
+        self,
+        directory: Path,
+        mode: str,
+        segment_bytes: int,
+        epoch: str,
+        first_segment: int,
+        existing_bytes: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"fsync mode {mode!r}; expected one of {MODES}")
+        self.dir = directory
+        self.mode = mode
+        self.segment_bytes = segment_bytes
+        self.epoch = epoch
+        self.stats = JournalStats()
+        self.failed: str | None = None  # why, once a write or fsync failed
+        self.closing = False
+        # Loop side.
+        self.lsn = 0  # the last record handed over
+        self.durable_lsn = 0  # the last record safe as the mode promises
+        self.segment = first_segment
+        self.segment_fill = 0  # bytes handed over into the current segment
+        self.total_bytes = existing_bytes  # all live segments on disk (and queued)
+        self.segment_sizes: dict[int, int] = {}
+        self.on_durable: Any = None  # callable(lsn), set by the store
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Shared with the thread, under _cond.
+        self._cond = threading.Condition()
+        self._buf: list[bytes | _Rotate] = []
+        self._buf_lsn = 0
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._fd = -1
+        self._fd_segment = first_segment
+        self._delay = float(os.environ.get("HIVE_RELAY_TEST_FSYNC_DELAY", "0") or 0)
+        self._trace = os.environ.get("HIVE_RELAY_TEST_JOURNAL_TRACE", "")
+        self._open_segment_now(first_segment)
+
+    # ------------------------------------------------------------ segments
+    def _header(self, number: int) -> bytes:
+        return frame(("h", number, self.epoch, self.mode, time.time()))
+
+    def _open_segment_now(self, number: int) -> None:
+        """Create segment `number` with its header, synced with its directory entry."""
+        path = self.dir / segment_name(number)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            data = MAGIC + self._header(number)
+            _write_all(fd, data)
+            if self.mode != "off":
+                os.fsync(fd)
+            fsync_dir(self.dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self.segment_fill = len(data)
+        self.total_bytes += len(data)
+        self.segment_sizes[number] = len(data)
+
+    # ----------------------------------------------------------- loop side
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="relay-journal", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise StoreUnavailable when writes cannot be made durable (before any change)."""
+        if self.failed is not None:
+            raise StoreUnavailable(
+                f"the relay's disk failed ({self.failed}); writes are refused until it "
+                "is restarted",
+                retry_after=FAILED_RETRY_AFTER,
+            )
+        if self.closing:
+            raise StoreUnavailable("the relay is shutting down")
+
+    def add(self, record: tuple[Any, ...]) -> int:
+        """Hand one record to the writer; returns its position."""
+        if self.failed is not None:
+            return self.lsn  # nothing more reaches the disk; check() refuses writes
+        data = frame(record)
+        self.lsn += 1
+        self.segment_fill += len(data)
+        self.total_bytes += len(data)
+        self.segment_sizes[self.segment] = self.segment_sizes.get(self.segment, 0) + len(data)
+        cond = self._cond
+        with cond:
+            self._buf.append(data)
+            self._buf_lsn = self.lsn
+            if len(self._buf) == 1:
+                cond.notify()
+        if self.segment_fill >= self.segment_bytes:
+            self.rotate()
+        return self.lsn
+
+    def rotate(self) -> int:
+        """Start a new segment: records handed over from now on go into it; returns its number."""
+        self.segment += 1
+        header = self._header(self.segment)
+        size = len(MAGIC) + len(header)
+        self.lsn += 1
+        self.segment_fill = size
+        self.total_bytes += size
+        self.segment_sizes[self.segment] = size
+        with self._cond:
+            self._buf.append(_Rotate(self.segment, header))
+            self._buf_lsn = self.lsn
+            self._cond.notify()
+        return self.segment
+
+    def forget_segments_before(self, number: int) -> list[Path]:
+        """The segment files a checkpoint covering everything before `number` frees."""
+        out = []
+        for n in sorted(self.segment_sizes):
+            if n < number:
+                self.total_bytes -= self.segment_sizes.pop(n)
+                out.append(self.dir / segment_name(n))
+        return out
+
+    def wait(self, lsn: int) -> asyncio.Future[None] | None:
+        """None when `lsn` is safe already; else a future resolved when it is (or failed)."""
+        if lsn <= self.durable_lsn:
+            return None
+        if self.failed is not None:
+            self.check()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((lsn, fut))
+        return fut
+
+    async def wait_all(self) -> None:
+        fut = self.wait(self.lsn)
+        if fut is not None:
+            await fut
+
+    def _advance(self, lsn: int) -> None:
+        if lsn <= self.durable_lsn:
+            return
+        self.durable_lsn = lsn
+        if self.on_durable is not None:
+            self.on_durable(lsn)
+        waiters = self._waiters
+        i = 0
+        while i < len(waiters) and waiters[i][0] <= lsn:
+            fut = waiters[i][1]
+            if not fut.done():
+                fut.set_result(None)
+            i += 1
+        if i:
+            del waiters[:i]
+
+    def _fail(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = reason
+            LOG.error(
+                "the journal could not be written (%s): writes are refused until the relay "
+                "is restarted; reads go on",
+                reason,
+            )
+        waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(
+                    StoreUnavailable(
+                        f"the relay's disk failed ({reason}); the write was not stored",
+                        retry_after=FAILED_RETRY_AFTER,
+                    )
+                )
+
+    async def close(self, clean: bool) -> None:
+        """Stop the writer after everything handed over; a clean close leaves its marker."""
+        if self.failed is None and clean and not self.closing:
+            self.add(("c", time.time()))
+        self.closing = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            thread = self._thread
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+            # The thread's last reports were scheduled before it ended; let them run.
+            await asyncio.sleep(0)
+        elif self.failed is None:
+            self._flush_sync()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _flush_sync(self) -> None:
+        """Write what is queued without a thread (a store that never started)."""
+        with self._cond:
+            batch, self._buf = self._buf, []
+            upto = self._buf_lsn
+        try:
+            self._write_batch(batch)
+            if self.mode != "off":
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._fail(exc.strerror or str(exc))
+            return
+        self._advance(upto)
+
+    # --------------------------------------------------------- thread side
+    def _report(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _write_batch(self, batch: list[bytes | _Rotate]) -> None:
+        chunk: list[bytes] = []
+        for item in batch:
+            if isinstance(item, _Rotate):
+                if chunk:
+                    _write_all(self._fd, b"".join(chunk))
+                    chunk = []
+                if self.mode != "off":
+                    self._sync()
+                self._switch(item)
+            else:
+                chunk.append(item)
+        if chunk:
+            _write_all(self._fd, b"".join(chunk))
+        self.stats.writes += 1
+
+    def _switch(self, rot: _Rotate) -> None:
+        path = self.dir / segment_name(rot.number)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, MAGIC + rot.header)
+            fsync_dir(self.dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        self._fd_segment = rot.number
+
+    def _sync(self) -> None:
+        started = time.perf_counter()
+        if self._delay:
+            time.sleep(self._delay)
+        os.fsync(self._fd)
+        self.stats.fsync_seconds.observe(time.perf_counter() - started)
+
+    def _trace_sync(self) -> None:
+        if self._trace:
+            where = os.lseek(self._fd, 0, os.SEEK_END)
+            with open(self._trace, "a") as f:
+                f.write(f"{self._fd_segment} {where}\n")
+
+    def _run(self) -> None:
+        cond = self._cond
+        written = 0  # lsn written to the OS
+        synced_at = time.monotonic()
+        unsynced = 0  # records written since the last fsync
+        while True:
+            with cond:
+                while not self._buf and not self._stop:
+                    if self.mode == "everysec" and unsynced:
+                        left = 1.0 - (time.monotonic() - synced_at)
+                        if left <= 0:
+                            break
+                        cond.wait(left)
+                    else:
+                        cond.wait()
+                batch, self._buf = self._buf, []
+                upto = self._buf_lsn
+                stopping = self._stop
+            try:
+                if batch:
+                    self._write_batch(batch)
+                    unsynced += upto - written
+                    written = upto
+                if self.mode == "always" and unsynced:
+                    self._sync()
+                    self.stats.records_per_fsync.observe(unsynced)
+                    unsynced = 0
+                    self._trace_sync()
+                elif (
+                    self.mode == "everysec"
+                    and unsynced
+                    and (stopping or time.monotonic() - synced_at >= 1.0)
+                ):
+                    self._sync()
+                    self.stats.records_per_fsync.observe(unsynced)
+                    unsynced = 0
+                    synced_at = time.monotonic()
+                    self._trace_sync()
+                elif self.mode == "off" and stopping and unsynced:
+                    os.fsync(self._fd)  # a clean stop leaves the journal on disk
+                    unsynced = 0
+            except OSError as exc:
+                self._report(self._fail, exc.strerror or str(exc))
+                return
+            if batch:
+                self._report(self._advance, upto)
+            if stopping:
+                return
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def journal_metrics(journal: Journal) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "hive_relay_journal_bytes",
+        "Bytes of journal segments not yet covered by a snapshot",
+        value=journal.total_bytes,
+    )
+    stats = journal.stats
+    fs = stats.fsync_seconds
+    hist = HistogramMetricFamily("hive_relay_journal_fsync_seconds", "Time one journal fsync took")
+    hist.add_metric([], fs.buckets(), fs.total)
+    yield hist
+    rp = stats.records_per_fsync
+    batch = HistogramMetricFamily(
+        "hive_relay_journal_records_per_fsync",
+        "Journal records one fsync made durable (group commit)",
+    )
+    batch.add_metric([], rp.buckets(), rp.total)
+    yield batch
+    yield CounterMetricFamily(
+        "hive_relay_journal_records", "Journal records written", value=journal.lsn
+    )
+    yield GaugeMetricFamily(
+        "hive_relay_journal_failed",
+        "1 once a journal write or fsync failed (writes refused until restart)",
+        value=1 if journal.failed else 0,
+    )
