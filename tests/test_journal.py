@@ -1,0 +1,328 @@
+"""The write-ahead journal at unit level, with real files: replay, torn tails at
+every byte offset, mid-file damage and repair, missing snapshots, the
+durability gate, and a failing disk. Process-level crash tests are in
+tests/test_journal_process.py."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.store import journal as journal_mod
+from relay.store.base import Bounds, StoreUnavailable
+from relay.store.journal import FRAME, MAGIC, JournalError, list_segments, scan_segment
+from relay.store.memory import MemoryStore
+from relay.store.snapshot import FILENAME, JournalConfig, Snapshotter
+
+
+def open_dir(
+    path: Path, mode: str = "always", repair: str = "off", bounds: Bounds | None = None
+) -> tuple[MemoryStore, Snapshotter]:
+    store = MemoryStore(bounds)
+    snap = Snapshotter(store, str(path), 30, JournalConfig(mode=mode, repair=repair))
+    snap.restore()
+    return store, snap
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def crash(store: MemoryStore, snap: Snapshotter) -> None:
+    """Stop the writer after all it was handed, leaving no clean marker (a kill -9
+    after the records reached the disk)."""
+    assert snap.journal is not None
+    await snap.journal.close(clean=False)
+
+
+def rows(store: MemoryStore, ws: str) -> list[bytes]:
+    return store.read_now(ws, 0, 1_000_000, 1 << 40).rows
+
+
+def record_offsets(path: Path) -> list[int]:
+    """Where each record of a segment starts."""
+    data = path.read_bytes()
+    pos, out = len(MAGIC), []
+    while pos < len(data):
+        out.append(pos)
+        n, _ = FRAME.unpack_from(data, pos)
+        pos += FRAME.size + n
+    return out
+
+
+async def fill(store: MemoryStore) -> None:
+    await store.start()
+    for i in range(5):
+        await store.append("w", b'{"i":%d}' % i, b"k%d" % i)
+    await store.append_batch("w", [b"1", b"2"], [b"b1", b"b2"])
+    await store.keyring_append("w", b'{"v":1}')
+    await store.device_put("presence", "w", "dev", b"{}")
+    await store.pair_create('"p"', 600)
+
+
+def test_replay_restores_every_kind_of_change_exactly(tmp_path: Path) -> None:
+    bounds = Bounds(max_envelopes=4)  # drops are journaled and replayed too
+
+    async def go() -> Any:
+        store, snap = open_dir(tmp_path, bounds=bounds)
+        await fill(store)
+        state = store.export_state()
+        await crash(store, snap)
+        return store.epoch, state
+
+    epoch, (workspaces, pairs) = run(go())
+    again, snap = open_dir(tmp_path, bounds=bounds)
+    assert again.epoch == epoch  # always: a crash lost nothing acknowledged
+    got, got_pairs = again.export_state()
+    assert got == workspaces and got_pairs == pairs
+    assert len(rows(again, "w")) == 4 and again.read_now("w", 0, 1, 1).dropped > 0
+    assert snap.replayed > 0
+
+
+def test_checkpoint_covers_and_removes_segments_and_replay_continues_after_it(
+    tmp_path: Path,
+) -> None:
+    async def go() -> list[bytes]:
+        store, snap = open_dir(tmp_path)
+        await fill(store)
+        await snap.write(clean=False)
+        await store.append("w", b"99", b"after")
+        out = rows(store, "w")
+        await crash(store, snap)
+        return out
+
+    before = run(go())
+    segments = list_segments(tmp_path)
+    assert [n for n, _ in segments] == [2]  # segment 1 was covered and removed
+    store, _ = open_dir(tmp_path)
+    assert rows(store, "w") == before
+
+
+def test_a_torn_last_record_is_cut_at_every_byte_offset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "src"
+
+    async def go() -> list[bytes]:
+        store, snap = open_dir(src)
+        await store.start()
+        for i in range(3):
+            await store.append("w", b'{"i":%d}' % i, b"k%d" % i)
+        kept = rows(store, "w")[:2]
+        await crash(store, snap)
+        return kept
+
+    kept = run(go())
+    ((_, seg),) = list_segments(src)
+    data = seg.read_bytes()
+    last = record_offsets(seg)[-1]
+    caplog.set_level(logging.WARNING, "relay.snapshot")
+    for cut in range(last, len(data)):
+        work = tmp_path / f"cut{cut}"
+        shutil.copytree(src, work)
+        (work / seg.name).write_bytes(data[:cut])
+        caplog.clear()
+        store, _ = open_dir(work)
+        assert rows(store, "w") == kept, cut
+        if cut > last:
+            assert f"dropped its last {cut - last} bytes" in caplog.text, cut
+        # The cut is made on disk: the next start finds a clean journal.
+        assert scan_segment(work / seg.name).damage == ""
+        shutil.rmtree(work)
+    # Garbage in place of the last record (a machine crash) is a torn tail too.
+    work = tmp_path / "garbage"
+    shutil.copytree(src, work)
+    (work / seg.name).write_bytes(data[: last + FRAME.size] + b"\xff" * (len(data) - last - 8))
+    store, _ = open_dir(work)
+    assert rows(store, "w") == kept
+
+
+def test_a_damaged_middle_record_stops_start_up_unless_repair_truncates(tmp_path: Path) -> None:
+    async def go() -> tuple[str, list[bytes]]:
+        store, snap = open_dir(tmp_path)
+        await store.start()
+        for i in range(6):
+            await store.append("w", b'{"i":%d}' % i, b"k%d" % i)
+        out = rows(store, "w")
+        await crash(store, snap)
+        return store.epoch, out
+
+    epoch, before = run(go())
+    ((_, seg),) = list_segments(tmp_path)
+    offsets = record_offsets(seg)
+    bad = offsets[3]  # header, rows 0 and 1, then row 2
+    data = bytearray(seg.read_bytes())
+    data[bad + FRAME.size + 5] ^= 0x55
+    seg.write_bytes(bytes(data))
+    with pytest.raises(JournalError) as info:
+        open_dir(tmp_path)
+    message = str(info.value)
+    assert seg.name in message and f"offset {bad}" in message and "--journal-repair" in message
+    assert "\n" not in message
+    store, _ = open_dir(tmp_path, repair="truncate")
+    assert rows(store, "w") == before[:2]
+    assert store.epoch != epoch  # acknowledged envelopes are gone: clients must re-sync
+    assert seg.stat().st_size == bad  # the damage and what followed it are cut
+    again, _ = open_dir(tmp_path)  # and the next start needs no repair
+    assert rows(again, "w") == before[:2]
+
+
+def test_a_missing_snapshot_with_a_later_journal_is_refused(tmp_path: Path) -> None:
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        await fill(store)
+        await snap.write(clean=False)
+        await store.append("w", b"99", b"after")
+        await crash(store, snap)
+
+    run(go())
+    (tmp_path / FILENAME).unlink()
+    with pytest.raises(JournalError, match="the snapshot is missing"):
+        open_dir(tmp_path)
+    store, _ = open_dir(tmp_path, repair="truncate")
+    assert [r.endswith(b"99}") for r in rows(store, "w")] == [True]
+
+
+def test_a_half_written_snapshot_leaves_the_old_one_and_the_journal(tmp_path: Path) -> None:
+    async def go() -> list[bytes]:
+        store, snap = open_dir(tmp_path)
+        await fill(store)
+        await snap.write(clean=False)
+        await store.append("w", b"99", b"after")
+        out = rows(store, "w")
+        await crash(store, snap)
+        return out
+
+    before = run(go())
+    good = (tmp_path / FILENAME).read_bytes()
+    (tmp_path / f"{FILENAME}.tmp-12345").write_bytes(good[: len(good) // 2])
+    store, _ = open_dir(tmp_path)
+    assert rows(store, "w") == before
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_a_journal_without_a_snapshot_is_replayed_whole(tmp_path: Path) -> None:
+    async def go() -> tuple[str, list[bytes]]:
+        store, snap = open_dir(tmp_path, mode="everysec")
+        await fill(store)
+        out = rows(store, "w")
+        await crash(store, snap)
+        return store.epoch, out
+
+    epoch, before = run(go())
+    assert not (tmp_path / FILENAME).exists()
+    store, _ = open_dir(tmp_path)
+    assert rows(store, "w") == before
+    # everysec: an unclean stop may have lost the last second, so the epoch changes.
+    assert store.epoch != epoch
+    assert run(store.keyring_list("w")) == [b'{"v":1}']
+
+
+def test_a_clean_stop_keeps_the_epoch_in_every_mode(tmp_path: Path) -> None:
+    for mode in ("everysec", "off"):
+        path = tmp_path / mode
+
+        async def go(path: Path = path, mode: str = mode) -> str:
+            store, snap = open_dir(path, mode=mode)
+            await fill(store)
+            await snap.write_final()
+            return store.epoch
+
+        epoch = run(go())
+        store, _ = open_dir(path, mode=mode)
+        assert store.epoch == epoch, mode
+        assert len(rows(store, "w")) == 7
+
+
+class HeldSync:
+    """An instrumented writer: each fsync waits until the test lets it return."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real = journal_mod.Journal._sync
+
+        def held(journal: journal_mod.Journal) -> None:
+            self.entered.set()
+            assert self.release.wait(10)
+            real(journal)
+
+        monkeypatch.setattr(journal_mod.Journal, "_sync", held)
+
+
+def test_no_answer_reader_or_listener_sees_a_row_before_its_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldSync(monkeypatch)
+    heard: list[int] = []
+
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        store.set_listener(lambda ws, new: heard.extend(s for s, _ in new))
+        await store.start()
+        first = asyncio.ensure_future(store.append("w", b"1", b"a"))
+        await asyncio.to_thread(held.entered.wait, 10)
+        # A second publisher while the first fsync runs: group commit takes it next.
+        second = asyncio.ensure_future(store.append("w", b"2", b"b"))
+        dup = asyncio.ensure_future(store.append("w", b"1", b"a"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not first.done() and not second.done() and not dup.done()
+        page = store.read_now("w", 0, 10, 1 << 20)
+        assert page.rows == [] and page.head == 0
+        assert heard == []
+        held.release.set()
+        (s1, _), (s2, _), (sd, was_dup) = await asyncio.gather(first, second, dup)
+        assert (sd, was_dup) == (s1, True)
+        assert heard == [s1, s2]
+        assert len(rows(store, "w")) == 2
+        assert snap.journal is not None
+        assert snap.journal.stats.records_per_fsync.n >= 1
+        await crash(store, snap)
+
+    run(go())
+
+
+def test_a_failed_fsync_refuses_every_later_write_but_reads_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        await store.start()
+        seq, _ = await store.append("w", b"1", b"a")
+
+        def broken(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(journal_mod.os, "fsync", broken)
+        with pytest.raises(StoreUnavailable) as info:
+            await store.append("w", b"2", b"b")
+        assert info.value.retry_after and "Input/output error" in info.value.message
+        monkeypatch.undo()
+        assert not await store.ping()
+        for write in (
+            store.append("w", b"3", b"c"),
+            store.append_batch("w", [b"4"], [b"d"]),
+            store.keyring_append("w", b"{}"),
+            store.device_put("presence", "w", "d", b"{}"),
+            store.pair_create("p", 60),
+        ):
+            with pytest.raises(StoreUnavailable, match="restarted"):
+                await write
+        # A retry of the refused push is refused too, not answered as a duplicate.
+        with pytest.raises(StoreUnavailable):
+            await store.append("w", b"2", b"b")
+        assert [r.startswith(b'{"seq":%d' % seq) for r in rows(store, "w")] == [True]
+        await snap.write_final()  # no snapshot over a failed disk; no clean marker
+        assert not (tmp_path / FILENAME).exists()
+
+    run(go())
+    store, _ = open_dir(tmp_path)
+    assert len(rows(store, "w")) >= 1  # what reached the disk; never less than acknowledged
