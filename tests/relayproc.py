@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -46,12 +46,14 @@ class RelayProcess:
         port: int | None = None,
         wait: bool = True,
         startup_timeout: float = 20.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.extra_env = dict(env or {})
         self.args = list(args)
         self.wait = wait
         self.startup_timeout = startup_timeout
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. setrlimit)
         self.proc: subprocess.Popen[bytes] | None = None
         self._logdir = tempfile.mkdtemp(prefix="relay-log-")
         self.log_path = Path(self._logdir) / "relay.log"
@@ -69,6 +71,7 @@ class RelayProcess:
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,  # noqa: PLW1509 - only setrlimit-style calls
         )
         if self.wait:
             self.wait_healthy()
