@@ -33,12 +33,14 @@ from tests.relayproc import RelayProcess, free_port  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+# The journal's figures (issue 14) have their own table, so either can be re-run alone.
+JOURNAL_BEGIN, JOURNAL_END = "<!-- JOURNAL:BEGIN -->", "<!-- JOURNAL:END -->"
 
 
 def wrk(
     url: str, seconds: int, conns: int, script: str | None = None, env: dict[str, str] | None = None
 ) -> float:
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    cmd = ["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script:
         cmd += ["-s", str(HERE / script)]
     out = subprocess.run(
@@ -472,7 +474,97 @@ def bench_snapshot(envelopes: int) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def write_doc(rows: list[tuple[str, str, str, str]], commands: str) -> None:
+def _journal_figures(url: str) -> tuple[float, float, float]:
+    """(records per fsync, fsync p50 ms, fsync p99 ms) from the relay's status page."""
+    page = httpx.get(url + "/").text
+    m = re.search(r"([\d.]+) ms / ([\d.]+) ms", page)
+    metrics = httpx.get(url + "/metrics").text
+    total = re.search(r"hive_relay_journal_records_per_fsync_sum ([\d.e+]+)", metrics)
+    count = re.search(r"hive_relay_journal_records_per_fsync_count ([\d.e+]+)", metrics)
+    per = float(total.group(1)) / float(count.group(1)) if total and count else 0.0
+    return per, float(m.group(1)) if m else 0.0, float(m.group(2)) if m else 0.0
+
+
+def bench_journal(rounds: int, seconds: int) -> list[tuple[str, str, str, str]]:
+    """Unique 1 KiB publishes: memory only, journal with fsync always, everysec."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-journal-"))
+    modes = {"memory only": {}, "always": {"HIVE_RELAY_FSYNC": "always"}}
+    modes["everysec"] = {"HIVE_RELAY_FSYNC": "everysec"}
+    for name, extra in modes.items():
+        if name != "memory only":
+            extra["HIVE_RELAY_DATA_DIR"] = str(tmp / name)
+            extra["HIVE_RELAY_SNAPSHOT_INTERVAL"] = "86400"  # the journal's cost alone
+    rates: dict[tuple[str, int], list[float]] = {}
+    relays = {name: RelayProcess(env=relay_env(**extra)).start() for name, extra in modes.items()}
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        for _ in range(rounds):
+            for conns in (1, 8, 32):
+                for name, relay in relays.items():
+                    url = relay.url + f"/v1/workspaces/pub{conns}/envelopes"
+                    rates.setdefault((name, conns), []).append(
+                        wrk(url, seconds, conns, "post_unique.lua")
+                    )
+        figures = {name: _journal_figures(relays[name].url) for name in ("always", "everysec")}
+    finally:
+        for relay in relays.values():
+            relay.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    targets = {("always", 32): "≥ 0.7 (issue 14)", ("everysec", 32): "≥ 0.9 (issue 14)"}
+    for conns in (1, 8, 32):
+        base = rates[("memory only", conns)]
+        for name in modes:
+            med, spread = median_spread(rates[(name, conns)])
+            ratio = "1.00" if name == "memory only" else f"{paired(rates[(name, conns)], base):.2f}"
+            rows.append(
+                (
+                    f"Unique 1 KiB publish, {conns} client{'s' if conns > 1 else ''}, {name}",
+                    f"{med:,.0f} req/s ±{spread:.0f}%",
+                    f"{ratio} (to memory only)",
+                    targets.get((name, conns), ""),
+                )
+            )
+    for name, (per, p50, p99) in figures.items():
+        rows.append(
+            (
+                f"Journal, fsync {name}, over the runs above",
+                f"{per:.1f} records per fsync",
+                "",
+                f"fsync p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+            )
+        )
+    return rows
+
+
+def bench_replay(mib: int) -> list[tuple[str, str, str, str]]:
+    res = subprocess.run(
+        [sys.executable, str(HERE / "journal_replay.py"), "--mib", str(mib)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
+    d = json.loads(res.stdout)
+    return [
+        (
+            f"Restart after a crash: replay {d['journal_bytes'] / 2**20:,.0f} MiB of journal "
+            f"({d['records']:,} 1 KiB appends)",
+            f"{d['records_per_s']:,.0f} records/s ({d['records_per_cpu_s']:,.0f} per CPU second)",
+            "",
+            f"target ≥ 200,000 records/s (issue 14); serving {d['serve_s']:.1f} s after start",
+        )
+    ]
+
+
+def write_doc(
+    rows: list[tuple[str, str, str, str]],
+    commands: str,
+    begin: str = BEGIN,
+    end: str = END,
+    load: str = "",
+) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
     table = [
@@ -482,9 +574,10 @@ def write_doc(rows: list[tuple[str, str, str, str]], commands: str) -> None:
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     block = "\n".join(
         [
-            BEGIN,
+            begin,
             f"Measured {now} on {os.cpu_count()} cores ({cpu}), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}.",
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}."
+            + (f" {load}" if load else ""),
             "",
             *table,
             "",
@@ -493,11 +586,13 @@ def write_doc(rows: list[tuple[str, str, str, str]], commands: str) -> None:
             "```",
             commands,
             "```",
-            END,
+            end,
         ]
     )
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     DOC.write_text(text)
 
 
@@ -509,8 +604,20 @@ def main() -> int:
     p.add_argument(
         "--only",
         default=None,
-        choices=["http", "scale", "fanout", "idle", "memory", "snapshot", "icount", "redis"],
+        choices=[
+            "http",
+            "scale",
+            "fanout",
+            "idle",
+            "memory",
+            "snapshot",
+            "journal",
+            "replay",
+            "icount",
+            "redis",
+        ],
     )
+    p.add_argument("--replay-mib", type=int, default=1024, help="journal size for the replay run")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)
@@ -537,12 +644,22 @@ def main() -> int:
         rows += bench_memory(50_000)
     if args.only in (None, "snapshot"):
         rows += bench_snapshot(50_000)
+    journal_rows: list[tuple[str, str, str, str]] = []
+    load_before = os.getloadavg()[0]
+    if args.only in (None, "journal"):
+        journal_rows += bench_journal(args.rounds, args.seconds)
+    if args.only in (None, "replay"):
+        journal_rows += bench_replay(args.replay_mib if not args.quick else 64)
+    load = f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
     if args.only in (None, "redis") and shutil.which("redis-server"):
         rows += bench_redis()
-    for r in rows:
+    for r in rows + journal_rows:
         print(" | ".join(r))
     cmd = "make bench   # = .venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
-    write_doc(rows, cmd.strip())
+    if rows:
+        write_doc(rows, cmd.strip())
+    if journal_rows:
+        write_doc(journal_rows, cmd.strip(), JOURNAL_BEGIN, JOURNAL_END, load)
     return 0
 
 

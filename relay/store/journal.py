@@ -129,32 +129,34 @@ def scan_segment(path: Path) -> Scan:
         if MAGIC.startswith(data):  # cut short while the segment was being created
             return Scan(path, [], 0, size, "torn" if data else "", 0)
         return Scan(path, [], 0, size, "not a hive-relay journal segment", 0)
-    decoder = msgspec.msgpack.Decoder()
+    decode = msgspec.msgpack.Decoder().decode
+    unpack = FRAME.unpack_from
+    crc32 = zlib.crc32
+    head = FRAME.size
     pos = len(MAGIC)
     records: list[list[Any]] = []
+    append = records.append
     view = memoryview(data)
     while pos < size:
-        if pos + FRAME.size > size:
+        if pos + head > size:
             return Scan(path, records, pos, size, "torn", pos)
-        n, crc = FRAME.unpack_from(data, pos)
-        end = pos + FRAME.size + n
+        n, crc = unpack(data, pos)
+        end = pos + head + n
         if end > size:
             return Scan(path, records, pos, size, "torn", pos)
-        payload = view[pos + FRAME.size : end]
-        bad = zlib.crc32(payload) != crc
+        payload = view[pos + head : end]
         record: Any = None
-        if not bad:
+        if crc32(payload) == crc:
             try:
-                record = decoder.decode(payload)
+                record = decode(payload)
             except msgspec.DecodeError:
-                bad = True
-            if not isinstance(record, list) or not record or not isinstance(record[0], str):
-                bad = True
-        if bad:
+                record = None
+        # A whole record passes its checksum and is a list (a kind and its fields).
+        if type(record) is not list or not record:
             if end == size:  # the last record: written in part before a crash
                 return Scan(path, records, pos, size, "torn", pos)
             return Scan(path, records, pos, size, "a record fails its checksum", pos)
-        records.append(record)
+        append(record)
         pos = end
     return Scan(path, records, pos, size)
 
