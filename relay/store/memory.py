@@ -200,6 +200,9 @@ class MemoryStore:
         # The journal, when the store is durable; rows waiting for it, in its order.
         self._journal: Journal | None = None
         self._pending: deque[tuple[int, _Workspace, list[tuple[int, bytes]]]] = deque()
+        # Workspaces that dropped rows since the last record: an append's own drops
+        # ride in its record (its workspace's new drop horizon); others get a "d".
+        self._drops: dict[_Workspace, None] = {}
 
     # ----------------------------------------------------------------- basics
     @property
@@ -247,6 +250,16 @@ class MemoryStore:
             w.durable = rows[-1][0]
             if listener is not None:
                 listener(w.name, rows)
+
+    def _journal_drops(self, own: _Workspace | None = None) -> None:
+        """Journal the drop horizons that moved, except `own`'s (its record has it)."""
+        j = self._journal
+        if j is None or not self._drops:
+            return
+        for w in self._drops:
+            if w is not own:
+                j.add(("d", w.name, w.dropped))
+        self._drops.clear()
 
     async def _durable(self, lsn: int) -> None:
         """Until record `lsn` is safe (StoreUnavailable if the disk failed)."""
@@ -353,6 +366,7 @@ class MemoryStore:
         self._bare_bytes -= charge
         self.version += 1
         if self._journal is not None:
+            self._journal_drops()
             self._journal.add(("f", name))
 
     def _side_added(self, w: _Workspace) -> None:
@@ -387,9 +401,10 @@ class MemoryStore:
             if self._listener is not None:
                 self._listener(ws, [(seq, row)])
             return seq, False
-        lsn = j.add(("a", ws, seq, key, row))
-        self._pending.append((lsn, w, [(seq, row)]))
         self._after_append(w, 1)
+        self._journal_drops(w)
+        lsn = j.add(("a", ws, seq, key, row, w.dropped))
+        self._pending.append((lsn, w, [(seq, row)]))
         await self._durable(lsn)
         return seq, False
 
@@ -442,9 +457,12 @@ class MemoryStore:
                 if self._listener is not None:
                     self._listener(ws, fresh)
                 return out
-            lsn = j.add(("b", ws, [s for s, _ in fresh], fresh_keys, [r for _, r in fresh]))
-            self._pending.append((lsn, w, fresh))
             self._after_append(w, len(fresh))
+            self._journal_drops(w)
+            lsn = j.add(
+                ("b", ws, [s for s, _ in fresh], fresh_keys, [r for _, r in fresh], w.dropped)
+            )
+            self._pending.append((lsn, w, fresh))
             await self._durable(lsn)
         elif seen_max:
             await self._seen(w, seen_max)
@@ -465,7 +483,7 @@ class MemoryStore:
     def _drop_local(self, w: _Workspace, n: int = 1) -> None:
         rows, keys = w.drop_oldest(n)
         if self._journal is not None:
-            self._journal.add(("d", w.name, w.dropped))
+            self._drops[w] = None
         self._stored_bytes -= rows
         self._pool -= rows + keys + n * ENVELOPE_OVERHEAD
         self._envelopes -= n
@@ -485,7 +503,7 @@ class MemoryStore:
             return
         rows, keys = w.drop_oldest()
         if self._journal is not None:
-            self._journal.add(("d", w.name, w.dropped))
+            self._drops[w] = None
         self._stored_bytes -= rows
         self._pool -= rows + keys + ENVELOPE_OVERHEAD
         self._envelopes -= 1
@@ -560,6 +578,7 @@ class MemoryStore:
         w = self._get(ws)
         self._put_blob(w, blob)
         if j is not None:
+            self._journal_drops()
             await self._durable(j.add(("k", ws, blob)))
 
     def _put_blob(self, w: _Workspace, blob: bytes) -> None:
@@ -606,6 +625,7 @@ class MemoryStore:
         w = self._get(ws)
         self._put_device(w, channel, device_id, data, now)
         if j is not None:
+            self._journal_drops()
             await self._durable(j.add(("v", channel, ws, device_id, data, now)))
 
     def _put_device(self, w: _Workspace, channel: str, device: str, data: bytes, at: float) -> None:
@@ -718,9 +738,11 @@ class MemoryStore:
                 freed += 1
             if work >= SWEEP_STEP:
                 work = 0
+                self._journal_drops()
                 yield freed
         if self._stale_total > _COMPACT_MIN and self._stale_total * 2 > len(self._order):
             self._compact_order()
+        self._journal_drops()
         yield freed
 
     # --------------------------------------------------------------- snapshots
@@ -794,8 +816,9 @@ class MemoryStore:
     def replay(self, records: Iterator[list[Any]]) -> int:
         """Apply journal records (relay.store.journal) at start-up; returns how many.
 
-        Kinds: "a" (ws, seq, key, row) one append; "b" (ws, seqs, keys, rows) a
-        batch's new rows; "d" (ws, seq) rows up to seq dropped; "f" (ws) an empty
+        Kinds: "a" (ws, seq, key, row, dropped) one append; "b" (ws, seqs, keys,
+        rows, dropped) a batch's new rows, each with its workspace's drop horizon
+        after it; "d" (ws, seq) another workspace's rows up to seq dropped; "f" (ws) an empty
         workspace freed; "k" (ws, blob) a keyring blob; "v" (channel, ws, device,
         data, at) a presence or candidate entry; "p" (code, payload, expiry) a
         pairing code; "h" (a segment's header) and "c" (a clean stop) are read by
@@ -819,6 +842,8 @@ class MemoryStore:
                 self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
                 self._envelopes += 1
                 self._after_append(w, 1)
+                if rec[5] > w.dropped:
+                    self._replay_drop(w, rec[5])
             elif kind == "b":
                 w = get(rec[1], loading=True)
                 added = 0
@@ -833,13 +858,12 @@ class MemoryStore:
                     self._order.extend(itertools.repeat(w, added))
                     self._envelopes += added
                     self._after_append(w, added)
+                if rec[5] > w.dropped:
+                    self._replay_drop(w, rec[5])
             elif kind == "d":
                 found = self._ws.get(rec[1])
                 if found is not None:
-                    upto = bisect.bisect_right(found.seqs, rec[2], found.start, len(found.seqs))
-                    if upto > found.start:
-                        self._drop_local(found, upto - found.start)
-                    found.dropped = max(found.dropped, rec[2])
+                    self._replay_drop(found, rec[2])
             elif kind == "f":
                 found = self._ws.get(rec[1])
                 if found is not None and found.is_empty():
@@ -854,3 +878,9 @@ class MemoryStore:
                 heapq.heappush(self._pair_expiry, (exp, code))
         self.version += 1
         return n
+
+    def _replay_drop(self, w: _Workspace, upto_seq: int) -> None:
+        upto = bisect.bisect_right(w.seqs, upto_seq, w.start, len(w.seqs))
+        if upto > w.start:
+            self._drop_local(w, upto - w.start)
+        w.dropped = max(w.dropped, upto_seq)
