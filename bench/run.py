@@ -617,7 +617,9 @@ def main() -> int:
             "redis",
         ],
     )
-    p.add_argument("--replay-mib", type=int, default=1024, help="journal size for the replay run")
+    p.add_argument(
+        "--replay-mib", type=int, default=1024, help="journal size for the replay run (MiB)"
+    )
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)
@@ -648,7 +650,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     if args.only in (None, "journal"):
         journal_rows += bench_journal(args.rounds, args.seconds)
-    if args.only in (None, "replay"):
+    if args.only in (None, "journal", "replay"):
         journal_rows += bench_replay(args.replay_mib if not args.quick else 64)
     load = f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
     if args.only in (None, "redis") and shutil.which("redis-server"):

@@ -363,6 +363,8 @@ def test_a_full_disk_answers_503_loses_nothing_and_recovers_after_restart(tmp_pa
         assert c.post("/v1/workspaces/other/keyring", content=b"{}").status_code == 503
         assert c.post("/v1/workspaces/full/envelopes", json=1).status_code == 503
         assert c.get("/v1/health").status_code == 503
+        assert "failed: writes refused until restart" in c.get("/").text
+        assert "hive_relay_journal_failed 1.0" in c.get("/metrics").text
         r = c.get("/v1/workspaces/full/envelopes", params={"limit": 10_000})
         assert r.status_code == 200 and [row["seq"] for row in r.json()] == [s for s, _ in acked]
     relay.stop()
@@ -374,6 +376,12 @@ def test_a_full_disk_answers_503_loses_nothing_and_recovers_after_restart(tmp_pa
             assert b'{"seq":%d,"body":%b}' % (seq, body) in raw
         assert c.post("/v1/workspaces/full/envelopes", json="after").status_code == 200
         assert c.get("/v1/health").status_code == 200
+        status = c.get("/").text
+        assert "journal, fsync always" in status and "Records per fsync" in status
+        metrics = c.get("/metrics").text
+        assert "hive_relay_journal_failed 0.0" in metrics
+        assert "hive_relay_journal_fsync_seconds_count" in metrics
+        assert "hive_relay_journal_records_per_fsync_bucket" in metrics
 
 
 def test_a_slow_fsync_stalls_no_reads_health_or_other_streams(tmp_path: Path) -> None:
