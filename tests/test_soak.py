@@ -538,6 +538,9 @@ def test_kill_9_under_load_never_rewinds_and_tells_clients(tmp_path: Path) -> No
         "HIVE_RELAY_DATA_DIR": str(tmp_path),
         "HIVE_RELAY_SNAPSHOT_INTERVAL": "1",
         "HIVE_RELAY_PUSH_RATE": "0",
+        # everysec may lose the last second on a machine crash, so the epoch must
+        # change; `always` keeps it (tests/test_journal_process.py).
+        "HIVE_RELAY_FSYNC": "everysec",
     }
     workspaces = ("k9-a", "k9-b")
     relay = RelayProcess(env=env).start()

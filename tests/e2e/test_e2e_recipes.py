@@ -324,7 +324,7 @@ def _find(node: Any, key: str) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------- docs
-def test_operations_doc_covers_every_setting_and_metric() -> None:
+def test_operations_doc_covers_every_setting_and_metric(tmp_path: Path) -> None:
     doc = (REPO / "docs" / "operations.md").read_text()
     missing = sorted(env for env in KNOB_ENVS if f"`{env}`" not in doc)
     assert missing == [], f"docs/operations.md lacks {missing}"
@@ -348,7 +348,9 @@ def test_operations_doc_covers_every_setting_and_metric() -> None:
 
     from relay.app import create_app
 
-    exported = generate_latest(create_app(Settings()).state.relay.metrics.registry).decode()
+    # With a data directory, so that the journal's metrics are there too.
+    app = create_app(Settings(data_dir=str(tmp_path / "data")))
+    exported = generate_latest(app.state.relay.metrics.registry).decode()
     names = set(re.findall(r"^(hive_relay_\w+)", exported, re.M))
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
     for name, kind in re.findall(r"^# TYPE (hive_relay_\w+) (\w+)", exported, re.M):
