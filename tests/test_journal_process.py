@@ -414,3 +414,32 @@ def test_a_slow_fsync_stalls_no_reads_health_or_other_streams(tmp_path: Path) ->
         t.join(30)
         assert answered.is_set()
         relay.stop(signal.SIGKILL)  # a graceful stop would wait on slow fsyncs too
+
+
+def test_damage_stops_start_up_with_one_line_and_the_repair_flag_starts_it(
+    tmp_path: Path,
+) -> None:
+    env = journal_env(tmp_path)
+    relay = RelayProcess(env=env).start()
+    with httpx.Client(base_url=relay.url) as c:
+        seqs = [c.post("/v1/workspaces/d/envelopes", json={"i": i}).json()["seq"] for i in range(6)]
+        epoch = c.get("/v1/workspaces/d/envelopes").headers["x-relay-epoch"]
+    relay.stop(signal.SIGKILL)
+    ((_, seg),) = list_segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    pos, starts = len(MAGIC), []
+    while pos < len(data):
+        starts.append(pos)
+        pos += FRAME.size + FRAME.unpack_from(data, pos)[0]
+    bad = starts[4]  # header, then the rows: the fourth row's record
+    data[bad + FRAME.size + 3] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    refused = RelayProcess(env=env, wait=False).start()
+    assert refused.proc is not None and refused.proc.wait(20) == 2
+    lines = [line for line in refused.logs().splitlines() if "hive-relay:" in line]
+    assert len(lines) == 1 and seg.name in lines[0] and f"offset {bad}" in lines[0], lines
+    assert "Traceback" not in refused.logs()
+    with RelayProcess(env=env, args=["--journal-repair", "truncate"]) as repaired:
+        r = httpx.get(repaired.url + "/v1/workspaces/d/envelopes")
+        assert [row["seq"] for row in r.json()] == seqs[:3]
+        assert r.headers["x-relay-epoch"] != epoch
