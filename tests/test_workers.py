@@ -109,6 +109,8 @@ def test_two_workers_share_port_replace_dead_and_stop_cleanly() -> None:
                 pids.add(worker_pid(relay.url))
             assert len(pids) == 2, relay.logs()
             assert "2 workers" in relay.logs()
+            status = httpx.get(relay.url + "/", timeout=5).text
+            assert "<th>Workers</th><td>2 (this page from one of them)</td>" in status
             victim = min(pids)
             os.kill(victim, signal.SIGKILL)
             seen: set[int] = set()
