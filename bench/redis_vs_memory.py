@@ -74,6 +74,39 @@ async def publish_rate(url: str, posts: int, conns: int) -> float:
     return posts / (time.perf_counter() - start)
 
 
+async def read_rate(url: str, reads: int, conns: int) -> float:
+    """GETs of one workspace's envelope page (20 rows of ~1 KiB) over keep-alive."""
+    host, port = url.removeprefix("http://").split(":")
+    ws = f"read-{time.time_ns()}"
+    reader, writer = await asyncio.open_connection(host, int(port))
+    for i in range(20):
+        await post(reader, writer, f"/v1/workspaces/{ws}/envelopes", b'{"i":%d}' % i)
+    writer.close()
+    request = b"GET /v1/workspaces/%b/envelopes?limit=20 HTTP/1.1\r\nHost: x\r\n\r\n" % ws.encode()
+    counter = iter(range(reads))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for _ in counter:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.decode(errors="replace"))
+            size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(size)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    return reads / (time.perf_counter() - start)
+
+
+async def worker_rates(url: str, a: argparse.Namespace) -> list[str]:
+    pub = await publish_rate(url, a.posts, a.conns)
+    got = await read_rate(url, a.posts, a.conns)
+    return [f"{pub:,.0f}", f"{got:,.0f}"]
+
+
 async def subscriber(url: str, ws: str, lat: list[float], ready: asyncio.Barrier, n: int) -> None:
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -181,6 +214,11 @@ def main() -> None:
     p.add_argument("--events", type=int, default=100, help="envelopes fanned out")
     p.add_argument("--rate", type=float, default=50, help="fan-out envelopes per second")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    p.add_argument(
+        "--workers",
+        action="store_true",
+        help="instead: publish and read rates of one relay on Redis with 1 and 2 workers",
+    )
     a = p.parse_args()
     try:
         import uvloop
@@ -188,6 +226,18 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    if a.workers:
+        out = []
+        with Redis() as redis:
+            for n in (1, 2):
+                env = {**ENV, "HIVE_RELAY_STORE": redis.url, "HIVE_RELAY_WORKERS": str(n)}
+                with RelayProcess(env=env) as relay:
+                    out.append([str(n), *asyncio.run(worker_rates(relay.url, a))])
+        print(f"\nRedis store; {a.posts} POSTs, then {a.posts} page GETs, over {a.conns} conns\n")
+        print("workers  publish/s  reads/s")
+        for r in out:
+            print(f"{r[0]:<8} {r[1]:>9}  {r[2]:>7}")
+        return
     rows = []
     with RelayProcess(env=ENV) as relay:
         rows.append(["memory", *asyncio.run(measure(relay.url, relay.url, a, True))])

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -131,7 +134,7 @@ def _exit_0_after_a_graceful_stop(server: uvicorn.Server) -> None:
         signal.signal(sig, handler)
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, sock: socket.socket | None = None) -> int:
     import uvicorn
 
     from relay import __version__, logs
@@ -187,17 +190,98 @@ def _serve(settings: Settings) -> int:
     server = Server(config)
     _exit_0_after_a_graceful_stop(server)
     LOG.info(
-        "hive-relay %s listening on %s:%d (store %s, access %s)",
+        "hive-relay %s listening on %s:%d (store %s, access %s, pid %d, %d worker%s)",
         __version__,
         settings.host,
         settings.port,
         settings.store.split("://", 1)[0],
         relay.policy.name,
+        os.getpid(),
+        settings.workers,
+        "" if settings.workers == 1 else "s",
     )
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     if not server.started:
         LOG.error("the relay did not start (see above)")
         return 1
+    return 0
+
+
+def _fork_worker(settings: Settings, sock: socket.socket) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker: default signal handling until uvicorn installs its own
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        code = 1
+        try:
+            code = _serve(settings, sock)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    return pid
+
+
+def _supervise(settings: Settings) -> int:
+    """HIVE_RELAY_WORKERS > 1: one listening socket, inherited by N forked relays.
+
+    SIGTERM/SIGINT to this process is passed to every worker (each closes its
+    streams as a single relay does) and, once all have exited, this process
+    exits 0. A worker that dies otherwise is logged and replaced.
+    """
+    from relay import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+    _raise_fd_limit()
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        sock = socket.create_server(
+            (settings.host, settings.port), family=family, backlog=settings.backlog
+        )
+    except OSError as exc:
+        LOG.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
+        return 1
+    sock.set_inheritable(True)
+    LOG.info("supervisor pid %d starting %d workers", os.getpid(), settings.workers)
+    stopping: list[int] = []
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        if not stopping:
+            LOG.info("signal %s: stopping %d workers", signal.Signals(sig).name, len(workers))
+        stopping.append(sig)
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if len(stopping) == 1 else signal.SIGINT)
+
+    workers: dict[int, float] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    for _ in range(settings.workers):
+        workers[_fork_worker(settings, sock)] = time.monotonic()
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        started = workers.pop(pid, None)
+        if started is None:
+            continue
+        if stopping:
+            continue
+        LOG.warning(
+            "worker pid %d exited (%s); starting a new one",
+            pid,
+            f"signal {-os.waitstatus_to_exitcode(status)}"
+            if os.WIFSIGNALED(status)
+            else f"code {os.waitstatus_to_exitcode(status)}",
+        )
+        if time.monotonic() - started < 1.0:
+            time.sleep(1.0)  # a worker that dies at once must not spin the supervisor
+        if not stopping:
+            workers[_fork_worker(settings, sock)] = time.monotonic()
+    sock.close()
+    LOG.info("all workers stopped")
     return 0
 
 
@@ -207,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token_main(args[1:])
     try:
         settings = Settings.load(args)
+        if settings.workers > 1:
+            return _supervise(settings)
         return _serve(settings)
     except SettingsError as exc:
         print(f"hive-relay: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -443,6 +444,9 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
                 relay.slots.total,
             ),
             "hive_relay_uptime_seconds": ("Seconds since start", time.time() - relay.started),
+            # With HIVE_RELAY_WORKERS > 1 each scrape is answered by one worker.
+            "hive_relay_worker_pid": ("Process id of the worker that answered", os.getpid()),
+            "hive_relay_workers": ("Worker processes configured", settings.workers),
         }
         if stats is not None:
             out["hive_relay_workspaces"] = ("Workspaces held", stats.workspaces)

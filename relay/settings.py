@@ -363,6 +363,13 @@ class Settings:
         3600,
     )
     backlog: int = setting(2048, "listen socket backlog", 16, 1 << 20)
+    workers: int = setting(
+        1,
+        "relay processes sharing one listening socket (more than 1 needs the Redis store); "
+        "stream, connection and rate limits apply per worker",
+        1,
+        64,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -398,6 +405,12 @@ class Settings:
         for knob in KNOBS:
             if knob.check is not None:
                 knob.check(knob, getattr(self, knob.name))
+        if self.workers > 1 and self.store_kind == "memory":
+            raise SettingsError(
+                f"HIVE_RELAY_WORKERS: {self.workers} workers need a shared store; "
+                "the memory store lives in one process (set HIVE_RELAY_STORE=redis://… "
+                "or HIVE_RELAY_WORKERS=1)"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

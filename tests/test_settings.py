@@ -173,12 +173,15 @@ def test_every_knob_can_be_set_by_flag_and_by_env() -> None:
         "HIVE_RELAY_FSYNC": "everysec",
         "HIVE_RELAY_JOURNAL_REPAIR": "truncate",
     }
-    ranged = {"HIVE_RELAY_IPV6_PREFIX": "56"}
+    ranged = {"HIVE_RELAY_IPV6_PREFIX": "56", "HIVE_RELAY_WORKERS": "3"}
+    # More than one worker needs a shared store.
+    needs = {"HIVE_RELAY_WORKERS": {"HIVE_RELAY_STORE": "redis://h:1"}}
     for knob in KNOBS:
         text = ranged.get(knob.env) or samples.get(knob.kind) or strings.get(knob.env, "some-value")
         name = field_of(knob.env)
-        from_env = getattr(load({knob.env: text}), name)
-        from_flag = getattr(load(argv=[knob.flag, text]), name)
+        extra = needs.get(knob.env, {})
+        from_env = getattr(load({knob.env: text, **extra}), name)
+        from_flag = getattr(load(extra, argv=[knob.flag, text]), name)
         assert from_env == from_flag, knob.env
         assert from_env != getattr(Settings(), name), knob.env
 

@@ -65,6 +65,12 @@ async def status_page(request: Request) -> Response:
         ("Uptime", _uptime(time.time() - relay.started)),
         ("Store", relay.settings.store.split("://", 1)[0]),
         ("Access", relay.policy.name),
+        (
+            "Workers",
+            f"{relay.settings.workers} (this page from one of them)"
+            if relay.settings.workers > 1
+            else "1",
+        ),
         ("Workspaces", f"{stats.workspaces:,}"),
         ("Envelopes retained", f"{stats.envelopes:,}"),
         ("Stored body bytes", f"{stats.stored_bytes:,}"),
