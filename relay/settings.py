@@ -89,7 +89,13 @@ def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
 
 
 # The store URL's scheme → the kind of store it opens. The one place a scheme is checked.
-STORE_SCHEMES = {"memory": "memory", "redis": "redis", "rediss": "redis"}
+STORE_SCHEMES = {
+    "memory": "memory",
+    "redis": "redis",
+    "rediss": "redis",
+    "redis+sentinel": "redis",
+    "rediss+sentinel": "redis",
+}
 
 
 def store_kind_of(url: str) -> str:
@@ -99,8 +105,14 @@ def store_kind_of(url: str) -> str:
     if kind is None:
         raise SettingsError(
             f"HIVE_RELAY_STORE: unknown store {url!r} "
-            "(use memory:// or redis://host:port/db or rediss://…)"
+            "(use memory:// or redis://host:port/db or rediss://… "
+            "or redis+sentinel://host:port[,host:port…]/service)"
         )
+    if kind == "redis":
+        # The URL's form (hosts, service name, db) is checked without importing redis.
+        from relay.store.redis_url import parse_redis_url
+
+        parse_redis_url(url)
     return kind
 
 
@@ -186,8 +198,20 @@ class Settings:
     )
     store: str = setting(
         "memory://",
-        "store URL: memory:// or redis://… / rediss://…",
+        "store URL: memory://, redis://… / rediss://…, or redis+sentinel://host:port,…/service",
         check=_check_with(store_kind_of),
+    )
+    redis_min_replicas: int = setting(
+        0,
+        "Redis store: replicas that must hold a write before it is acknowledged (WAIT; 0 = off)",
+        0,
+        16,
+    )
+    redis_wait_ms: int = setting(
+        500,
+        "Redis store: milliseconds a write waits for those replicas before answering 503",
+        1,
+        60000,
     )
     data_dir: str = setting(
         "",

@@ -38,9 +38,12 @@ def _sync_client(url: str):  # type: ignore[no-untyped-def]
 
 
 class RedisServer:
-    def __init__(self, aof: bool = False, fsync: str = "always") -> None:
+    def __init__(
+        self, aof: bool = False, fsync: str = "always", replica_of: int | None = None
+    ) -> None:
         self.binary = require_tool("redis-server")
         self.port = free_port()
+        self.replica_of = replica_of  # the primary's port: start as its replica
         self.aof = aof
         self.fsync = fsync
         self.dir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
@@ -72,6 +75,8 @@ class RedisServer:
             "--daemonize",
             "no",
         ]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.wait_ready()
         return self
@@ -166,3 +171,81 @@ def own_server_required() -> None:
     """Tests that kill or pause Redis cannot use a shared REDIS_URL."""
     if os.environ.get("REDIS_URL"):
         pytest.skip("REDIS_URL is set: this test kills its own redis-server and needs one")
+
+
+class Sentinels:
+    """Three `redis-server --sentinel` processes watching `primary` as service "main",
+    with short timeouts so a killed primary's replica is promoted within seconds.
+
+        sentinels.url          # redis+sentinel://127.0.0.1:p1,…/main
+        sentinels.primary_port()
+    """
+
+    SERVICE = "main"
+
+    def __init__(self, primary: RedisServer, count: int = 3) -> None:
+        self.binary = require_tool("redis-server")
+        self.primary = primary
+        self.ports = [free_port() for _ in range(count)]
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-sentinel-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}"
+
+    def __enter__(self) -> Sentinels:
+        for i, port in enumerate(self.ports):
+            conf = self.dir / f"sentinel-{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"logfile {self.dir / f'sentinel-{i}.log'}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 400\n"
+                f"sentinel failover-timeout {self.SERVICE} 2000\n"
+            )
+            self.procs.append(
+                subprocess.Popen(
+                    [self.binary, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while self.primary_port() != self.primary.port:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinels did not find the primary")
+            time.sleep(0.05)
+        return self
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers names it."""
+        redis = pytest.importorskip("redis", reason="the redis extra is not installed")
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                addr = client.execute_command("SENTINEL", "get-master-addr-by-name", self.SERVICE)
+                if addr:
+                    return int(addr[1])
+            except Exception:  # not up yet
+                pass
+            finally:
+                client.close()
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

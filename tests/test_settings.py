@@ -173,7 +173,11 @@ def test_every_knob_can_be_set_by_flag_and_by_env() -> None:
         "HIVE_RELAY_FSYNC": "everysec",
         "HIVE_RELAY_JOURNAL_REPAIR": "truncate",
     }
-    ranged = {"HIVE_RELAY_IPV6_PREFIX": "56", "HIVE_RELAY_WORKERS": "3"}
+    ranged = {
+        "HIVE_RELAY_IPV6_PREFIX": "56",
+        "HIVE_RELAY_WORKERS": "3",
+        "HIVE_RELAY_REDIS_MIN_REPLICAS": "2",
+    }
     # More than one worker needs a shared store.
     needs = {"HIVE_RELAY_WORKERS": {"HIVE_RELAY_STORE": "redis://h:1"}}
     for knob in KNOBS:
@@ -371,3 +375,43 @@ def test_a_store_scheme_in_capitals_is_the_same_store_everywhere(tmp_path: Path)
     with TestClient(create_app(settings)) as client:
         assert client.post("/v1/workspaces/caps/envelopes", content=b"{}").status_code == 200
     assert (tmp_path / FILENAME).exists()
+
+
+# ------------------------------------------------------------- Sentinel URLs
+def test_sentinel_urls_name_the_sentinels_and_the_service() -> None:
+    from relay.store.redis_url import parse_redis_url
+
+    url = "rediss+sentinel://u:p%40ss@s1:26380,[::1]:26381,s3/mymaster/2"
+    assert load({"HIVE_RELAY_STORE": url}).store_kind == "redis"
+    t = parse_redis_url(url)
+    assert (t.kind, t.tls, t.service, t.db) == ("sentinel", True, "mymaster", 2)
+    assert t.hosts == (("s1", 26380), ("::1", 26381), ("s3", 26379))
+    assert (t.username, t.password) == ("u", "p@ss")
+    plain = parse_redis_url("redis+sentinel://h:1/svc")
+    assert (plain.tls, plain.db, plain.username, plain.password) == (False, 0, None, None)
+    assert parse_redis_url("redis://h:1/0").kind == "standalone"
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis+sentinel://h:1", "no service name"),
+        ("redis+sentinel://h:1/", "no service name"),
+        ("redis+sentinel:///svc", "no Sentinel address"),
+        ("redis+sentinel://h:x/svc", "no valid port"),
+        ("redis+sentinel://h:1,:2/svc", "has no host"),
+        ("redis+sentinel://h:1/svc/x", "is not a number"),
+    ],
+)
+def test_a_malformed_sentinel_url_is_refused_at_start(url: str, why: str) -> None:
+    with pytest.raises(SettingsError, match=f"HIVE_RELAY_STORE: .*{why}"):
+        load({"HIVE_RELAY_STORE": url})
+
+
+def test_replica_acknowledgement_settings_are_bounded() -> None:
+    s = load()
+    assert (s.redis_min_replicas, s.redis_wait_ms) == (0, 500)
+    with pytest.raises(SettingsError, match="HIVE_RELAY_REDIS_MIN_REPLICAS"):
+        load({"HIVE_RELAY_REDIS_MIN_REPLICAS": "17"})
+    with pytest.raises(SettingsError, match="HIVE_RELAY_REDIS_WAIT_MS"):
+        load({"HIVE_RELAY_REDIS_WAIT_MS": "0"})

@@ -33,4 +33,9 @@ def open_store(settings: Settings) -> Store:
             f"HIVE_RELAY_STORE: the Redis store is not available ({exc}); "
             "install the extra: pip install 'hive-relay[redis]'"
         ) from None
-    return RedisStore(settings.store, bounds)
+    return RedisStore(
+        settings.store,
+        bounds,
+        min_replicas=settings.redis_min_replicas,
+        wait_ms=settings.redis_wait_ms,
+    )

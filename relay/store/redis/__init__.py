@@ -1,6 +1,7 @@
 """The Redis Streams store: history that survives relay restarts, shared by many relays.
 
-Selected by `HIVE_RELAY_STORE=redis://…` or `rediss://…` (TLS); needs the `redis`
+Selected by `HIVE_RELAY_STORE=redis://…` or `rediss://…` (TLS), or
+`redis+sentinel://host:port[,…]/service` (relay/store/redis_url.py); needs the `redis`
 extra and Redis 6.2 or newer. Every instance behind a load balancer talks to the
 same Redis, so any instance can serve any request (no sticky sessions).
 
@@ -9,6 +10,8 @@ One job per module:
     store.py    RedisStore, the Store protocol on top of the modules below
     scripts.py  the Lua scripts (relay/store/lua/*.lua, package data), run by SHA
     errors.py   what redis-py raises, as StoreBusy / StoreUnavailable
+    connect.py  clients for one Redis or a Sentinel-managed primary
+    replicas.py WAIT for HIVE_RELAY_REDIS_MIN_REPLICAS on the write's own connection
     keys.py     key and channel names
     watch.py    live delivery: the watch state machine on one pub/sub connection
     stats.py    approximate relay-wide counters

@@ -53,3 +53,8 @@ def text(value: bytes) -> str:
 
 def raw(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
+
+
+def probe_channel(ws: str) -> bytes:
+    """A channel nobody subscribes to: a PUBLISH on it only advances replication."""
+    return _CHAN_PREFIX + ws.encode() + b"}:w"

@@ -12,9 +12,6 @@ import logging
 from typing import Any
 
 from redis import exceptions as rx
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from relay.store.base import (
     DEVICE_CHANNELS,
@@ -30,6 +27,7 @@ from relay.store.base import (
     new_pair_code,
 )
 from relay.store.redis import scripts
+from relay.store.redis.connect import Timeouts, open_clients
 from relay.store.redis.epoch import Epoch
 from relay.store.redis.errors import redis_errors
 from relay.store.redis.keys import (
@@ -39,10 +37,12 @@ from relay.store.redis.keys import (
     device_keys,
     keyring_key,
     pair_key,
+    probe_channel,
     raw,
     text,
     ws_keys,
 )
+from relay.store.redis.replicas import ReplicaAck, run_acked, wait_after_probe
 from relay.store.redis.stats import StatsCounter
 from relay.store.redis.watch import Follower
 
@@ -60,24 +60,26 @@ PAIR_TRIES = 20  # codes drawn before giving up when every one drawn is taken
 
 
 class RedisStore:
-    def __init__(self, url: str, bounds: Bounds | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        bounds: Bounds | None = None,
+        *,
+        min_replicas: int = 0,
+        wait_ms: int = 500,
+    ) -> None:
         self.url = url
         self.bounds = bounds or Bounds()
-        self._pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=POOL_WAIT,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            # One retry, on connection errors only: a pooled connection that died
-            # with a restarted Redis is replaced once. Timeouts are not retried
-            # (a command that timed out may have run; the wait stays bounded).
-            retry=Retry(NoBackoff(), 1, supported_errors=(rx.ConnectionError,)),
+        self._ack = ReplicaAck(min_replicas, wait_ms)
+        # A write's WAIT must not outlast the reply timeout of its own connection.
+        socket_timeout = SOCKET_TIMEOUT + (wait_ms / 1000 if min_replicas else 0.0)
+        self._clients = open_clients(
+            url, Timeouts(socket_timeout, CONNECT_TIMEOUT, POOL_SIZE, POOL_WAIT)
         )
-        self._redis: Any = Redis(connection_pool=self._pool)
+        self._redis: Any = self._clients.redis
         self._epoch = Epoch()
         self._stats = StatsCounter()
-        self._follower = Follower(url, self._redis, self._read_page)
+        self._follower = Follower(self._clients.pubsub, self._redis, self._read_page)
         self._background: list[asyncio.Task[Any]] = []
         self._closed = False
         ttl_ms = int(self.bounds.retention_secs * 1000)
@@ -93,10 +95,7 @@ class RedisStore:
         self._follower.listener = listener
 
     def _where(self) -> str:
-        kw = self._pool.connection_kwargs
-        if "path" in kw:
-            return str(kw["path"])
-        return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        return self._clients.where
 
     async def start(self) -> None:
         self._closed = False
@@ -157,9 +156,7 @@ class RedisStore:
             async with asyncio.timeout(1.0):
                 await self._stats.flush(self._redis)
         with contextlib.suppress(Exception):
-            await self._redis.aclose()
-        with contextlib.suppress(Exception):
-            await self._pool.disconnect()
+            await self._clients.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -205,7 +202,11 @@ class RedisStore:
             args.append(key)
             args.append(body)
         with redis_errors():
-            reply = await scripts.run(self._redis, "append", list(ws_keys(ws)), args)
+            reply = await run_acked(self._redis, "append", list(ws_keys(ws)), args, self._ack)
+            if not reply[2]:
+                # All duplicates: the rows were stored by an earlier write, perhaps
+                # one answered 503 for want of replicas; they must be on them now.
+                await wait_after_probe(self._redis, probe_channel(ws), self._ack)
         prev, created, added, added_b, drop_n, drop_b, flat = reply
         results = [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
         if added:
@@ -271,8 +272,12 @@ class RedisStore:
     async def keyring_append(self, ws: str, blob: bytes) -> None:
         self._check_side(len(blob))
         with redis_errors():
-            ok = await scripts.run(
-                self._redis, "keyring", [keyring_key(ws)], [self.bounds.max_keyring, blob]
+            ok = await run_acked(
+                self._redis,
+                "keyring",
+                [keyring_key(ws)],
+                [self.bounds.max_keyring, blob],
+                self._ack,
             )
         if not ok:
             raise StoreFull(
@@ -295,7 +300,7 @@ class RedisStore:
         keys = self._device_keys(channel, ws)
         args = [raw(device_id), data, self.bounds.presence_ttl, self.bounds.max_devices]
         with redis_errors():
-            ok = await scripts.run(self._redis, "device_put", keys, args)
+            ok = await run_acked(self._redis, "device_put", keys, args, self._ack)
         if not ok:
             raise StoreFull(
                 "too_many_devices",
@@ -315,7 +320,7 @@ class RedisStore:
             keys = [pair_key(code), PAIR_INDEX]
             args = [raw(payload), int(ttl * 1000), self.bounds.max_pairings, code]
             with redis_errors():
-                res = await scripts.run(self._redis, "pair_create", keys, args)
+                res = await run_acked(self._redis, "pair_create", keys, args, self._ack)
             if res == 1:
                 return code
             if res == -1:

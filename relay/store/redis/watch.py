@@ -25,9 +25,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from redis import exceptions as rx
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from relay.store.base import AppendListener, Page, StoreError, StoreUnavailable, row_seq
 from relay.store.redis.errors import redis_errors
@@ -35,7 +32,6 @@ from relay.store.redis.keys import CONTROL_CHANNEL, channel, channel_ws, ws_keys
 
 LOG = logging.getLogger("relay.store.redis")
 
-CONNECT_TIMEOUT = 1.0  # opening the connection
 READY_TIMEOUT = 3.0  # a read of a newly watched workspace waits for its subscription
 # Keep-alive, dead-peer detection, reconnect backoff.
 PING_EVERY = 3.0
@@ -68,17 +64,11 @@ class _Watch:
 
 
 class Follower:
-    def __init__(self, url: str, redis: Any, read: ReadFn) -> None:
+    def __init__(self, ps_client: Any, redis: Any, read: ReadFn) -> None:
         self._redis = redis  # the store's pooled client, for head lookups
         self._read = read
-        self._ps_client: Any = Redis.from_url(
-            url,
-            socket_timeout=None,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,
-        )
+        # For the pub/sub connection: no read timeout, no retries (connect.py).
+        self._ps_client: Any = ps_client
         self.listener: AppendListener | None = None
         self._watches: dict[str, _Watch] = {}
         # Pub/sub connection state, owned by run_forever.

@@ -1,0 +1,103 @@
+"""Clients for the target a store URL names: one Redis, or the primary Sentinel names.
+
+Both kinds give the store a pooled client for commands and a second client for
+the pub/sub connection (watch.py). Through Sentinel, every new connection asks
+the Sentinels for the current primary, and a connection to a primary that was
+demoted (READONLY) is dropped by redis-py, so a failover is followed without a
+relay restart: commands in flight answer 503 until the new primary is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from relay.store.redis_url import RedisTarget, parse_redis_url
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    socket: float  # a command's reply
+    connect: float  # opening a connection
+    pool_size: int  # connections per relay process
+    pool_wait: float  # waiting for a free pooled connection (one Redis only)
+
+
+@dataclass(slots=True)
+class Clients:
+    redis: Any  # pooled, for commands
+    pubsub: Any  # for the pub/sub connection: no read timeout, no retries
+    where: str  # for logs: host:port/db, or sentinel service@hosts
+    sentinel: Sentinel | None = None
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        await self.pubsub.aclose()
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
+
+
+def _command_retry() -> Retry:
+    # One retry, on connection errors only: a pooled connection that died with a
+    # restarted (or demoted) Redis is replaced once. Timeouts are not retried (a
+    # command that timed out may have run; the wait stays bounded).
+    return Retry(NoBackoff(), 1, supported_errors=(rx.ConnectionError,))
+
+
+def _pubsub_options(t: Timeouts) -> dict[str, Any]:
+    return {
+        "socket_timeout": None,
+        "socket_connect_timeout": t.connect,
+        "health_check_interval": 0,
+        "retry": Retry(NoBackoff(), 0),
+        "protocol": 2,
+    }
+
+
+def open_clients(url: str, t: Timeouts) -> Clients:
+    target = parse_redis_url(url)
+    if target.kind == "sentinel":
+        return _sentinel_clients(target, t)
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=t.pool_size,
+        timeout=t.pool_wait,
+        socket_timeout=t.socket,
+        socket_connect_timeout=t.connect,
+        retry=_command_retry(),
+    )
+    kw = pool.connection_kwargs
+    if "path" in kw:
+        where = str(kw["path"])
+    else:
+        where = f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+    return Clients(Redis(connection_pool=pool), Redis.from_url(url, **_pubsub_options(t)), where)
+
+
+def _sentinel_clients(target: RedisTarget, t: Timeouts) -> Clients:
+    node: dict[str, Any] = {"db": target.db, "ssl": target.tls}
+    if target.username is not None:
+        node["username"] = target.username
+    if target.password is not None:
+        node["password"] = target.password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.hosts),
+        sentinel_kwargs={"socket_timeout": t.connect, "socket_connect_timeout": t.connect},
+    )
+    redis = sentinel.master_for(
+        target.service,
+        max_connections=t.pool_size,
+        socket_timeout=t.socket,
+        socket_connect_timeout=t.connect,
+        retry=_command_retry(),
+        **node,
+    )
+    pubsub = sentinel.master_for(target.service, **_pubsub_options(t), **node)
+    hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
+    return Clients(redis, pubsub, f"sentinel {hosts} service {target.service}", sentinel)

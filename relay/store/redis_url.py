@@ -1,0 +1,100 @@
+"""The one parser of Redis store URLs, with no redis-py import (settings check with it).
+
+    redis://[user:pass@]host:port/db            one Redis (rediss:// for TLS)
+    redis+sentinel://[user:pass@]h:p[,h:p…]/service[/db]
+                                                the primary Sentinel names `service`
+                                                (rediss+sentinel:// for TLS)
+
+The credentials in a Sentinel URL are the data nodes' (the primary and its
+replicas); the Sentinels are asked with no password, as redis-py does by default.
+A Cluster form (redis+cluster://) belongs beside Sentinel here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from relay.settings import SettingsError
+
+SENTINEL_DEFAULT_PORT = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    kind: str  # "standalone" or "sentinel"
+    url: str  # the URL as given (standalone: what redis-py's from_url reads)
+    tls: bool = False
+    hosts: tuple[tuple[str, int], ...] = ()  # sentinel: the Sentinels
+    service: str = ""  # sentinel: the monitored primary's name
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def _bad(url: str, why: str) -> SettingsError:
+    return SettingsError(f"HIVE_RELAY_STORE: {why} in {_redact(url)!r}")
+
+
+def _redact(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def _host_port(url: str, part: str) -> tuple[str, int]:
+    part = part.strip()
+    if part.startswith("["):  # [v6]:port
+        host, _, tail = part[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = part.rpartition(":") if ":" in part else (part, "", "")
+    if not host:
+        raise _bad(url, f"a Sentinel address {part!r} has no host")
+    if not port_text:
+        return host, SENTINEL_DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _bad(url, f"a Sentinel address {part!r} has no valid port")
+    return host, int(port_text)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The target a redis… store URL names; SettingsError naming what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise _bad(url, "no scheme")
+    if scheme in ("redis", "rediss"):
+        return RedisTarget("standalone", url, tls=scheme == "rediss")
+    if scheme not in ("redis+sentinel", "rediss+sentinel"):
+        raise _bad(url, f"unknown scheme {scheme!r}")
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        user, colon, pw = cred.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    if not netloc:
+        raise _bad(url, "no Sentinel address")
+    hosts = tuple(_host_port(url, part) for part in netloc.split(","))
+    path = urlsplit("x://h/" + path).path.strip("/")
+    service, _, db_text = path.partition("/")
+    if not service:
+        raise _bad(url, "no service name (…/service-name after the Sentinels)")
+    db = 0
+    if db_text:
+        if not db_text.isdigit():
+            raise _bad(url, f"the database {db_text!r} is not a number")
+        db = int(db_text)
+    return RedisTarget(
+        "sentinel",
+        url,
+        tls=scheme == "rediss+sentinel",
+        hosts=hosts,
+        service=unquote(service),
+        db=db,
+        username=username,
+        password=password,
+    )
