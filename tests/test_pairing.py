@@ -127,3 +127,21 @@ def test_pair_body_is_bounded_below_the_envelope_limit(relay: RelayProcess) -> N
         escaped = b'{"payload":"' + b"\\u0041" * PAYLOAD_MAX + b'"}'
         r = c.post("/v1/pair", content=escaped, headers=as_client("10.6.0.2"))
         assert r.status_code == 200, r.text
+
+
+def test_pair_ttl_as_a_whole_float_is_taken_and_a_fraction_is_400(relay: RelayProcess) -> None:
+    """JSON has one number type: `30.0` is the integer the API document allows (the
+    fuzz test found it answered 400); `30.5` seconds is refused and creates nothing."""
+    with httpx.Client(base_url=relay.url, timeout=WAIT) as c:
+        r = c.post(
+            "/v1/pair", content=b'{"payload":"p","ttl_secs":90.0}', headers=as_client("10.7.0.1")
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["expires_in"] == 90
+        held = pairings(relay)
+        r = c.post(
+            "/v1/pair", content=b'{"payload":"p","ttl_secs":90.5}', headers=as_client("10.7.0.2")
+        )
+        assert_clean_4xx(r, 400)
+        assert r.json()["error"] == "invalid_ttl"
+        assert pairings(relay) == held

@@ -49,7 +49,9 @@ class DeviceEntry(msgspec.Struct, forbid_unknown_fields=False):
 
 class PairRequest(msgspec.Struct, forbid_unknown_fields=False):
     payload: str
-    ttl_secs: int | None = None
+    # JSON has one number type: 30.0 is the integer 30 to most encoders (and to the
+    # API document's "integer"), so a whole float is taken; 30.5 is refused below.
+    ttl_secs: int | float | None = None
 
 
 def _json(body: bytes, headers: dict[str, str] | None = None) -> Response:
@@ -174,7 +176,12 @@ async def post_pair(request: Request) -> Response:
         raise bad_request(
             "payload_too_long", f"payload is longer than {PAIR_PAYLOAD_MAX} bytes in UTF-8"
         )
-    ttl = PAIR_TTL_DEFAULT if pair.ttl_secs is None else pair.ttl_secs
+    ttl_asked = pair.ttl_secs
+    if isinstance(ttl_asked, float):
+        if not ttl_asked.is_integer():
+            raise bad_request("invalid_ttl", "ttl_secs must be a whole number of seconds")
+        ttl_asked = int(ttl_asked)
+    ttl = PAIR_TTL_DEFAULT if ttl_asked is None else ttl_asked
     ttl = min(PAIR_TTL_MAX, max(PAIR_TTL_MIN, ttl))
     code = await relay.store.pair_create(pair.payload, ttl)
     return _json(msgspec.json.encode({"code": code, "expires_in": ttl}))
