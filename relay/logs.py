@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from contextvars import ContextVar
-from json.encoder import encode_basestring_ascii as _json_str  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, TextIO
 
 ACCESS = logging.getLogger("relay.access")
