@@ -1,17 +1,38 @@
 """Logging set-up: one line per request, as text or JSON. Never bodies or tokens;
-the route template is logged, not the path, so workspace ids stay out of logs."""
+the route template is logged, not the path, so workspace ids stay out of logs.
+
+Access lines do not go through the logging machinery: `access` formats the line
+itself (a LogRecord, the filters and the formatter cost as much as the rest of a
+cached read) and hands it to `LineWriter`, which writes what is pending every
+FLUSH_INTERVAL seconds from a thread of its own, in one write. Every other record
+(warnings, errors, start-up lines) is written at once, after the access lines
+pending before it, so the log stays in order. A crash or SIGKILL loses at most the
+access lines of the last FLUSH_INTERVAL (plus the few milliseconds the thread may
+wait for the interpreter lock); a clean exit loses none.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
+import threading
 import time
+from collections import deque
 from contextvars import ContextVar
-from typing import Any
+from json.encoder import encode_basestring_ascii as _json_str
+from typing import Any, TextIO
 
 ACCESS = logging.getLogger("relay.access")
 LOG = logging.getLogger("relay")
+
+# Seconds between writes of buffered access lines: what a SIGKILL may lose.
+FLUSH_INTERVAL = 0.05
+# Past this many pending lines (the writer thread starved, or the log's reader
+# stalled) `access` writes them itself: memory stays bounded and the relay waits
+# for its log as it did before there was a buffer.
+MAX_PENDING = 10_000
 
 # Set in the task serving one request when the relay ends an SSE answer without its
 # last chunk because the peer stopped reading (relay/api/live.py). uvicorn then
@@ -66,9 +87,110 @@ class _DropPathLines(logging.Filter):
         )
 
 
-def configure(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class LineWriter:
+    """Lines to a stream: buffered ones within FLUSH_INTERVAL, the others at once.
+
+    `pending` is a deque: the event loop appends, the writer pops, both atomic
+    without a lock. The lock orders writes: a line written at once goes out after
+    every line buffered before it.
+    """
+
+    def __init__(self, stream: TextIO, interval: float = FLUSH_INTERVAL) -> None:
+        self.stream = stream
+        self.interval = interval
+        self.pending: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relay-log", daemon=True)
+        self._thread.start()
+
+    def buffer(self, line: str) -> None:
+        self.pending.append(line)
+        if len(self.pending) > MAX_PENDING:
+            self.flush()
+
+    def write_now(self, line: str) -> None:
+        with self._lock:
+            self._drain(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._drain("")
+
+    def _drain(self, last: str) -> None:
+        pending = self.pending
+        lines = []
+        while pending:
+            lines.append(pending.popleft())
+        if last:
+            lines.append(last)
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # the log's reader is gone; the relay keeps serving
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.interval):
+            if self.pending:
+                self.flush()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+
+
+class _WriterHandler(logging.Handler):
+    """Every record that is not an access line: written at once, in order."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write_now(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+class _Stamp:
+    """The time stamp of a log line, formatted as the formatters do, cached per second."""
+
+    def __init__(self, json_format: bool) -> None:
+        self.json = json_format
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, now: float) -> str:
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            if self.json:
+                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            else:
+                self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        ms = int((now - second) * 1000)
+        return f"{self.prefix}.{ms:03d}Z" if self.json else f"{self.prefix},{ms:03d}"
+
+
+_writer: LineWriter | None = None
+_json = False
+_stamp = _Stamp(False)
+
+
+def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
+    """Log to `stream` (standard error by default) in format `fmt` from `level` up."""
+    global _writer, _json, _stamp
+    if _writer is not None:
+        _writer.close()
+    _writer = LineWriter(stream or sys.stderr)
+    atexit.register(_writer.close)
+    _json = fmt == "json"
+    _stamp = _Stamp(_json)
+    handler = _WriterHandler(_writer)
+    handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     handler.addFilter(_DropPathLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -81,15 +203,35 @@ def configure(fmt: str, level: str) -> None:
 
 
 def access(method: str, route: str, status: int, duration: float, client: str) -> None:
-    ACCESS.info(
-        "request",
-        extra={
-            "fields": {
-                "method": method,
-                "route": route,
-                "status": status,
-                "ms": round(duration * 1000, 2),
-                "client": client,
-            }
-        },
-    )
+    """One request's line: method, route template, status, milliseconds, client."""
+    writer = _writer
+    ms = round(duration * 1000, 2)
+    if writer is None or ACCESS.handlers or not ACCESS.propagate:
+        # Not configured by `configure` (the app embedded elsewhere, tests): a record.
+        ACCESS.info(
+            "request",
+            extra={
+                "fields": {
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "ms": ms,
+                    "client": client,
+                }
+            },
+        )
+        return
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    stamp = _stamp(time.time())
+    if _json:
+        writer.buffer(
+            f'{{"ts":"{stamp}","level":"info","logger":"relay.access","msg":"request",'
+            f'"method":{_json_str(method)},"route":{_json_str(route)},"status":{status},'
+            f'"ms":{ms!r},"client":{_json_str(client)}}}\n'
+        )
+    else:
+        writer.buffer(
+            f"{stamp} INFO relay.access request method={method} route={route} "
+            f"status={status} ms={ms} client={client}\n"
+        )

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,37 @@ def test_json_log_format() -> None:
     assert all(isinstance(r["status"], int) and isinstance(r["ms"], int | float) for r in access)
     assert any("listening on" in r["msg"] for r in records)
     assert_log_is_content_blind(log, code)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_sigkill_loses_no_access_line_older_than_the_flush_interval(log_format: str) -> None:
+    """Access lines are buffered (relay/logs.py); a SIGKILL loses at most the last
+    FLUSH_INTERVAL of them. Every request here was answered well before the kill."""
+    from relay.logs import FLUSH_INTERVAL
+
+    with RelayProcess(env={"HIVE_RELAY_LOG_FORMAT": log_format}) as proc:
+        with httpx.Client(base_url=proc.url, timeout=10) as http:
+            for i in range(30):
+                http.post("/v1/workspaces/killed/envelopes", json={"i": i}).raise_for_status()
+                http.get("/v1/workspaces/killed/envelopes?after=0").raise_for_status()
+            assert http.get("/v1/workspaces/killed/nowhere").status_code == 404
+        time.sleep(max(0.5, 10 * FLUSH_INTERVAL))
+        assert proc.stop(signal.SIGKILL) == -signal.SIGKILL
+    log = proc.logs()
+    if log_format == "json":
+        entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+        lines = [
+            (e["method"], e["route"], str(e["status"]))
+            for e in entries
+            if e.get("logger") == "relay.access" and e["route"] != "/v1/health"
+        ]
+    else:
+        lines = [
+            (e["method"], e["route"], e["status"])
+            for e in access_lines(log)
+            if e["route"] != "/v1/health"
+        ]
+    route = "/v1/workspaces/{ws}/envelopes"
+    assert lines == [("POST", route, "200"), ("GET", route, "200")] * 30 + [
+        ("GET", "unmatched", "404")
+    ]

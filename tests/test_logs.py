@@ -1,0 +1,107 @@
+"""relay/logs.py in-process: the access line's own formatting and the buffered writer."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from relay import logs
+
+
+def _record(**fields: object) -> logging.LogRecord:
+    record = logging.LogRecord("relay.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = fields
+    return record
+
+
+@pytest.fixture
+def configured() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield out
+    if logs._writer is not None:
+        logs._writer.close()
+    logs._writer = None
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_line_matches_the_formatter_of_a_record(configured: io.StringIO, fmt: str) -> None:
+    logs.configure(fmt, "info", configured)
+    logs.access("GET", "/v1/workspaces/{ws}/envelopes", 200, 0.0123456, '1.2.3.4"x')
+    assert logs._writer is not None
+    logs._writer.flush()
+    line = configured.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    fields = {
+        "method": "GET",
+        "route": "/v1/workspaces/{ws}/envelopes",
+        "status": 200,
+        "ms": 12.35,
+        "client": '1.2.3.4"x',
+    }
+    formatter = logs.JsonFormatter() if fmt == "json" else logs.TextFormatter()
+    expected = formatter.format(_record(**fields))
+    if fmt == "json":
+        got, want = json.loads(line), json.loads(expected)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", got.pop("ts"))
+        want.pop("ts")
+        assert got == want
+        assert list(json.loads(line)) == list(json.loads(expected))  # same field order
+    else:
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+        assert re.fullmatch(stamp + " ", line[:24])
+        assert line[24:-1] == expected[24:]
+
+
+def test_warning_follows_the_access_lines_buffered_before_it(configured: io.StringIO) -> None:
+    logs.configure("text", "info", configured)
+    assert logs._writer is not None
+    logs._writer.interval = 3600.0  # only the write of the warning may flush
+    logs.access("GET", "/a", 200, 0.001, "c")
+    logs.access("GET", "/b", 200, 0.001, "c")
+    logging.getLogger("relay").warning("something odd")
+    lines = configured.getvalue().splitlines()
+    assert [line.split(" ", 3)[3] for line in lines] == [
+        "relay.access request method=GET route=/a status=200 ms=1.0 client=c",
+        "relay.access request method=GET route=/b status=200 ms=1.0 client=c",
+        "relay something odd",
+    ]
+
+
+def test_access_lines_off_below_info(configured: io.StringIO) -> None:
+    logs.configure("text", "warning", configured)
+    logs.access("GET", "/a", 200, 0.001, "c")
+    assert logs._writer is not None
+    logs._writer.flush()
+    assert configured.getvalue() == ""
+
+
+def test_pending_lines_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    writer = logs.LineWriter(out, interval=3600.0)
+    monkeypatch.setattr(logs, "MAX_PENDING", 5)
+    for i in range(6):
+        writer.buffer(f"{i}\n")
+    assert out.getvalue() == "".join(f"{i}\n" for i in range(6))
+    assert not writer.pending
+    writer.close()
+
+
+def test_the_timer_writes_buffered_lines() -> None:
+    out = io.StringIO()
+    writer = logs.LineWriter(out, interval=0.01)
+    writer.buffer("one\n")
+    for _ in range(500):  # the thread writes it within its interval; wait generously
+        if out.getvalue():
+            break
+        writer._closed.wait(0.01)
+    assert out.getvalue() == "one\n"
+    writer.close()
