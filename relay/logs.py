@@ -154,6 +154,11 @@ class _WriterHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def flush(self) -> None:
+        # logging.shutdown() calls this: a worker process that leaves by os._exit (no
+        # atexit) still writes the access lines it buffered.
+        self.writer.flush()
+
 
 class _Stamp:
     """The time stamp of a log line, formatted as the formatters do, cached per second."""
