@@ -33,6 +33,7 @@ from relay.errors import (
     error_response,
     headers_too_large,
     store_error_response,
+    store_error_status,
 )
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots
@@ -367,6 +368,8 @@ def _relay_error(request: Request, exc: Exception) -> Response:
 
 def _store_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StoreError)
+    if store_error_status(exc) == 503:
+        request.app.state.relay.metrics.unavailable(exc.code)
     return store_error_response(exc)
 
 
@@ -443,6 +446,10 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
                 "Live streams open (SSE, WebSocket, long-poll)",
                 relay.slots.total,
             ),
+            "hive_relay_live_streams_limit": (
+                "HIVE_RELAY_MAX_SSE, the cap on live streams at once (0 = unlimited)",
+                relay.slots.max_total,
+            ),
             "hive_relay_uptime_seconds": ("Seconds since start", time.time() - relay.started),
             # With HIVE_RELAY_WORKERS > 1 each scrape is answered by one worker.
             "hive_relay_worker_pid": ("Process id of the worker that answered", os.getpid()),
@@ -459,6 +466,10 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
                 "Envelopes and workspaces as charged to HIVE_RELAY_MAX_BYTES",
                 pool,
             )
+            out["hive_relay_budget_limit_bytes"] = (
+                "HIVE_RELAY_MAX_BYTES, the memory budget the charged bytes count against",
+                relay.settings.max_bytes,
+            )
             out["hive_relay_side_budget_bytes"] = (
                 "Keyring, presence and candidate entries as charged to their quarter of it",
                 side,
@@ -466,6 +477,7 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         return out
 
     relay.metrics.add_gauges(gauges)
+    relay.slots.on_refuse = relay.metrics.unavailable
     return relay
 
 

@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from starlette.types import Scope
 
@@ -156,6 +156,8 @@ class StreamSlots:
         self.max_per_client = max_per_client
         self.total = 0
         self._per_client: dict[str, int] = {}
+        # Told each refusal's code (the metrics count them for the stream-cap alert).
+        self.on_refuse: Callable[[str], None] = lambda code: None
 
     @contextlib.contextmanager
     def hold(self, client: str) -> Iterator[None]:
@@ -168,6 +170,7 @@ class StreamSlots:
 
     def _acquire(self, client: str) -> None:
         if self.max_total and self.total >= self.max_total:
+            self.on_refuse("too_many_streams")
             raise RelayError(
                 503,
                 "too_many_streams",
@@ -176,6 +179,7 @@ class StreamSlots:
             )
         held = self._per_client.get(client, 0)
         if self.max_per_client and held >= self.max_per_client:
+            self.on_refuse("too_many_streams_for_client")
             raise RelayError(
                 503,
                 "too_many_streams_for_client",

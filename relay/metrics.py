@@ -67,6 +67,7 @@ class Metrics(Collector):
         self.duplicates = Counter()
         self.slow_consumers = Counter()
         self._rejected: dict[str, int] = {}
+        self._unavailable: dict[str, int] = {}
         self._gauges: list[Callable[[], dict[str, tuple[str, float]]]] = []
         self._collectors: list[Callable[[], Iterator[Metric]]] = []
         self.registry.register(self)
@@ -83,6 +84,10 @@ class Metrics(Collector):
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def unavailable(self, reason: str) -> None:
+        """Count a 503: the store failing or busy, or the live-stream cap reached."""
+        self._unavailable[reason] = self._unavailable.get(reason, 0) + 1
 
     def add_gauges(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
         self._gauges.append(read)
@@ -129,6 +134,14 @@ class Metrics(Collector):
         for reason, n in sorted(self._rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        unavailable = CounterMetricFamily(
+            "hive_relay_unavailable",
+            "Requests answered 503 (store unavailable or busy, stream caps reached), by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self._unavailable.items()):
+            unavailable.add_metric([reason], n)
+        yield unavailable
         for read in self._gauges:
             for name, (doc, value) in read().items():
                 yield GaugeMetricFamily(name, doc, value=value)

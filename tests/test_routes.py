@@ -140,4 +140,8 @@ def test_streams_refused_for_want_of_a_slot_answer_503_and_take_nothing() -> Non
         assert denied.value.status_code == 503
         assert denied.value.json()["error"] == "too_many_streams"
         assert relay.slots.total == 1  # only the slot held above
+        metrics = c.get("/metrics").text
     assert relay.slots.total == 0
+    # Each refusal is counted for the "stream cap reached" alert, next to the cap.
+    assert 'hive_relay_unavailable_total{reason="too_many_streams"} 3.0' in metrics
+    assert "hive_relay_live_streams_limit 1.0" in metrics
