@@ -143,5 +143,6 @@ def test_pair_ttl_as_a_whole_float_is_taken_and_a_fraction_is_400(relay: RelayPr
             "/v1/pair", content=b'{"payload":"p","ttl_secs":90.5}', headers=as_client("10.7.0.2")
         )
         assert_clean_4xx(r, 400)
-        assert r.json()["error"] == "invalid_ttl"
+        assert r.json()["error"] == "invalid_body"
+        assert "whole number" in r.json()["message"]
         assert pairings(relay) == held

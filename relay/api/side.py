@@ -179,7 +179,7 @@ async def post_pair(request: Request) -> Response:
     ttl_asked = pair.ttl_secs
     if isinstance(ttl_asked, float):
         if not ttl_asked.is_integer():
-            raise bad_request("invalid_ttl", "ttl_secs must be a whole number of seconds")
+            raise bad_request("invalid_body", "ttl_secs must be a whole number of seconds")
         ttl_asked = int(ttl_asked)
     ttl = PAIR_TTL_DEFAULT if ttl_asked is None else ttl_asked
     ttl = min(PAIR_TTL_MAX, max(PAIR_TTL_MIN, ttl))
