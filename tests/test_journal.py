@@ -326,3 +326,110 @@ def test_a_failed_fsync_refuses_every_later_write_but_reads_go_on(
     run(go())
     store, _ = open_dir(tmp_path)
     assert len(rows(store, "w")) >= 1  # what reached the disk; never less than acknowledged
+
+
+def open_small(path: Path, mode: str, repair: str = "off") -> tuple[MemoryStore, Snapshotter]:
+    """Segments of about 300 bytes: every few appends rotate to a new one."""
+    store = MemoryStore()
+    config = JournalConfig(mode=mode, repair=repair, segment_bytes=300)
+    snap = Snapshotter(store, str(path), 30, config)
+    snap.restore()
+    return store, snap
+
+
+def test_every_mode_syncs_a_segment_when_it_closes_so_only_the_last_can_tear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = journal_mod.Journal._sync
+
+    def tracked(journal: journal_mod.Journal) -> None:
+        synced.append(journal._fd_segment)
+        real(journal)
+
+    monkeypatch.setattr(journal_mod.Journal, "_sync", tracked)
+
+    async def go() -> None:
+        store, snap = open_small(tmp_path, "off")
+        await store.start()
+        for i in range(12):
+            await store.append("w", b'{"i":%d}' % i, b"k%d" % i)
+        await crash(store, snap)
+
+    run(go())
+    numbers = [n for n, _ in list_segments(tmp_path)]
+    assert len(numbers) >= 3
+    # `off` syncs nothing per record, but each closed segment was synced before
+    # the next was opened: a machine crash can tear only the last one.
+    assert set(numbers[:-1]) <= set(synced)
+    assert numbers[-1] not in synced
+
+
+def write_off_journal(path: Path) -> tuple[str, list[bytes]]:
+    async def go() -> tuple[str, list[bytes]]:
+        store, snap = open_small(path, "off")
+        await store.start()
+        for i in range(12):
+            await store.append("w", b'{"i":%d}' % i, b"k%d" % i)
+        out = rows(store, "w")
+        await crash(store, snap)
+        return store.epoch, out
+
+    result: tuple[str, list[bytes]] = run(go())
+    return result
+
+
+def test_a_torn_middle_segment_of_an_off_journal_starts_without_repair(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A journal as relays before the close-time sync left it after a machine
+    # crash in `off` mode: an earlier segment lost its tail, later ones survived.
+    epoch, before = write_off_journal(tmp_path)
+    segments = list_segments(tmp_path)
+    assert len(segments) >= 3
+    _, first = segments[0]
+    offsets = record_offsets(first)
+    kept_in_first = len(offsets) - 1  # the header, then appends
+    first.write_bytes(first.read_bytes()[: offsets[-1] + 3])
+    caplog.set_level(logging.WARNING, "relay.snapshot")
+    store, _ = open_dir(tmp_path, mode="off")
+    assert rows(store, "w") == before[: kept_in_first - 1]  # a consistent prefix
+    assert store.epoch != epoch  # acknowledged envelopes may be gone: clients re-sync
+    assert "cut short by a machine crash" in caplog.text
+    # The segments after the tear are gone; the new run writes the next one.
+    assert [n for n, _ in list_segments(tmp_path)] == [1, 2]
+    assert scan_segment(tmp_path / "journal-0000000000000002.log").records[0][0] == "h"
+    again, _ = open_dir(tmp_path, mode="off")  # the next start finds a clean journal
+    assert rows(again, "w") == before[: kept_in_first - 1]
+
+
+def test_a_torn_middle_segment_of_an_always_journal_still_needs_repair(tmp_path: Path) -> None:
+    # `always` synced every acknowledged record: a tear before the last segment
+    # is damage to acknowledged data, not a crash's torn tail.
+    async def go() -> None:
+        store, snap = open_small(tmp_path, "always")
+        await store.start()
+        for i in range(12):
+            await store.append("w", b'{"i":%d}' % i, b"k%d" % i)
+        await crash(store, snap)
+
+    run(go())
+    _, first = list_segments(tmp_path)[0]
+    first.write_bytes(first.read_bytes()[:-3])
+    with pytest.raises(JournalError, match="ends short"):
+        open_dir(tmp_path)
+
+
+def test_a_tail_of_zeros_is_a_torn_tail(tmp_path: Path) -> None:
+    # A machine crash can leave blocks the file was given but whose data never
+    # reached the disk: zeros after the last whole record.
+    _, before = write_off_journal(tmp_path)
+    for _, last in list_segments(tmp_path)[::-1]:
+        offsets = record_offsets(last)
+        if len(offsets) > 1:  # the last segment holding an append
+            break
+        last.unlink()  # a segment the crash left with its header only
+    data = last.read_bytes()
+    last.write_bytes(data[: offsets[-1]] + bytes(len(data) - offsets[-1] + 64))
+    store, _ = open_dir(tmp_path, mode="off")
+    assert rows(store, "w") == before[:-1]

@@ -17,7 +17,11 @@ Group commit: while one fsync runs, new records queue; the next write and
 fsync take all of them at once, so concurrent publishers share fsyncs.
 
 Damage (scan): a last record cut short or unreadable is a torn tail (the
-process died mid-write; nothing in it was acknowledged) and is cut off. An
+process died mid-write; nothing in it was acknowledged) and is cut off. Every
+segment is fsynced when it is closed, in every mode, so only the last segment
+can end torn; in a journal written before that rule, a torn non-last segment of
+an `off` run (a machine crash) is handled at start-up as what `off` allows: the
+records after the tear are dropped and the epoch changes. An
 unreadable record before the end is damage: start-up stops unless the
 operator asked for repair, which keeps what comes before it.
 
@@ -153,7 +157,9 @@ def scan_segment(path: Path) -> Scan:
                 record = None
         # A whole record passes its checksum and is a list (a kind and its fields).
         if type(record) is not list or not record:
-            if end == size:  # the last record: written in part before a crash
+            # The last record written in part before a crash, or (a machine crash)
+            # blocks the file had been given but whose data never reached the disk.
+            if end == size or data.count(0, pos) == size - pos:
                 return Scan(path, records, pos, size, "torn", pos)
             return Scan(path, records, pos, size, "a record fails its checksum", pos)
         append(record)
@@ -264,8 +270,7 @@ class Journal:
         try:
             data = MAGIC + self._header(number)
             _write_all(fd, data)
-            if self.mode != "off":
-                os.fsync(fd)
+            os.fsync(fd)  # in every mode: see _write_batch
             fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
@@ -434,8 +439,10 @@ class Journal:
                 if chunk:
                     _writev_all(self._fd, chunk)
                     chunk = []
-                if self.mode != "off":
-                    self._sync()
+                # A segment is synced when it is closed, in every mode (`off`
+                # included): only the last segment can then be torn by a machine
+                # crash, and start-up cuts a torn tail there without repair.
+                self._sync()
                 self._switch(item)
             else:
                 chunk.append(item)

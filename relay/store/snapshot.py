@@ -311,6 +311,7 @@ class Snapshotter:
         clean = False
         kept: list[tuple[int, Path]] = []
         cut_rest = False  # a repair keeps only what comes before the damage
+        lost = False  # an `off` run's torn segment dropped what came after it
         for i, (n, path) in enumerate(segments):
             if not cut_rest and n != expected:
                 damaged = cut_rest = self._damage(
@@ -318,7 +319,7 @@ class Snapshotter:
                     f"journal segment {segment_name(expected)} is missing before {path.name}",
                 )
             if cut_rest:
-                path.unlink()  # only reached when repairing
+                path.unlink()  # only reached when repairing (or after an `off` tear)
                 continue
             expected = n + 1
             scan = scan_segment(path)
@@ -331,6 +332,20 @@ class Snapshotter:
                     scan.size - scan.good_end,
                 )
                 self._cut(path, scan.good_end)
+            elif scan.damage == "torn" and scan.header is not None and scan.header[3] == "off":
+                # Written by an `off` run that did not sync segments it closed (older
+                # relays did not): a machine crash can tear any of them. What `off`
+                # promises allows it: keep what comes before the tear, drop the rest.
+                LOG.warning(
+                    "journal %s (fsync off) was cut short by a machine crash before its "
+                    "end: dropped its last %d bytes and the %d segments after it; the "
+                    "epoch changes",
+                    path.name,
+                    scan.size - scan.good_end,
+                    len(segments) - i - 1,
+                )
+                self._cut(path, scan.good_end)
+                lost = cut_rest = True
             elif scan.damage:
                 what = "ends short" if scan.damage == "torn" else scan.damage
                 damaged = cut_rest = self._damage(
@@ -368,6 +383,8 @@ class Snapshotter:
                 "HIVE_RELAY_JOURNAL_REPAIR=truncate: kept everything before the damage; "
                 "the epoch changes"
             )
+            return new_epoch()
+        if lost:
             return new_epoch()
         if last_header is not None:
             epoch, mode = str(last_header[2]), str(last_header[3])
