@@ -42,6 +42,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import mmap
 import os
 import re
 import struct
@@ -112,59 +113,112 @@ def fsync_dir(directory: Path) -> None:
 # ------------------------------------------------------------------- scanning
 @dataclass
 class Scan:
-    """One segment read back: its records, where they end, and what is wrong after."""
+    """One segment read back: where its records end, and what is wrong after them.
+
+    `records` is filled by scan_segment; read_segment streams the records
+    instead (replay applies each as it is checked, never holding a segment's
+    worth of decoded records) and fills in the rest once the stream ends."""
 
     path: Path
-    records: list[list[Any]]
-    good_end: int  # offset just past the last whole record
-    size: int  # the file's size
+    records: list[list[Any]] = field(default_factory=list)
+    good_end: int = 0  # offset just past the last whole record
+    size: int = 0  # the file's size
     damage: str = ""  # "" (none), "torn" (the tail) or a description of mid-file damage
     damage_at: int = 0
-
-    @property
-    def header(self) -> list[Any] | None:
-        return self.records[0] if self.records and self.records[0][0] == "h" else None
+    header: list[Any] | None = None  # the first record, when it is a segment header
+    count: int = 0  # whole records
+    last_kind: str = ""  # the kind of the last whole record ("c": a clean stop)
 
 
 def scan_segment(path: Path) -> Scan:
-    data = path.read_bytes()
-    size = len(data)
-    if not data.startswith(MAGIC):
-        if MAGIC.startswith(data):  # cut short while the segment was being created
-            return Scan(path, [], 0, size, "torn" if data else "", 0)
-        return Scan(path, [], 0, size, "not a hive-relay journal segment", 0)
+    scan = Scan(path)
+    scan.records = list(read_segment(scan))
+    return scan
+
+
+def read_segment(scan: Scan) -> Iterator[list[Any]]:
+    """Yield the whole records of `scan.path`, checked, in order; once the
+    iterator is done the scan says where they ended and what (if anything)
+    followed them.
+
+    The file is mapped rather than read: records are decoded straight from the
+    page cache (no 64 MiB copy per segment), and each payload is checked with
+    one zlib.crc32 and decoded with one msgspec call.
+    """
+    with open(scan.path, "rb") as f:
+        size = scan.size = os.fstat(f.fileno()).st_size
+        if size <= len(MAGIC):
+            data = f.read()
+            scan.size = len(data)
+            if data == MAGIC:
+                scan.good_end = len(MAGIC)
+            elif MAGIC.startswith(data):  # cut short while the segment was being created
+                scan.damage = "torn" if data else ""
+            else:
+                scan.damage = "not a hive-relay journal segment"
+            return iter(())
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if mapped[: len(MAGIC)] != MAGIC:
+        mapped.close()
+        scan.damage = "not a hive-relay journal segment"
+        return iter(())
+    return _records(scan, mapped, size)
+
+
+def _records(scan: Scan, mapped: mmap.mmap, size: int) -> Iterator[list[Any]]:
+    view = memoryview(mapped)
     decode = msgspec.msgpack.Decoder().decode
     unpack = FRAME.unpack_from
     crc32 = zlib.crc32
     head = FRAME.size
     pos = len(MAGIC)
-    records: list[list[Any]] = []
-    append = records.append
-    view = memoryview(data)
-    while pos < size:
-        if pos + head > size:
-            return Scan(path, records, pos, size, "torn", pos)
-        n, crc = unpack(data, pos)
-        end = pos + head + n
-        if end > size:
-            return Scan(path, records, pos, size, "torn", pos)
-        payload = view[pos + head : end]
-        record: Any = None
-        if crc32(payload) == crc:
-            try:
-                record = decode(payload)
-            except msgspec.DecodeError:
-                record = None
-        # A whole record passes its checksum and is a list (a kind and its fields).
-        if type(record) is not list or not record:
-            # The last record written in part before a crash, or (a machine crash)
-            # blocks the file had been given but whose data never reached the disk.
-            if end == size or data.count(0, pos) == size - pos:
-                return Scan(path, records, pos, size, "torn", pos)
-            return Scan(path, records, pos, size, "a record fails its checksum", pos)
-        append(record)
-        pos = end
-    return Scan(path, records, pos, size)
+    count = 0
+    record: Any = None
+    good: Any = None  # the last whole record
+    payload = view[:0]
+    try:
+        while pos < size:
+            if pos + head > size:
+                scan.damage = "torn"
+                break
+            n, crc = unpack(view, pos)
+            end = pos + head + n
+            if end > size:
+                scan.damage = "torn"
+                break
+            payload = view[pos + head : end]
+            record = None
+            if crc32(payload) == crc:
+                try:
+                    record = decode(payload)
+                except msgspec.DecodeError:
+                    record = None
+            # A whole record passes its checksum and is a list (a kind and its fields).
+            if type(record) is not list or not record:
+                # The last record written in part before a crash, or (a machine
+                # crash) blocks the file had been given whose data never reached
+                # the disk.
+                if end == size or view[pos:].tobytes().count(0) == size - pos:
+                    scan.damage = "torn"
+                else:
+                    scan.damage = "a record fails its checksum"
+                break
+            if not count and record[0] == "h":
+                scan.header = record
+            count += 1
+            pos = end
+            good = record
+            yield record
+    finally:
+        scan.good_end = pos
+        scan.damage_at = pos
+        scan.count = count
+        if good is not None:
+            scan.last_kind = str(good[0])
+        # Decoded records hold copies; the map goes once no slice of it is left.
+        payload.release()
+        view.release()
+        mapped.close()
 
 
 # -------------------------------------------------------------------- writing

@@ -822,62 +822,130 @@ class MemoryStore:
         workspace freed; "k" (ws, blob) a keyring blob; "v" (channel, ws, device,
         data, at) a presence or candidate entry; "p" (code, payload, expiry) a
         pairing code; "h" (a segment's header) and "c" (a clean stop) are read by
-        the snapshotter. The bounds apply as they did when the records were made.
+        the snapshotter.
+
+        Every drop the live relay made is in the journal (an append's own
+        workspace's horizon rides in its record, other workspaces' in "d"
+        records before it), so replay applies the recorded horizons rather than
+        re-running the bounds per record. Appends are gathered per workspace and
+        applied in bulk (array and list extends) when something needs the
+        workspace as it is: a "d" for it, any other kind of record, or the end.
+        A horizon only grows and drops take the oldest rows, so a gathered
+        horizon applied after the rows gives the state the relay had. The bounds
+        then run once per touched workspace (a no-op unless they were lowered
+        since the journal was written), as after a snapshot load.
         """
         n = 0
+        ws_map = self._ws
         get = self._get
+        order_append = self._order.append
+        # Per workspace with appends not applied yet: [seqs, keys, rows, horizon].
+        gathered: dict[_Workspace, list[Any]] = {}
+        touched: dict[_Workspace, None] = {}
+        flush = self._replay_flush
+        last_name: str | None = None  # the workspace of the last "a", and its:
+        lw: Any = None
+        last: list[Any] = []  # gathered[lw]
         for rec in records:
             n += 1
             kind = rec[0]
             if kind == "a":
-                w = get(rec[1], loading=True)
+                name = rec[1]
+                if name != last_name:
+                    lw = ws_map.get(name)
+                    if lw is None:
+                        lw = get(name, loading=True)
+                    found_pending = gathered.get(lw)
+                    if found_pending is None:
+                        found_pending = gathered[lw] = [[], [], [], lw.dropped, lw.head]
+                    last = found_pending
+                    last_name = name
                 seq = rec[2]
-                if seq <= w.head:
+                if seq <= last[4]:  # in the snapshot already
                     continue
-                row = rec[4]
-                key = rec[3]
-                w.append_row(seq, row, key)
-                self._order.append(w)
-                self._stored_bytes += len(row)
-                self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
-                self._envelopes += 1
-                self._after_append(w, 1)
-                if rec[5] > w.dropped:
-                    self._replay_drop(w, rec[5])
+                last[4] = seq
+                last[0].append(seq)
+                last[1].append(rec[3])
+                last[2].append(rec[4])
+                if rec[5] > last[3]:  # noqa: PLR1730 (no call per record)
+                    last[3] = rec[5]
+                order_append(lw)
             elif kind == "b":
                 w = get(rec[1], loading=True)
+                pending = gathered.get(w)
+                if pending is None:
+                    pending = gathered[w] = [[], [], [], w.dropped, w.head]
+                head = pending[4]
                 added = 0
                 for seq, key, row in zip(rec[2], rec[3], rec[4], strict=True):
-                    if seq <= w.head:
+                    if seq <= head:
                         continue
-                    w.append_row(seq, row, key)
-                    self._stored_bytes += len(row)
-                    self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
+                    head = seq
+                    pending[0].append(seq)
+                    pending[1].append(key)
+                    pending[2].append(row)
                     added += 1
+                pending[4] = head
                 if added:
                     self._order.extend(itertools.repeat(w, added))
-                    self._envelopes += added
-                    self._after_append(w, added)
-                if rec[5] > w.dropped:
-                    self._replay_drop(w, rec[5])
+                pending[3] = max(pending[3], rec[5])
             elif kind == "d":
-                found = self._ws.get(rec[1])
+                found = ws_map.get(rec[1])
                 if found is not None:
+                    pending = gathered.pop(found, None)
+                    if pending is not None:
+                        flush(found, pending)
+                        touched[found] = None
+                        if found.name == last_name:
+                            last_name = None
                     self._replay_drop(found, rec[2])
-            elif kind == "f":
-                found = self._ws.get(rec[1])
-                if found is not None and found.is_empty():
-                    self._forget(rec[1])
-            elif kind == "k":
-                self._put_blob(get(rec[1], loading=True), rec[2])
-            elif kind == "v":
-                self._put_device(get(rec[2], loading=True), rec[1], rec[3], rec[4], rec[5])
-            elif kind == "p":
-                code, payload, exp = rec[1], rec[2], rec[3]
-                self._pairs[code] = (payload, exp)
-                heapq.heappush(self._pair_expiry, (exp, code))
+            else:
+                for w, pending in gathered.items():
+                    flush(w, pending)
+                    touched[w] = None
+                gathered.clear()
+                last_name = None
+                if kind == "f":
+                    found = ws_map.get(rec[1])
+                    if found is not None and found.is_empty():
+                        self._forget(rec[1])
+                elif kind == "k":
+                    self._put_blob(get(rec[1], loading=True), rec[2])
+                elif kind == "v":
+                    self._put_device(get(rec[2], loading=True), rec[1], rec[3], rec[4], rec[5])
+                elif kind == "p":
+                    code, payload, exp = rec[1], rec[2], rec[3]
+                    self._pairs[code] = (payload, exp)
+                    heapq.heappush(self._pair_expiry, (exp, code))
+        for w, pending in gathered.items():
+            flush(w, pending)
+            touched[w] = None
+        for w in touched:
+            if w.name in ws_map:
+                self._after_append(w, 0)
         self.version += 1
         return n
+
+    def _replay_flush(self, w: _Workspace, pending: list[Any]) -> None:
+        """Apply one workspace's gathered appends, then its gathered drop horizon."""
+        seqs, keys, rows, horizon, _ = pending
+        if rows:
+            cum = w.cum
+            total = cum[-1] if cum else 0
+            size = sum(map(len, rows))
+            running = itertools.accumulate(map(len, rows), initial=total)
+            next(running)  # the initial value: the last row's, already there
+            cum.extend(running)
+            w.seqs.extend(seqs)
+            w.rows.extend(rows)
+            w.keys.extend(keys)
+            w.dedup.update(zip(keys, seqs, strict=True))
+            w.head = seqs[-1]
+            self._stored_bytes += size
+            self._pool += size + sum(map(len, keys)) + len(rows) * ENVELOPE_OVERHEAD
+            self._envelopes += len(rows)
+        if horizon > w.dropped:
+            self._replay_drop(w, horizon)
 
     def _replay_drop(self, w: _Workspace, upto_seq: int) -> None:
         upto = bisect.bisect_right(w.seqs, upto_seq, w.start, len(w.seqs))

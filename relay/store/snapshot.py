@@ -39,8 +39,9 @@ from relay.store.journal import (
     MAGIC,
     Journal,
     JournalError,
+    Scan,
     list_segments,
-    scan_segment,
+    read_segment,
     segment_name,
 )
 from relay.store.memory import MemoryStore, WorkspaceState
@@ -322,7 +323,11 @@ class Snapshotter:
                 path.unlink()  # only reached when repairing (or after an `off` tear)
                 continue
             expected = n + 1
-            scan = scan_segment(path)
+            # Records are applied as they are read and checked; what follows the
+            # last whole one is decided once the segment has been read. Damage
+            # that stops start-up leaves a half-filled store that is thrown away.
+            scan = Scan(path)
+            replayed += self.store.replay(read_segment(scan))
             last = i == len(segments) - 1
             if scan.damage == "torn" and last:
                 LOG.warning(
@@ -353,14 +358,13 @@ class Snapshotter:
                     f"journal {str(path)!r} is damaged at offset {scan.damage_at} ({what})",
                 )
                 self._cut(path, scan.good_end)
-            if scan.good_end <= len(MAGIC) and not scan.records:
+            if scan.good_end <= len(MAGIC) and not scan.count:
                 path.unlink()
                 continue
             kept.append((n, path))
             if scan.header is not None:
                 last_header = scan.header
-            clean = bool(scan.records) and scan.records[-1][0] == "c"
-            replayed += self.store.replay(iter(scan.records))
+            clean = scan.last_kind == "c"
         self.replayed = replayed
         self.replay_seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
