@@ -10,10 +10,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.access import Denied, bearer_token
 from relay.api.common import (
     ShapeError,
     authorize,
     check_json,
+    denied_error,
     header,
     int_param,
     parse_json,
@@ -194,7 +196,18 @@ async def _long_poll(
 
     client = relay.client(request.scope)
     page: Page | None = None
-    with relay.slots.hold(client), relay.hub.subscribe(ws, 0) as waiter:
+    denials: list[Denied] = []
+
+    def deny(denied: Denied) -> None:  # a reload no longer accepts the token
+        denials.append(denied)
+        waiter.close()
+
+    token = bearer_token(header(request, b"authorization"))
+    with (
+        relay.slots.hold(client),
+        relay.hub.subscribe(ws, 0) as waiter,
+        relay.streams.hold(token, ws, deny),
+    ):
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -213,6 +226,8 @@ async def _long_poll(
                         break
                     await waiter.wait(None)
             tg.cancel_scope.cancel()
+    if denials:
+        raise denied_error(denials[0])
     if page is None or (not page.rows):
         page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
     return page
