@@ -132,7 +132,7 @@ def _revoke(entry: str, path: str | None, note: str) -> int:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     line = f"{entry}  # revoked {stamp}{' ' + note if note else ''}\n".encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
         print(f"token revoke: cannot open {path!r}: {exc.strerror}", file=sys.stderr)
         return 2
