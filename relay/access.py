@@ -501,44 +501,64 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self._open: set[_Open] = set()
+        # Bumped by every recheck: a stream authorized under an older generation
+        # (it awaited something between its check and `hold`) is checked again.
+        self.generation = 0
+        self._policy: AccessPolicy | None = None
 
     def __len__(self) -> int:
         return len(self._open)
 
     @contextmanager
-    def hold(self, token: str | None, ws: str, end: Callable[[Denied], None]) -> Iterator[None]:
+    def hold(
+        self,
+        token: str | None,
+        ws: str,
+        end: Callable[[Denied], None],
+        since: int | None = None,
+    ) -> Iterator[None]:
+        """Hold a stream for its life. `since`: the generation when its token was checked."""
         entry = _Open(token, ws, end)
         self._open.add(entry)
         try:
+            if since is not None and since != self.generation and self._policy is not None:
+                denied = _refusal(self._policy, token, ws)
+                if denied is not None:
+                    self._open.discard(entry)
+                    end(denied)
             yield
         finally:
             self._open.discard(entry)
 
     def recheck(self, policy: AccessPolicy) -> int:
         """End the streams `policy` refuses; how many were ended."""
+        self.generation += 1
+        self._policy = policy
         refused: list[tuple[_Open, Denied]] = []
-        verdicts: dict[str | None, Grant | Denied] = {}
+        # Many streams share a token (a device's SSE and WebSocket): ask once per pair.
+        verdicts: dict[tuple[str | None, str], Denied | None] = {}
         for entry in self._open:
-            verdict = verdicts.get(entry.token)
-            if verdict is None:
-                try:
-                    verdict = policy.authenticate(entry.token)
-                except Denied as exc:
-                    verdict = exc
-                verdicts[entry.token] = verdict
-            if isinstance(verdict, Denied):
-                refused.append((entry, verdict))
-            elif not verdict.allows(entry.ws):
-                refused.append(
-                    (
-                        entry,
-                        Denied(403, "forbidden", "the bearer token does not grant this workspace"),
-                    )
-                )
+            key = (entry.token, entry.ws)
+            if key not in verdicts:
+                verdicts[key] = _refusal(policy, entry.token, entry.ws)
+            denied = verdicts[key]
+            if denied is not None:
+                refused.append((entry, denied))
         for entry, denied in refused:
             self._open.discard(entry)
             entry.end(denied)
         return len(refused)
+
+
+def _refusal(policy: AccessPolicy, token: str | None, ws: str | None) -> Denied | None:
+    """Why `policy` refuses `token` (for `ws`, when given), or None when it accepts it."""
+    try:
+        grant = policy.authenticate(token)
+    except Denied as exc:
+        return exc
+    if ws is not None and not grant.allows(ws):
+        return Denied(403, "forbidden", "the bearer token does not grant this workspace")
+    return None
 
 
 # ------------------------------------------------------------ operator tools

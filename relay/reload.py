@@ -136,6 +136,8 @@ class Reloader:
     async def reload(self, names: Sequence[str] | None, cause: str) -> dict[str, bool]:
         """Load and apply the named items (every one when None); name → success."""
         results: dict[str, bool] = {}
+        if not self.items:
+            LOG.info("%s: nothing to reload (no access file is in use)", cause)
         for item in list(self.items.values()):
             if names is not None and item.name not in names:
                 continue

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from relay.access import issue_token
+from relay.access import AllowlistPolicy, Denied, OpenStreams, issue_token
 from tests.redisproc import RedisServer, own_server_required
 from tests.relayproc import REPO, RelayProcess, relay_env
 
@@ -151,6 +151,25 @@ async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def test_a_stream_checked_before_a_reload_but_held_after_it_is_checked_again() -> None:
+    # A WebSocket or long-poll awaits the store between its token check and `hold`:
+    # a reload in between must not leave it open with a token no longer accepted.
+    streams = OpenStreams()
+    ended: list[Denied] = []
+    checked = streams.generation
+    assert streams.recheck(AllowlistPolicy(["tok-a"])) == 0
+    with streams.hold("tok-b", "w", ended.append, checked):
+        assert [d.status for d in ended] == [401]
+        assert len(streams) == 0
+    with (
+        streams.hold("tok-a", "w", ended.append, checked),
+        streams.hold("tok-b", "w", ended.append, streams.generation),
+    ):
+        assert len(ended) == 1 and len(streams) == 2  # accepted, or checked under this policy
+        assert streams.recheck(AllowlistPolicy(["tok-a"])) == 1
+        assert len(ended) == 2 and len(streams) == 1
 
 
 # --------------------------------------------------------------- the allowlist

@@ -174,18 +174,19 @@ def cursor_params(request: Request) -> tuple[int, int]:
 async def get_envelopes(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
+    checked = relay.streams.generation  # the access policy this request is checked against
     authorize(relay, request, ws)
     after, limit = cursor_params(request)
     wait = int_param(request, "wait", 0, 0, MAX_WAIT)
     max_page = relay.settings.max_page_bytes
     page = await relay.store.read(ws, after, limit, max_page)
     if not page.rows and wait and not relay.hub.closing:
-        page = await _long_poll(relay, request, ws, after, limit, wait)
+        page = await _long_poll(relay, request, ws, after, limit, wait, checked)
     return JSONBytes(page.json(), read_headers(page, after, relay.store.epoch))
 
 
 async def _long_poll(
-    relay: Relay, request: Request, ws: str, after: int, limit: int, wait: int
+    relay: Relay, request: Request, ws: str, after: int, limit: int, wait: int, checked: int
 ) -> Page:
     """Hold the request until a row past `after` exists or `wait` seconds pass.
 
@@ -206,7 +207,7 @@ async def _long_poll(
     with (
         relay.slots.hold(client),
         relay.hub.subscribe(ws, 0) as waiter,
-        relay.streams.hold(token, ws, deny),
+        relay.streams.hold(token, ws, deny, checked),
     ):
         async with anyio.create_task_group() as tg:
 

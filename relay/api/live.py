@@ -87,6 +87,7 @@ def _start_cursor(request: Request) -> int | None:
 async def events(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
+    checked = relay.streams.generation
     grant = authorize(relay, request, ws)
     bodies = request.query_params.get("bodies", "0").lower()
     if bodies not in ("0", "1", "true", "false"):
@@ -99,6 +100,7 @@ async def events(request: Request) -> Response:
     stream = SSEStream(relay, ws, client, with_bodies, cursor if with_bodies else None)
     stream.expires = grant.expires
     stream.token = bearer_token(header(request, b"authorization"))
+    stream.checked = checked
     return stream
 
 
@@ -119,6 +121,7 @@ class SSEStream(Response):
         self.expires = 0  # the token's exp: the stream ends then
         self.expired = False
         self.token: str | None = None  # rechecked when the access files are reloaded
+        self.checked: int | None = None  # relay.streams.generation when it was checked
         self.denied: Denied | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -162,7 +165,7 @@ class SSEStream(Response):
                 sub.on_overflow = cancel_scope.cancel
                 sub.replaying = True
                 try:
-                    with relay.streams.hold(self.token, self.ws, deny):
+                    with relay.streams.hold(self.token, self.ws, deny, self.checked):
                         await self._stream(sub, send)
                 except StoreError as exc:
                     if not self.started:  # still a normal JSON error answer
@@ -345,6 +348,7 @@ async def websocket(websocket: WebSocket) -> None:
         await _deny(websocket, exc.status, exc.code, exc.message)
         return
     token, subprotocol = _ws_token(websocket)
+    checked = relay.streams.generation
     try:
         grant = relay.policy.authenticate(token)
     except Denied as exc:
@@ -363,6 +367,7 @@ async def websocket(websocket: WebSocket) -> None:
         with relay.slots.hold(client):
             session = WsSession(relay, websocket, ws, client, grant.expires)
             session.token = token
+            session.checked = checked
             await session.run(subprotocol)
     except RelayError as exc:
         if websocket.application_state is not WebSocketState.CONNECTING:
@@ -382,6 +387,7 @@ class WsSession:
         self.expires = expires  # the token's exp: the socket is closed then
         self.expired = False
         self.token: str | None = None  # rechecked when the access files are reloaded
+        self.checked: int | None = None  # relay.streams.generation when it was checked
         self.denied: Denied | None = None
         # Replies waiting for the writer, and their size: the reader stops taking
         # frames while it is above OUTBOX_BYTES, until the writer drains it.
@@ -422,7 +428,7 @@ class WsSession:
                 expiry = _at_expiry(self.expires, expire)
                 tg.start_soon(self._reader, sub, tg.cancel_scope.cancel)
                 try:
-                    with relay.streams.hold(self.token, self.ws, deny):
+                    with relay.streams.hold(self.token, self.ws, deny, self.checked):
                         await self._writer(sub)
                 except WebSocketDisconnect:
                     self.close_code = -1  # the client went away mid-send: not an error
