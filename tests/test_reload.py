@@ -186,6 +186,7 @@ def allowlist_relay(tmp_path: Path, tokens: list[str], interval: str) -> tuple[R
     return relay, path
 
 
+@pytest.mark.slow
 def test_allowlist_reload_by_sighup_ends_only_the_removed_tokens_streams(tmp_path: Path) -> None:
     # Interval 0: no poll, so only the SIGHUP can have put the change in force.
     relay, path = allowlist_relay(tmp_path, ["tok-alice", "tok-bob"], "0")
@@ -232,6 +233,7 @@ def test_allowlist_reload_by_sighup_ends_only_the_removed_tokens_streams(tmp_pat
     assert relay.proc is not None and relay.proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_allowlist_change_on_disk_is_picked_up_without_a_signal(tmp_path: Path) -> None:
     relay, path = allowlist_relay(tmp_path, ["tok-a"], "0.2")
     with relay:
@@ -245,6 +247,7 @@ def test_allowlist_change_on_disk_is_picked_up_without_a_signal(tmp_path: Path) 
         assert metric(relay, "hive_relay_reload_total", item="access_tokens_file", result="ok") == 2
 
 
+@pytest.mark.slow
 def test_empty_half_written_or_missing_allowlist_keeps_the_old_policy(tmp_path: Path) -> None:
     relay, path = allowlist_relay(tmp_path, ["tok-a", "tok-b"], "0.2")
     with relay:
@@ -301,6 +304,7 @@ def keypair() -> tuple[bytes, str]:
     return private, key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
+@pytest.mark.slow
 def test_signing_key_rotation_by_file(tmp_path: Path) -> None:
     env_private, env_public = keypair()  # the single-key setting keeps working beside the file
     old_private, old_public = keypair()
@@ -377,6 +381,7 @@ def issued(key_file: Path, sub: str) -> tuple[str, str]:
     return token, m.group(1)
 
 
+@pytest.mark.slow
 def test_revocation_by_jti_and_by_subject_through_the_cli(tmp_path: Path) -> None:
     private, public = keypair()
     key_file = tmp_path / "signing.key"
@@ -440,6 +445,7 @@ def test_revocation_by_jti_and_by_subject_through_the_cli(tmp_path: Path) -> Non
         )
 
 
+@pytest.mark.slow
 def test_token_revoke_checks_its_input_and_appends_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "revoked"
     env = {"HIVE_RELAY_REVOKED_TOKENS_FILE": str(path)}
@@ -516,6 +522,7 @@ def test_supervisor_passes_sighup_to_every_worker(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------ check-config
+@pytest.mark.slow
 def test_check_config_accepts_a_good_configuration_and_shows_no_secrets(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("file-token-secret-1\n")
@@ -540,6 +547,7 @@ def test_check_config_accepts_a_good_configuration_and_shows_no_secrets(tmp_path
     assert "configuration OK" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "message"),
     [
