@@ -125,12 +125,16 @@ class Reloader:
                 changed[item.name] = (item, now)
         if not changed:
             return []
-        await anyio.sleep(SETTLE)
+        await self.settle()
         # Still changing (being written): the next poll looks again.
         steady = [name for name, (item, then) in changed.items() if signature(item.paths) == then]
         if steady:
             await self.reload(steady, "file change")
         return steady
+
+    async def settle(self) -> None:
+        """The pause between noticing a change and checking that the file holds still."""
+        await anyio.sleep(SETTLE)
 
     # ---------------------------------------------------------------- reload
     async def reload(self, names: Sequence[str] | None, cause: str) -> dict[str, bool]:
@@ -146,26 +150,29 @@ class Reloader:
 
     async def _reload_one(self, item: Watched, cause: str) -> bool:
         before = signature(item.paths)
+        item.seen = before  # this version is not read again until it changes
         try:
             value = await anyio.to_thread.run_sync(item.load)
-        except (ReloadError, SettingsError, OSError, ValueError) as exc:
-            item.seen = before
-            item.failed += 1
-            item.failing = True
-            LOG.error(
-                "reload of %s failed (%s), keeping the previous one: %s",
-                item.name,
-                cause,
-                _reason(exc),
-            )
-            return False
-        item.seen = before
-        summary = item.apply(value)
+        except Exception as exc:  # any reason a load fails leaves the old value in force
+            return self._failed(item, cause, _reason(exc))
+        try:
+            summary = item.apply(value)
+        except Exception:  # a relay bug: logged with its traceback; the reloader lives on
+            LOG.exception("reload of %s (%s): applying it failed", item.name, cause)
+            return self._failed(item, cause, "the relay could not apply it (see above)")
         item.ok += 1
         item.failing = False
         item.last_success = time.time()
         LOG.info("reloaded %s (%s): %s", item.name, cause, summary)
         return True
+
+    def _failed(self, item: Watched, cause: str, reason: str) -> bool:
+        item.failed += 1
+        item.failing = True
+        LOG.error(
+            "reload of %s failed (%s), keeping the previous one: %s", item.name, cause, reason
+        )
+        return False
 
     # --------------------------------------------------------------- metrics
     def collect(self) -> Iterator[Metric]:
@@ -198,4 +205,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f" {exc.filename!r}" if exc.filename else ""
         return f"{exc.strerror}{where}"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, (ReloadError, SettingsError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from relay.access import AllowlistPolicy, Denied, OpenStreams, issue_token
+from relay.reload import Reloader, ReloadError
 from tests.redisproc import RedisServer, own_server_required
 from tests.relayproc import REPO, RelayProcess, relay_env
 
@@ -170,6 +171,86 @@ def test_a_stream_checked_before_a_reload_but_held_after_it_is_checked_again() -
         assert len(ended) == 1 and len(streams) == 2  # accepted, or checked under this policy
         assert streams.recheck(AllowlistPolicy(["tok-a"])) == 1
         assert len(ended) == 2 and len(streams) == 1
+
+
+def test_the_reloader_registry_serves_any_item(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The generic seam other reloadable things (the TLS certificate) register with.
+    path = tmp_path / "item"
+    path.write_text("1\n")
+    applied: list[int] = []
+
+    def load() -> int:
+        text = path.read_text()
+        if not text.strip().isdigit():
+            raise ReloadError(f"{str(path)!r} holds no number")
+        return int(text)
+
+    def apply(value: int) -> str:
+        if value == 13:
+            raise RuntimeError("a bug in apply")
+        applied.append(value)
+        return f"now {value}"
+
+    reloader = Reloader(interval=0)
+    reloader.watch("number", [str(path)], load, apply)
+
+    async def scenario() -> None:
+        assert await reloader.poll() == []  # unchanged since watch()
+        path.write_text("2\n")
+        assert await reloader.poll() == ["number"] and applied == [2]
+        path.write_text("oops\n")
+        assert await reloader.poll() == ["number"] and applied == [2]
+        assert await reloader.poll() == []  # the same bad file is not read again
+        assert await reloader.reload(None, "SIGHUP") == {"number": False}  # a SIGHUP does
+        path.write_text("13\n")
+        assert await reloader.poll() == ["number"] and applied == [2]  # apply failed: logged
+        path.write_text("3\n")
+        assert await reloader.poll() == ["number"] and applied == [2, 3]
+
+    with caplog.at_level("INFO", logger="relay.reload"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records]
+    assert "reloaded number (file change): now 2" in messages
+    failures = [m for m in messages if m.startswith("reload of number failed")]
+    assert len(failures) == 3, messages
+    assert "holds no number" in failures[0] and "(SIGHUP)" in failures[1]
+    assert any("applying it failed" in m for m in messages)
+    text = "".join(
+        f"{s.name}{sorted(s.labels.items())}{s.value}\n"
+        for m in reloader.collect()
+        for s in m.samples
+    )
+    assert "hive_relay_reload_total[('item', 'number'), ('result', 'ok')]2" in text
+    assert "hive_relay_reload_total[('item', 'number'), ('result', 'failed')]3" in text
+    assert "hive_relay_reload_failing[('item', 'number')]0.0" in text
+
+
+def test_a_file_still_being_written_is_read_once_it_holds_still(tmp_path: Path) -> None:
+    path = tmp_path / "item"
+    path.write_text("a\n")
+    loads: list[str] = []
+
+    class Writing(Reloader):
+        writes = ["a\nb", "a\nb\nc"]  # the writer is not done when the poll looks
+
+        async def settle(self) -> None:
+            if self.writes:
+                path.write_text(self.writes.pop(0))
+
+    reloader = Writing(interval=0)
+    reloader.watch("item", [str(path)], path.read_text, lambda text: loads.append(text) or "ok")
+
+    async def scenario() -> None:
+        path.write_text("a\n")
+        os.utime(path, ns=(1, 1))  # a change the poll notices
+        assert await reloader.poll() == []  # changed again while settling: not read
+        assert await reloader.poll() == []
+        assert await reloader.poll() == ["item"]  # held still: read, whole
+        assert loads == ["a\nb\nc"]
+
+    asyncio.run(scenario())
 
 
 # --------------------------------------------------------------- the allowlist
