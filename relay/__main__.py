@@ -1,7 +1,8 @@
 """`python -m relay`: flags + environment → Settings → uvicorn.
 
-`python -m relay token keygen` and `python -m relay token issue …` are the
-operator's tools for signed access tokens.
+`python -m relay token keygen`, `… token issue` and `… token revoke` are the
+operator's tools for signed access tokens; `python -m relay check-config`
+validates the configuration as start-up would (relay/checkconfig.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ LOG = logging.getLogger("relay")
 
 
 def _token_main(argv: Sequence[str]) -> int:
-    from relay.access import generate_keypair, issue_token, parse_key_bytes
+    from relay.access import generate_keypair, issue_token, new_token_id, parse_key_bytes
 
     parser = argparse.ArgumentParser(
         prog="python -m relay token", description="Manage signed hrt1 access tokens."
@@ -55,7 +56,23 @@ def _token_main(argv: Sequence[str]) -> int:
         help="grant only this workspace id, or a prefix ending in * (repeatable)",
     )
     issue.add_argument("--plan", default=None, help="optional plan claim")
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke a signed token by its id (jti) or every token of a subject (sub:NAME)",
+        description="Append an entry to the revocation file; a running relay reads it "
+        "within HIVE_RELAY_RELOAD_INTERVAL seconds (or on SIGHUP) and ends the streams "
+        "of the tokens it revokes.",
+    )
+    revoke.add_argument("entry", metavar="JTI|sub:NAME", help="the token id `token issue` printed")
+    revoke.add_argument(
+        "--file",
+        default=None,
+        help="the revocation file (default: $HIVE_RELAY_REVOKED_TOKENS_FILE)",
+    )
+    revoke.add_argument("--note", default="", help="a comment kept on the same line")
     args = parser.parse_args(list(argv))
+    if args.cmd == "revoke":
+        return _revoke(args.entry, args.file, args.note)
     if args.cmd == "keygen":
         private, public = generate_keypair()
         print(f"private key (keep secret; used by `token issue --key`): {private}")
@@ -78,7 +95,60 @@ def _token_main(argv: Sequence[str]) -> int:
         return 2
     exp = int(time.time() + args.exp_days * 86400) if args.exp_days else 0
     extra = {"plan": args.plan} if args.plan else None
-    print(issue_token(private_key, args.sub, exp, args.ws or None, extra))
+    jti = new_token_id()
+    # The token alone on stdout, so `TOKEN=$(python -m relay token issue …)` keeps working.
+    print(issue_token(private_key, args.sub, exp, args.ws or None, extra, jti=jti))
+    print(f"token id (jti, for `token revoke`): {jti}", file=sys.stderr)
+    return 0
+
+
+def _revoke(entry: str, path: str | None, note: str) -> int:
+    """Append one line to the revocation file, atomically (docs/operations.md says why so).
+
+    One O_APPEND write of the whole line: it lands at the end of the file in one
+    piece, concurrent `revoke`s cannot overwrite each other (as write-a-copy-and-
+    rename could), and the file keeps its inode, so a bind mount or hard link sees it.
+    An flock serialises revokes with each other for the trailing-newline check.
+    """
+    import fcntl
+
+    from relay.access import revocation_entry_error
+
+    entry = entry.strip()
+    problem = revocation_entry_error(entry)
+    if problem is not None:
+        print(f"token revoke: {entry!r}: {problem}", file=sys.stderr)
+        return 2
+    path = path or os.environ.get("HIVE_RELAY_REVOKED_TOKENS_FILE", "").strip()
+    if not path:
+        print(
+            "token revoke: no revocation file: pass --file or set HIVE_RELAY_REVOKED_TOKENS_FILE",
+            file=sys.stderr,
+        )
+        return 2
+    if "\n" in note or "\r" in note:
+        print("token revoke: --note must be one line", file=sys.stderr)
+        return 2
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = f"{entry}  # revoked {stamp}{' ' + note if note else ''}\n".encode()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        print(f"token revoke: cannot open {path!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a hand-edited file without a last newline
+        os.write(fd, line)
+        os.fsync(fd)
+    except OSError as exc:
+        print(f"token revoke: cannot write {path!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    finally:
+        os.close(fd)
+    print(f"revoked {entry} in {path}", file=sys.stderr)
     return 0
 
 
@@ -143,10 +213,14 @@ def _serve(settings: Settings, sock: socket.socket | None = None) -> int:
 
     logs.configure(settings.log_format, settings.log_level)
     _raise_fd_limit()
+    if threading.current_thread() is threading.main_thread():
+        # SIGHUP means "reload" (the lifespan installs that); until then it must not
+        # end the process, as its default action would. Files are read just below.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = create_app(settings)
     relay = app.state.relay
-    for name in ignored_settings(settings):
-        LOG.warning("%s is ignored: HIVE_RELAY_TOKEN_PUBKEY selects signed tokens", name)
+    for name, why in ignored_settings(settings):
+        LOG.warning("%s is ignored: %s", name, why)
     if settings.data_dir and settings.store_kind != "memory":
         LOG.warning("HIVE_RELAY_DATA_DIR is ignored: snapshots apply to the memory store only")
 
@@ -212,6 +286,7 @@ def _fork_worker(settings: Settings, sock: socket.socket) -> int:
     if pid == 0:  # the worker: default signal handling until uvicorn installs its own
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its lifespan installs "reload"
         code = 1
         try:
             code = _serve(settings, sock)
@@ -226,7 +301,8 @@ def _supervise(settings: Settings) -> int:
 
     SIGTERM/SIGINT to this process is passed to every worker (each closes its
     streams as a single relay does) and, once all have exited, this process
-    exits 0. A worker that dies otherwise is logged and replaced.
+    exits 0. SIGHUP is passed on too: each worker reloads its access files. A
+    worker that dies otherwise is logged and replaced.
     """
     from relay import logs
 
@@ -252,9 +328,16 @@ def _supervise(settings: Settings) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if len(stopping) == 1 else signal.SIGINT)
 
+    def on_sighup(sig: int, frame: FrameType | None) -> None:
+        LOG.info("signal SIGHUP: asking %d workers to reload", len(workers))
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     workers: dict[int, float] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, on_sighup)
     for _ in range(settings.workers):
         workers[_fork_worker(settings, sock)] = time.monotonic()
     while workers:
@@ -289,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["token"]:
         return _token_main(args[1:])
+    if args[:1] == ["check-config"]:
+        from relay.checkconfig import check_config
+
+        return check_config(args[1:])
     try:
         settings = Settings.load(args)
         if settings.workers > 1:

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from relay import logs
-from relay.access import policy_from_settings
+from relay.access import access_from_settings, read_key_file, read_revocations, read_token_file
 from relay.api import envelopes, live, public, side
 from relay.errors import (
     RelayError,
@@ -38,6 +38,7 @@ from relay.errors import (
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots
 from relay.metrics import Metrics
+from relay.reload import Reloader
 from relay.runtime import Relay
 from relay.settings import Settings
 from relay.store import open_store
@@ -410,11 +411,13 @@ def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_relay(settings: Settings, store: Store | None = None) -> Relay:
+    access = access_from_settings(settings)  # before the store: a bad file stops start-up first
     store = store or open_store(settings)
     relay = Relay(
         settings=settings,
         store=store,
-        policy=policy_from_settings(settings),
+        policy=access.policy(),
+        access=access,
         # Stores fed by other processes (Redis) follow only locally watched workspaces.
         hub=Hub(store.watch, store.unwatch) if isinstance(store, WatchingStore) else Hub(),
         metrics=Metrics(),
@@ -478,7 +481,52 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
 
     relay.metrics.add_gauges(gauges)
     relay.slots.on_refuse = relay.metrics.unavailable
+    relay.reloader = Reloader(settings.reload_interval)
+    watch_access_files(relay, relay.reloader)
+    relay.metrics.add_collector(relay.reloader.collect)
     return relay
+
+
+def watch_access_files(relay: Relay, reloader: Reloader) -> None:
+    """Register the access files in force with the reloader: each replaces its part."""
+    from dataclasses import replace
+
+    settings = relay.settings
+    access = relay.access
+    assert access is not None
+    items: list[tuple[str, str, Callable[[], Any], str]] = []
+    if access.mode == "allowlist" and settings.access_tokens_file.strip():
+        path = settings.access_tokens_file
+        items.append(
+            (
+                "access_tokens_file",
+                path,
+                lambda: read_token_file(path, reloading=True),
+                "file_tokens",
+            )
+        )
+    if access.mode == "signed" and settings.token_pubkey_file.strip():
+        keys_path = settings.token_pubkey_file
+        items.append(
+            ("token_pubkey_file", keys_path, lambda: read_key_file(keys_path), "file_keys")
+        )
+    if access.mode == "signed" and settings.revoked_tokens_file.strip():
+        revoked_path = settings.revoked_tokens_file
+        items.append(
+            (
+                "revoked_tokens_file",
+                revoked_path,
+                lambda: read_revocations(revoked_path),
+                "revocations",
+            )
+        )
+    for name, path, load, part in items:
+
+        def apply(value: Any, part: str = part) -> str:
+            assert relay.access is not None
+            return relay.set_access(replace(relay.access, **{part: value}))
+
+        reloader.watch(name, [path], load, apply)
 
 
 async def _sweep_forever(relay: Relay) -> None:
@@ -492,6 +540,19 @@ async def _sweep_forever(relay: Relay) -> None:
         # A bounded step at a time, letting requests run in between.
         for _ in steps(relay.hub.listened):
             await anyio.lowlevel.checkpoint()
+
+
+def _reload_on_sighup(reloader: Reloader) -> None:
+    """SIGHUP asks the reloader to read every watched file again (main thread only:
+    an app served in a test's thread has no signals)."""
+    import asyncio
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.request)
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> Starlette:
@@ -521,6 +582,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         await relay.store.start()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_sweep_forever, relay)
+            reloader = relay.reloader
+            if reloader is not None:
+                tg.start_soon(reloader.run)
+                _reload_on_sighup(reloader)
             if snapshots is not None:
                 tg.start_soon(snapshots.run)
             try:

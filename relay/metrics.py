@@ -66,6 +66,7 @@ class Metrics(Collector):
         self.appended = Counter()
         self.duplicates = Counter()
         self.slow_consumers = Counter()
+        self.streams_ended_by_reload = Counter()
         self._rejected: dict[str, int] = {}
         self._unavailable: dict[str, int] = {}
         self._gauges: list[Callable[[], dict[str, tuple[str, float]]]] = []
@@ -125,6 +126,11 @@ class Metrics(Collector):
             "hive_relay_slow_consumers_disconnected",
             "Live subscribers disconnected because they fell too far behind",
             value=self.slow_consumers.value,
+        )
+        yield CounterMetricFamily(
+            "hive_relay_streams_ended_by_reload",
+            "Live streams ended because a reload of the access files no longer accepts their token",
+            value=self.streams_ended_by_reload.value,
         )
         rejected = CounterMetricFamily(
             "hive_relay_rejected",

@@ -48,7 +48,7 @@ _ERROR_CODES = {
     "invalid_wait, invalid_batch, invalid_idempotency_key, invalid_device_id, "
     "invalid_content_length, invalid_bodies, invalid_last_event_id, invalid_before, "
     "empty_payload, payload_too_long",
-    401: "unauthorized (with WWW-Authenticate: Bearer)",
+    401: "unauthorized, token_revoked (with WWW-Authenticate: Bearer)",
     403: "forbidden: the token does not grant this workspace",
     404: "not_found",
     405: "method_not_allowed",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Scope
 
-from relay.access import AccessPolicy
+from relay.access import AccessPolicy, AccessState, OpenStreams
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
@@ -18,6 +18,7 @@ from relay.settings import Settings
 from relay.store.base import Store
 
 if TYPE_CHECKING:
+    from relay.reload import Reloader
     from relay.store.journal import Journal
 
 
@@ -35,6 +36,21 @@ class Relay:
     slots: StreamSlots
     started: float = field(default_factory=time.time)
     journal: Journal | None = None  # the memory store's journal, with HIVE_RELAY_DATA_DIR
+    access: AccessState | None = None  # what `policy` was built from (None: set in code)
+    streams: OpenStreams = field(default_factory=OpenStreams)  # live streams by token
+    reloader: Reloader | None = None
+
+    def set_access(self, access: AccessState) -> str:
+        """Put a reloaded access state in force and end the live streams it refuses.
+
+        The summary for the reload's log line.
+        """
+        self.access = access
+        self.policy = access.policy()
+        ended = self.streams.recheck(self.policy)
+        if ended:
+            self.metrics.streams_ended_by_reload.inc(ended)
+        return f"access {access.describe()}; {ended} live stream(s) ended"
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""

@@ -335,9 +335,26 @@ class Settings:
         "Ed25519 public key (64 hex or base64) that signs hrt1 access tokens; "
         "several, comma-separated, while rotating keys",
     )
+    token_pubkey_file: str = setting(
+        "",
+        "file with Ed25519 public keys for hrt1 tokens, one per line (# comments); "
+        "reloaded on change or SIGHUP, so keys rotate without a restart",
+    )
+    revoked_tokens_file: str = setting(
+        "",
+        "file of revoked signed tokens: a token id (jti) or sub:NAME per line (# comments); "
+        "reloaded on change or SIGHUP",
+    )
     access_tokens: str = setting("", "comma-separated static token allowlist")
     access_tokens_file: str = setting(
-        "", "file with one allowed token per line (# comments allowed)"
+        "",
+        "file with one allowed token per line (# comments allowed); reloaded on change or SIGHUP",
+    )
+    reload_interval: float = setting(
+        2.0,
+        "seconds between checks of the access files for a change (0 = only on SIGHUP)",
+        0,
+        3600,
     )
     metrics_token: str = setting("", "bearer token required for /metrics (empty = public)")
     trusted_proxies: str = setting(

@@ -53,12 +53,15 @@ def authorize(relay: Relay, request: Request, ws: str | None) -> Grant:
     try:
         grant = relay.policy.authenticate(bearer_token(header(request, b"authorization")))
     except Denied as exc:
-        raise RelayError(
-            exc.status, exc.code, exc.message, headers={"www-authenticate": "Bearer"}
-        ) from None
+        raise denied_error(exc) from None
     if ws is not None and not grant.allows(ws):
         raise RelayError(403, "forbidden", "the bearer token does not grant this workspace")
     return grant
+
+
+def denied_error(denied: Denied) -> RelayError:
+    headers = {"www-authenticate": "Bearer"} if denied.status == 401 else None
+    return RelayError(denied.status, denied.code, denied.message, headers=headers)
 
 
 def too_large(limit: int) -> RelayError:

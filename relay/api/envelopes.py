@@ -10,10 +10,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.access import Denied, bearer_token
 from relay.api.common import (
     ShapeError,
     authorize,
     check_json,
+    denied_error,
     header,
     int_param,
     parse_json,
@@ -172,18 +174,19 @@ def cursor_params(request: Request) -> tuple[int, int]:
 async def get_envelopes(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
+    checked = relay.streams.generation  # the access policy this request is checked against
     authorize(relay, request, ws)
     after, limit = cursor_params(request)
     wait = int_param(request, "wait", 0, 0, MAX_WAIT)
     max_page = relay.settings.max_page_bytes
     page = await relay.store.read(ws, after, limit, max_page)
     if not page.rows and wait and not relay.hub.closing:
-        page = await _long_poll(relay, request, ws, after, limit, wait)
+        page = await _long_poll(relay, request, ws, after, limit, wait, checked)
     return JSONBytes(page.json(), read_headers(page, after, relay.store.epoch))
 
 
 async def _long_poll(
-    relay: Relay, request: Request, ws: str, after: int, limit: int, wait: int
+    relay: Relay, request: Request, ws: str, after: int, limit: int, wait: int, checked: int
 ) -> Page:
     """Hold the request until a row past `after` exists or `wait` seconds pass.
 
@@ -194,7 +197,18 @@ async def _long_poll(
 
     client = relay.client(request.scope)
     page: Page | None = None
-    with relay.slots.hold(client), relay.hub.subscribe(ws, 0) as waiter:
+    denials: list[Denied] = []
+
+    def deny(denied: Denied) -> None:  # a reload no longer accepts the token
+        denials.append(denied)
+        waiter.close()
+
+    token = bearer_token(header(request, b"authorization"))
+    with (
+        relay.slots.hold(client),
+        relay.hub.subscribe(ws, 0) as waiter,
+        relay.streams.hold(token, ws, deny, checked),
+    ):
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -213,6 +227,8 @@ async def _long_poll(
                         break
                     await waiter.wait(None)
             tg.cancel_scope.cancel()
+    if denials:
+        raise denied_error(denials[0])
     if page is None or (not page.rows):
         page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
     return page

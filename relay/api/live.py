@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from relay.access import Denied, bearer_token
-from relay.api.common import authorize, int_param, workspace_id
+from relay.api.common import authorize, header, int_param, workspace_id
 from relay.api.envelopes import KEY_RULE, dedup_key, read_headers
 from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame, ws_env_frame
@@ -49,6 +49,21 @@ EXPIRED_EVENT = (
 )
 
 
+def denied_event(denied: Denied) -> bytes:
+    """The SSE stream's last event when a reload no longer accepts its token."""
+    data = msgspec.json.encode({"error": denied.code, "message": denied.message})
+    return b"event: revoked\ndata: %b\n\n" % data
+
+
+def denied_reason(denied: Denied) -> str:
+    """The WebSocket close reason (at most 123 bytes) for the same case."""
+    if denied.code == "token_revoked":
+        return "token revoked"
+    if denied.status == 403:
+        return "token no longer grants this workspace"
+    return "token no longer accepted"
+
+
 def _at_expiry(expires: int, stop: Callable[[], None]) -> asyncio.TimerHandle | None:
     """Call `stop` when the grant's `exp` passes (never for a grant without one)."""
     if not expires:
@@ -72,6 +87,7 @@ def _start_cursor(request: Request) -> int | None:
 async def events(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     ws = workspace_id(request)
+    checked = relay.streams.generation
     grant = authorize(relay, request, ws)
     bodies = request.query_params.get("bodies", "0").lower()
     if bodies not in ("0", "1", "true", "false"):
@@ -83,6 +99,8 @@ async def events(request: Request) -> Response:
         raise RelayError(503, "shutting_down", "the relay is shutting down", retry_after=2)
     stream = SSEStream(relay, ws, client, with_bodies, cursor if with_bodies else None)
     stream.expires = grant.expires
+    stream.token = bearer_token(header(request, b"authorization"))
+    stream.checked = checked
     return stream
 
 
@@ -102,6 +120,9 @@ class SSEStream(Response):
         self.started = False
         self.expires = 0  # the token's exp: the stream ends then
         self.expired = False
+        self.token: str | None = None  # rechecked when the access files are reloaded
+        self.checked: int | None = None  # relay.streams.generation when it was checked
+        self.denied: Denied | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -129,6 +150,10 @@ class SSEStream(Response):
                     self.expired = True
                     cancel_scope.cancel()
 
+                def deny(denied: Denied) -> None:
+                    self.denied = denied
+                    cancel_scope.cancel()
+
                 expiry = _at_expiry(self.expires, expire)
 
                 async def watch_disconnect() -> None:
@@ -140,7 +165,8 @@ class SSEStream(Response):
                 sub.on_overflow = cancel_scope.cancel
                 sub.replaying = True
                 try:
-                    await self._stream(sub, send)
+                    with relay.streams.hold(self.token, self.ws, deny, self.checked):
+                        await self._stream(sub, send)
                 except StoreError as exc:
                     if not self.started:  # still a normal JSON error answer
                         await store_error_response(exc)(scope, receive, send)
@@ -153,7 +179,17 @@ class SSEStream(Response):
                     watcher.cancel()
                     if expiry is not None:
                         expiry.cancel()
-            if self.expired and not self.started:  # expired while it was being set up
+            if self.denied is not None and not self.started:
+                await error_response(
+                    self.denied.status,
+                    self.denied.code,
+                    self.denied.message,
+                    {"www-authenticate": "Bearer"},
+                )(scope, receive, send)
+            elif self.denied is not None:
+                LOG.info("ended an SSE stream: a reload no longer accepts its token")
+                await _end(send, denied_event(self.denied))
+            elif self.expired and not self.started:  # expired while it was being set up
                 await error_response(
                     401,
                     "unauthorized",
@@ -312,6 +348,7 @@ async def websocket(websocket: WebSocket) -> None:
         await _deny(websocket, exc.status, exc.code, exc.message)
         return
     token, subprotocol = _ws_token(websocket)
+    checked = relay.streams.generation
     try:
         grant = relay.policy.authenticate(token)
     except Denied as exc:
@@ -328,7 +365,10 @@ async def websocket(websocket: WebSocket) -> None:
         return
     try:
         with relay.slots.hold(client):
-            await WsSession(relay, websocket, ws, client, grant.expires).run(subprotocol)
+            session = WsSession(relay, websocket, ws, client, grant.expires)
+            session.token = token
+            session.checked = checked
+            await session.run(subprotocol)
     except RelayError as exc:
         if websocket.application_state is not WebSocketState.CONNECTING:
             raise
@@ -346,6 +386,9 @@ class WsSession:
         self.client = client
         self.expires = expires  # the token's exp: the socket is closed then
         self.expired = False
+        self.token: str | None = None  # rechecked when the access files are reloaded
+        self.checked: int | None = None  # relay.streams.generation when it was checked
+        self.denied: Denied | None = None
         # Replies waiting for the writer, and their size: the reader stops taking
         # frames while it is above OUTBOX_BYTES, until the writer drains it.
         self.outbox: deque[str] = deque()
@@ -378,10 +421,15 @@ class WsSession:
                     self.expired = True
                     tg.cancel_scope.cancel()
 
+                def deny(denied: Denied) -> None:
+                    self.denied = denied
+                    tg.cancel_scope.cancel()
+
                 expiry = _at_expiry(self.expires, expire)
                 tg.start_soon(self._reader, sub, tg.cancel_scope.cancel)
                 try:
-                    await self._writer(sub)
+                    with relay.streams.hold(self.token, self.ws, deny, self.checked):
+                        await self._writer(sub)
                 except WebSocketDisconnect:
                     self.close_code = -1  # the client went away mid-send: not an error
                 finally:
@@ -392,6 +440,9 @@ class WsSession:
                 relay.metrics.slow_consumers.inc()
             if self.close_code == -1:
                 pass  # the peer has gone: whatever else ended the stream, no one to tell
+            elif self.denied is not None:
+                LOG.info("closed a WebSocket: a reload no longer accepts its token")
+                self.close_code, self.close_reason = WS_POLICY, denied_reason(self.denied)
             elif self.expired:
                 LOG.info("closed a WebSocket: its token expired")
                 self.close_code, self.close_reason = WS_POLICY, "token expired"

@@ -138,7 +138,7 @@ def test_real_prometheus_scrapes_the_relay(relay: RelayProcess, tmp_path: Path) 
             ):
                 assert name in names, name
             rules = httpx.get(f"{api}/rules").json()["data"]["groups"]
-            assert sum(len(g["rules"]) for g in rules) == 7
+            assert sum(len(g["rules"]) for g in rules) == 8
         finally:
             proc.terminate()
             try:

@@ -65,9 +65,10 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     text = (DEPLOY / "hive-relay.service").read_text()
     shipped = "ExecStart=/opt/hive-relay/bin/python -m relay"
     assert text.count(shipped) == 1
-    # Point ExecStart at an interpreter that exists here; everything else as shipped.
+    assert text.count("ExecReload=/opt/hive-relay/bin/python -m relay check-config") == 1
+    # Point ExecStart and ExecReload at an interpreter that exists here; the rest as shipped.
     unit = tmp_path / "hive-relay.service"
-    unit.write_text(text.replace(shipped, f"ExecStart={sys.executable} -m relay"))
+    unit.write_text(text.replace("/opt/hive-relay/bin/python", sys.executable))
     done = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
