@@ -19,6 +19,7 @@ from relay.store.base import Store
 
 if TYPE_CHECKING:
     from relay.store.journal import Journal
+    from relay.tls import CertReloader
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Relay:
     slots: StreamSlots
     started: float = field(default_factory=time.time)
     journal: Journal | None = None  # the memory store's journal, with HIVE_RELAY_DATA_DIR
+    tls: CertReloader | None = None  # direct TLS, with HIVE_RELAY_TLS_CERT/KEY
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""
