@@ -233,12 +233,15 @@ def test_renewed_certificate_reaches_next_connection_while_stream_continues(
 
     async def scenario() -> None:
         verify = ca.client_context()
+        wss = f"wss://127.0.0.1:{relay.port}/v1/workspaces/renew/ws"
         async with (
             httpx.AsyncClient(base_url=relay.url, verify=verify, timeout=30) as sub,
             sub.stream("GET", "/v1/workspaces/renew/events", params={"bodies": "1"}) as stream,
+            websockets.connect(wss, ssl=verify) as sock,
         ):
             lines = stream.aiter_lines()
             assert (await anext(lines)).startswith(": connected")
+            await sock.send(json.dumps({"op": "sub", "after": 0}))
             renewed = pair.renew("relay-2")
             await asyncio.to_thread(
                 wait_until,
@@ -252,6 +255,11 @@ def test_renewed_certificate_reaches_next_connection_while_stream_continues(
             async for line in lines:
                 if line.startswith("data:"):
                     assert json.loads(line[5:])["body"] == {"after": "renewal"}
+                    break
+            while True:  # and so does the WebSocket
+                frame = json.loads(await asyncio.wait_for(sock.recv(), 10))
+                if frame["op"] == "env":
+                    assert frame["body"] == {"after": "renewal"}
                     break
 
     asyncio.run(scenario())
