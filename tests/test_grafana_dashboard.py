@@ -209,3 +209,15 @@ def test_every_selector_names_an_exported_series(
                     )
             checked += 1
     assert checked >= 20
+
+
+def test_every_metric_the_alert_rules_name_is_exported_with_journal_and_tls(
+    exported: dict[str, list[dict[str, str]]],
+) -> None:
+    """The alert rules too, on the relay that has every optional family on."""
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for name, _ in selectors(rule["expr"]):
+                assert name in exported, f"{rule['alert']}: {name} is not in /metrics"

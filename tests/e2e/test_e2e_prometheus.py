@@ -26,9 +26,14 @@ from tests.support import make_client
 pytestmark = [pytest.mark.e2e]
 
 PROM = DEPLOY / "prometheus"
-# Exported only by stores that have them (the journal's fsync histogram): the
-# rules may name them before this relay does; every other name must exist.
-OPTIONAL = {"hive_relay_journal_fsync_seconds"}
+# Exported only where the feature is on (the journal's fsync histogram, direct
+# TLS): the rules may name them before this relay does; every other name must
+# exist. tests/test_grafana_dashboard.py checks them on a relay with both on.
+OPTIONAL = {
+    "hive_relay_journal_fsync_seconds",
+    "hive_relay_tls_cert_not_after_seconds",
+    "hive_relay_tls_reload",
+}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -139,7 +144,7 @@ def test_real_prometheus_scrapes_the_relay(relay: RelayProcess, tmp_path: Path) 
             ):
                 assert name in names, name
             rules = httpx.get(f"{api}/rules").json()["data"]["groups"]
-            assert sum(len(g["rules"]) for g in rules) == 7
+            assert sum(len(g["rules"]) for g in rules) == 9
 
             # Every expression of the Grafana dashboard is PromQL this Prometheus
             # accepts, with the dashboard's variables as Grafana would fill them in.
