@@ -223,6 +223,12 @@ def _serve(settings: Settings, sock: socket.socket | None = None) -> int:
         LOG.warning("%s is ignored: %s", name, why)
     if settings.data_dir and settings.store_kind != "memory":
         LOG.warning("HIVE_RELAY_DATA_DIR is ignored: snapshots apply to the memory store only")
+    if settings.hsts and relay.tls is None:
+        LOG.warning(
+            "HIVE_RELAY_HSTS is ignored: it is sent only when the relay serves TLS itself "
+            "(HIVE_RELAY_TLS_CERT); behind a TLS proxy, let the proxy send it"
+        )
+    tls = relay.tls
 
     config = uvicorn.Config(
         app,
@@ -246,6 +252,9 @@ def _serve(settings: Settings, sock: socket.socket | None = None) -> int:
         server_header=False,
         access_log=False,
         log_config=None,
+        # Direct TLS: the reloader's context, whose handshakes pick up a renewed
+        # certificate (relay/tls.py). uvicorn then reports https/wss in the scope.
+        ssl_context_factory=None if tls is None else (lambda config, default: tls.context),
     )
 
     class Server(uvicorn.Server):
@@ -264,10 +273,11 @@ def _serve(settings: Settings, sock: socket.socket | None = None) -> int:
     server = Server(config)
     _exit_0_after_a_graceful_stop(server)
     LOG.info(
-        "hive-relay %s listening on %s:%d (store %s, access %s, pid %d, %d worker%s)",
+        "hive-relay %s listening on %s:%d (%s; store %s, access %s, pid %d, %d worker%s)",
         __version__,
         settings.host,
         settings.port,
+        "plain HTTP" if tls is None else f"HTTPS, certificate {tls.certificate.describe()}",
         settings.store.split("://", 1)[0],
         relay.policy.name,
         os.getpid(),
@@ -379,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.load(args)
         if settings.workers > 1:
+            if settings.tls_cert:  # refuse here, once, rather than in every worker
+                from relay.app import open_tls
+
+                open_tls(settings)
             return _supervise(settings)
         return _serve(settings)
     except SettingsError as exc:

@@ -32,6 +32,7 @@ from relay.errors import (
     add_security_headers,
     error_response,
     headers_too_large,
+    hsts_headers,
     store_error_response,
     store_error_status,
 )
@@ -40,7 +41,7 @@ from relay.limits import RateLimiter, StreamSlots
 from relay.metrics import Metrics
 from relay.reload import Reloader
 from relay.runtime import Relay
-from relay.settings import Settings
+from relay.settings import Settings, SettingsError
 from relay.store import open_store
 from relay.store.base import (
     BudgetedStore,
@@ -50,6 +51,7 @@ from relay.store.base import (
     SweepingStore,
     WatchingStore,
 )
+from relay.tls import CHECK_INTERVAL, CertificateError, CertReloader
 
 LOG = logging.getLogger("relay")
 SWEEP_INTERVAL = 30.0
@@ -232,6 +234,8 @@ class Front:
         self.app: ASGIApp = _no_stack
         self.relay = relay
         self.header_limit = relay.settings.header_limit
+        # Every connection on a TLS port is TLS: HSTS, when asked for, goes on every answer.
+        self.extra = hsts_headers(relay.settings.hsts) if relay.tls is not None else []
         self.handlers = handlers
         self.hot = [
             (compile_path(spec.path)[0], spec.route(), spec.by_method())
@@ -270,7 +274,7 @@ class Front:
             kind = message["type"]
             if kind in ("http.response.start", "websocket.http.response.start"):
                 status = message["status"]
-                message["headers"] = add_security_headers(message.get("headers", ()))
+                message["headers"] = add_security_headers(message.get("headers", ()), self.extra)
             elif kind == "websocket.accept":
                 status = 101
             elif kind == "websocket.close" and not status:
@@ -299,7 +303,7 @@ class Front:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = add_security_headers(message.get("headers", ()))
+                message["headers"] = add_security_headers(message.get("headers", ()), self.extra)
             await send(message)
 
         try:
@@ -327,7 +331,7 @@ class Front:
             else:
                 # A whole answer: its headers are known; no wrapper around `send`.
                 status = response.status_code
-                add_security_headers(response.raw_headers)
+                add_security_headers(response.raw_headers, self.extra)
                 await response(scope, receive, send)
         finally:
             record(self.relay, scope, scope["route"].path, status, start)
@@ -437,6 +441,9 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
     )
     relay.store.set_listener(relay.hub.on_append)
+    if settings.tls_cert:
+        relay.tls = open_tls(settings)
+        relay.metrics.add_collector(relay.tls.collect)
     stats_store = store if isinstance(store, LocalStatsStore) else None
     budgeted = store if isinstance(store, BudgetedStore) else None
     if budgeted is not None:
@@ -527,6 +534,20 @@ def watch_access_files(relay: Relay, reloader: Reloader) -> None:
             return relay.set_access(replace(relay.access, **{part: value}))
 
         reloader.watch(name, [path], load, apply)
+def open_tls(settings: Settings) -> CertReloader:
+    """The certificate pair of HIVE_RELAY_TLS_CERT/KEY, or SettingsError saying why not."""
+    try:
+        return CertReloader(settings.tls_cert, settings.tls_key)
+    except CertificateError as exc:
+        which = "HIVE_RELAY_TLS_KEY" if str(exc).startswith("key ") else "HIVE_RELAY_TLS_CERT"
+        raise SettingsError(f"{which}: {exc}") from None
+
+
+async def _check_tls_forever(tls: CertReloader) -> None:
+    # A stat of two files every few seconds; the load, when they changed, off the loop.
+    while True:
+        await anyio.sleep(CHECK_INTERVAL)
+        await anyio.to_thread.run_sync(tls.check)
 
 
 async def _sweep_forever(relay: Relay) -> None:
@@ -586,6 +607,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             if reloader is not None:
                 tg.start_soon(reloader.run)
                 _reload_on_sighup(reloader)
+            if relay.tls is not None:
+                tg.start_soon(_check_tls_forever, relay.tls)
             if snapshots is not None:
                 tg.start_soon(snapshots.run)
             try:

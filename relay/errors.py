@@ -18,16 +18,30 @@ _SECURITY_RAW = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 RawHeaders = list[tuple[bytes, bytes]]
 
 
-def add_security_headers(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+def add_security_headers(
+    headers: Iterable[tuple[bytes, bytes]], extra: RawHeaders | None = None
+) -> RawHeaders:
     """The ASGI header list with the security headers added (in place for a list).
 
     Every answer the app sends gets them through here, once: a list that has
-    them already is returned unchanged.
+    them already is returned unchanged. `extra` are the relay's configured
+    ones (Strict-Transport-Security over direct TLS).
     """
     raw = headers if isinstance(headers, list) else list(headers)
     if _SECURITY_RAW[0] not in raw:
         raw.extend(_SECURITY_RAW)
+        if extra:
+            raw.extend(extra)
     return raw
+
+
+def hsts_headers(max_age: int) -> RawHeaders:
+    """Strict-Transport-Security for a relay that serves TLS itself (HIVE_RELAY_HSTS).
+
+    No includeSubDomains or preload: those bind every host of the domain, which
+    is the domain owner's decision, not one service's.
+    """
+    return [(b"strict-transport-security", b"max-age=%d" % max_age)] if max_age > 0 else []
 
 
 class RelayError(Exception):

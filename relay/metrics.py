@@ -62,7 +62,7 @@ class Metrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.started = time.time()
         self._requests: dict[tuple[str, str, int], int] = {}
-        self._durations: dict[str, _Histogram] = {}
+        self._durations: dict[tuple[str, str], _Histogram] = {}
         self.appended = Counter()
         self.duplicates = Counter()
         self.slow_consumers = Counter()
@@ -78,9 +78,9 @@ class Metrics(Collector):
         key = (route, method, status)
         self._requests[key] = self._requests.get(key, 0) + 1
         if timed:
-            hist = self._durations.get(route)
+            hist = self._durations.get(key[:2])
             if hist is None:
-                hist = self._durations[route] = _Histogram()
+                hist = self._durations[key[:2]] = _Histogram()
             hist.observe(seconds)
 
     def rejected(self, reason: str) -> None:
@@ -108,11 +108,12 @@ class Metrics(Collector):
         yield requests
         duration = HistogramMetricFamily(
             "hive_relay_http_request_duration_seconds",
-            "Time to the end of the response, by route template (live streams excluded)",
-            labels=["route"],
+            "Time to the end of the response, by route template and method (live streams "
+            "excluded), so that publishing and reading one route are told apart",
+            labels=["route", "method"],
         )
-        for route, hist in sorted(self._durations.items()):
-            duration.add_metric([route], hist.buckets(), hist.total)
+        for (route, method), hist in sorted(self._durations.items()):
+            duration.add_metric([route, method], hist.buckets(), hist.total)
         yield duration
         yield CounterMetricFamily(
             "hive_relay_envelopes_appended", "Envelopes appended", value=self.appended.value

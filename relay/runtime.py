@@ -20,6 +20,7 @@ from relay.store.base import Store
 if TYPE_CHECKING:
     from relay.reload import Reloader
     from relay.store.journal import Journal
+    from relay.tls import CertReloader
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Relay:
         if ended:
             self.metrics.streams_ended_by_reload.inc(ended)
         return f"access {access.describe()}; {ended} live stream(s) ended"
+    tls: CertReloader | None = None  # direct TLS, with HIVE_RELAY_TLS_CERT/KEY
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""

@@ -379,6 +379,18 @@ class Settings:
         "comma-separated browser origins allowed by CORS (empty = CORS off; * = any)",
         check=_check_with(parse_origins),
     )
+    tls_cert: str = setting(
+        "",
+        "PEM certificate (chain) file: serve HTTPS and WSS on the listening port "
+        "(with HIVE_RELAY_TLS_KEY; reloaded when the file changes)",
+    )
+    tls_key: str = setting("", "PEM private key file of HIVE_RELAY_TLS_CERT (unencrypted)")
+    hsts: int = setting(
+        0,
+        "with direct TLS: send Strict-Transport-Security with this max-age in seconds (0 = off)",
+        0,
+        1 << 31,
+    )
     shutdown_timeout: float = setting(
         10.0, "seconds a graceful shutdown may take before connections are cut", 0.1, 3600
     )
@@ -446,6 +458,15 @@ class Settings:
         for knob in KNOBS:
             if knob.check is not None:
                 knob.check(knob, getattr(self, knob.name))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = (
+                ("HIVE_RELAY_TLS_CERT", "HIVE_RELAY_TLS_KEY")
+                if self.tls_cert
+                else ("HIVE_RELAY_TLS_KEY", "HIVE_RELAY_TLS_CERT")
+            )
+            raise SettingsError(
+                f"{missing}: must be set with {given} (TLS needs both the certificate and its key)"
+            )
         if self.workers > 1 and self.store_kind == "memory":
             raise SettingsError(
                 f"HIVE_RELAY_WORKERS: {self.workers} workers need a shared store; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ class RelayProcess:
         wait: bool = True,
         startup_timeout: float = 20.0,
         preexec_fn: Callable[[], None] | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.port = port or free_port()
         self.extra_env = dict(env or {})
@@ -54,13 +56,16 @@ class RelayProcess:
         self.wait = wait
         self.startup_timeout = startup_timeout
         self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. setrlimit)
+        # With direct TLS (HIVE_RELAY_TLS_CERT): the client context that trusts its CA.
+        self.verify = verify
         self.proc: subprocess.Popen[bytes] | None = None
         self._logdir = tempfile.mkdtemp(prefix="relay-log-")
         self.log_path = Path(self._logdir) / "relay.log"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.verify is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> RelayProcess:
         env = relay_env({"HIVE_RELAY_ADDR": f"127.0.0.1:{self.port}", **self.extra_env})
@@ -84,7 +89,8 @@ class RelayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(self.url + "/v1/health", timeout=1.0).status_code == 200:
+                answer = httpx.get(self.url + "/v1/health", timeout=1.0, verify=self.verify or True)
+                if answer.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -178,8 +178,12 @@ def test_every_knob_can_be_set_by_flag_and_by_env() -> None:
         "HIVE_RELAY_WORKERS": "3",
         "HIVE_RELAY_REDIS_MIN_REPLICAS": "2",
     }
-    # More than one worker needs a shared store.
-    needs = {"HIVE_RELAY_WORKERS": {"HIVE_RELAY_STORE": "redis://h:1"}}
+    # More than one worker needs a shared store; a TLS certificate needs its key.
+    needs = {
+        "HIVE_RELAY_WORKERS": {"HIVE_RELAY_STORE": "redis://h:1"},
+        "HIVE_RELAY_TLS_CERT": {"HIVE_RELAY_TLS_KEY": "key.pem"},
+        "HIVE_RELAY_TLS_KEY": {"HIVE_RELAY_TLS_CERT": "cert.pem"},
+    }
     for knob in KNOBS:
         text = ranged.get(knob.env) or samples.get(knob.kind) or strings.get(knob.env, "some-value")
         name = field_of(knob.env)

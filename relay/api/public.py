@@ -57,6 +57,13 @@ def _uptime(seconds: float) -> str:
     return " ".join([*parts, f"{hours}h", f"{minutes}m", f"{s}s"])
 
 
+def _transport(relay: Relay) -> str:
+    tls = relay.tls
+    if tls is None:
+        return "plain HTTP (TLS, if any, ends at a proxy in front)"
+    return f"TLS (served by the relay): {tls.certificate.describe()}"
+
+
 async def status_page(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     stats = await relay.store.stats()
@@ -65,6 +72,7 @@ async def status_page(request: Request) -> Response:
         ("Uptime", _uptime(time.time() - relay.started)),
         ("Store", relay.settings.store.split("://", 1)[0]),
         ("Access", relay.policy.name),
+        ("Transport", _transport(relay)),
         (
             "Workers",
             f"{relay.settings.workers} (this page from one of them)"

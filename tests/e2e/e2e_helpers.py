@@ -320,23 +320,35 @@ class CuttableForwarder:
 
 @contextlib.contextmanager
 def chromium(
-    binary: str, url: str, profile: Path, extra: Sequence[str] = (), log: Path | None = None
+    binary: str,
+    url: str,
+    profile: Path,
+    extra: Sequence[str] = (),
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Proc]:
-    """A headless Chromium showing `url` until the block ends."""
+    """A headless Chromium showing `url` until the block ends (`env`: e.g. a HOME
+    whose NSS database trusts a test CA)."""
     cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url]
-    proc = Proc(cmd, env=clean_env(), log_path=log)
+    proc = Proc(cmd, env=clean_env(env), log_path=log)
     try:
         yield proc
     finally:
         proc.stop(timeout=5)
 
 
-def run_chromium(binary: str, args: Sequence[str], profile: Path, timeout: float = 30) -> str:
+def run_chromium(
+    binary: str,
+    args: Sequence[str],
+    profile: Path,
+    timeout: float = 30,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """One Chromium run that ends by itself (--dump-dom, --screenshot); its stdout."""
     cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
     proc = subprocess.Popen(
         cmd,
-        env=clean_env(),
+        env=clean_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ target (a fresh relay on a free port) and the intervals (1 s) changed.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -25,9 +26,14 @@ from tests.support import make_client
 pytestmark = [pytest.mark.e2e]
 
 PROM = DEPLOY / "prometheus"
-# Exported only by stores that have them (the journal's fsync histogram): the
-# rules may name them before this relay does; every other name must exist.
-OPTIONAL = {"hive_relay_journal_fsync_seconds"}
+# Exported only where the feature is on (the journal's fsync histogram, direct
+# TLS): the rules may name them before this relay does; every other name must
+# exist. tests/test_grafana_dashboard.py checks them on a relay with both on.
+OPTIONAL = {
+    "hive_relay_journal_fsync_seconds",
+    "hive_relay_tls_cert_not_after_seconds",
+    "hive_relay_tls_reload",
+}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -138,7 +144,22 @@ def test_real_prometheus_scrapes_the_relay(relay: RelayProcess, tmp_path: Path) 
             ):
                 assert name in names, name
             rules = httpx.get(f"{api}/rules").json()["data"]["groups"]
-            assert sum(len(g["rules"]) for g in rules) == 8
+            assert sum(len(g["rules"]) for g in rules) == 10
+
+            # Every expression of the Grafana dashboard is PromQL this Prometheus
+            # accepts, with the dashboard's variables as Grafana would fill them in.
+            dashboard = json.loads((DEPLOY / "grafana" / "hive-relay.json").read_text())
+            results: dict[str, list[object]] = {}
+            for panel in dashboard["panels"]:
+                for target in panel.get("targets", []):
+                    expr = target["expr"].replace("$instance", ".*")
+                    expr = expr.replace("$__rate_interval", "1m")
+                    r = httpx.get(f"{api}/query", params={"query": expr})
+                    assert r.status_code == 200, (panel["title"], expr, r.text)
+                    assert r.json()["status"] == "success", (panel["title"], r.text)
+                    results[panel["title"]] = r.json()["data"]["result"]
+            for title in ("Uptime", "Live streams", "Stored bytes vs budget"):
+                assert results[title], f"the panel {title!r} shows nothing"
         finally:
             proc.terminate()
             try:
