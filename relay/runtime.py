@@ -15,6 +15,7 @@ from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
 from relay.settings import Settings
+from relay.status import Sampler
 from relay.store.base import Store
 
 if TYPE_CHECKING:
@@ -33,8 +34,15 @@ class Relay:
     side_limiter: RateLimiter
     pair_create_limiter: RateLimiter
     slots: StreamSlots
+    sampler: Sampler  # the status page's charts
+    status_slots: StreamSlots  # the status page's sample streams, apart from `slots`
     started: float = field(default_factory=time.time)
     journal: Journal | None = None  # the memory store's journal, with HIVE_RELAY_DATA_DIR
+
+    def close_streams(self) -> None:
+        """Shutdown: every live stream and sample stream ends at its next step."""
+        self.hub.close_all()
+        self.sampler.close()
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""
