@@ -156,14 +156,10 @@ class Sampler:
 
     async def wait_after(self, number: int, timeout: float) -> bool:
         """Wait until a sample past `number` exists; False on timeout or close."""
-        if self.count > number:
-            return True
-        if self.closed:
-            return False
-        event = self._new
         try:
             async with asyncio.timeout(timeout):
-                await event.wait()
+                while self.count <= number and not self.closed:
+                    await self._new.wait()
         except TimeoutError:
             return False
         return self.count > number and not self.closed

@@ -366,7 +366,7 @@ class SamplesStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         self.started = True
         # A browser that lost the stream comes back after about one interval.
-        retry = b"retry: %d\n\n" % max(1000, int(sampler.interval * 1000))
+        retry = b"retry: %d\n" % max(1000, int(sampler.interval * 1000))
         seen = sampler.count
         body = retry + _event(b"buffer", sampler.snapshot())
         await send({"type": "http.response.body", "body": body, "more_body": True})
