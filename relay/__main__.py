@@ -265,9 +265,9 @@ def _serve(settings: Settings, sock: socket.socket | None = None) -> int:
             if not self.should_exit:
                 LOG.info("signal %s: shutting down", signal.Signals(sig).name)
                 try:
-                    asyncio.get_running_loop().call_soon_threadsafe(relay.hub.close_all)
+                    asyncio.get_running_loop().call_soon_threadsafe(relay.close_streams)
                 except RuntimeError:
-                    relay.hub.close_all()
+                    relay.close_streams()
             super().handle_exit(sig, frame)
 
     server = Server(config)

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket
 
 from relay import logs
 from relay.access import access_from_settings, read_key_file, read_revocations, read_token_file
-from relay.api import envelopes, live, public, side
+from relay.api import envelopes, live, public, side, status
 from relay.errors import (
     RelayError,
     add_security_headers,
@@ -38,10 +38,11 @@ from relay.errors import (
 )
 from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots
-from relay.metrics import Metrics
+from relay.metrics import BUCKETS, Metrics
 from relay.reload import Reloader
 from relay.runtime import Relay
 from relay.settings import Settings, SettingsError
+from relay.status import RoundTrip, Sampler, rate, window_quantile
 from relay.store import open_store
 from relay.store.base import (
     BudgetedStore,
@@ -154,11 +155,14 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("/v1/pair", "pair_create", {"POST": side.post_pair}),
     RouteSpec("/v1/pair/{code}", "pair_resolve", {"GET": side.get_pair}),
     RouteSpec("/v1/health", "health", {"GET": public.health, "HEAD": public.health}),
-    RouteSpec("/", "status_page", {"GET": public.status_page}),
+    RouteSpec("/", "status_page", {"GET": status.status_page}),
+    RouteSpec("/v1/status/samples", "status_samples", {"GET": status.samples}, live=True),
     RouteSpec("/metrics", "metrics", {"GET": public.metrics}),
     RouteSpec("/openapi.json", "openapi", {"GET": public.openapi}),
 )
 LIVE_ROUTES = frozenset(spec.path for spec in ROUTES if spec.live)
+PUBLISH_ROUTES = frozenset((f"{_WS}/envelopes", f"{_WS}/envelopes/batch"))
+STATUS_STREAMS_PER_CLIENT = 4
 # Sent to or read from every route: the bearer token, a POST body's type, a 429/503's wait.
 _EVERY_READ = ("Authorization", "Content-Type")
 _EVERY_SET = ("Retry-After",)
@@ -424,7 +428,7 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
         access=access,
         # Stores fed by other processes (Redis) follow only locally watched workspaces.
         hub=Hub(store.watch, store.unwatch) if isinstance(store, WatchingStore) else Hub(),
-        metrics=Metrics(),
+        metrics=Metrics(publish_routes=PUBLISH_ROUTES),
         push_limiter=RateLimiter(settings.push_rate, settings.push_burst, "rate_limited", "pushes"),
         pair_limiter=RateLimiter(
             settings.pair_resolve_rate, 10, "pair_rate_limited", "pairing-code lookups"
@@ -439,6 +443,13 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
             settings.pair_create_rate, 10, "pair_create_rate_limited", "pairing codes created"
         ),
         slots=StreamSlots(settings.max_sse, settings.max_sse_per_client),
+        sampler=Sampler(settings.status_sample_secs),
+        status_slots=StreamSlots(
+            settings.max_status_streams,
+            STATUS_STREAMS_PER_CLIENT,
+            "status sample streams",
+            "too_many_status_streams",
+        ),
     )
     relay.store.set_listener(relay.hub.on_append)
     if settings.tls_cert:
@@ -491,6 +502,7 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
     relay.reloader = Reloader(settings.reload_interval)
     watch_access_files(relay, relay.reloader)
     relay.metrics.add_collector(relay.reloader.collect)
+    relay.status_slots.on_refuse = relay.metrics.unavailable
     return relay
 
 
@@ -534,6 +546,8 @@ def watch_access_files(relay: Relay, reloader: Reloader) -> None:
             return relay.set_access(replace(relay.access, **{part: value}))
 
         reloader.watch(name, [path], load, apply)
+
+
 def open_tls(settings: Settings) -> CertReloader:
     """The certificate pair of HIVE_RELAY_TLS_CERT/KEY, or SettingsError saying why not."""
     try:
@@ -548,6 +562,70 @@ async def _check_tls_forever(tls: CertReloader) -> None:
     while True:
         await anyio.sleep(CHECK_INTERVAL)
         await anyio.to_thread.run_sync(tls.check)
+
+
+def register_status_series(relay: Relay) -> None:
+    """The status page's charts: relay-wide figures only, never a workspace's."""
+    sampler = relay.sampler
+    metrics = relay.metrics
+    reads_route = f"{_WS}/envelopes"
+    sampler.register_series(
+        "appends", rate(lambda: metrics.appended.value), label="Appends", unit="/s"
+    )
+    sampler.register_series(
+        "reads", rate(lambda: metrics.answered(reads_route)[0]), label="Reads", unit="/s"
+    )
+    sampler.register_series("streams", lambda: relay.slots.total, label="Live streams", unit="")
+    store = relay.store
+    if isinstance(store, BudgetedStore):
+        budgeted = store
+        sampler.register_series(
+            "stored",
+            lambda: budgeted.charged_now()[0],
+            label="Memory budget used",
+            unit="bytes",
+            limit=lambda: relay.settings.max_bytes,
+        )
+    elif isinstance(store, LocalStatsStore):
+        counted = store
+        sampler.register_series(
+            "stored",
+            lambda: counted.stats_now().stored_bytes,
+            label="Stored body bytes",
+            unit="bytes",
+        )
+    sampler.register_series(
+        "client_errors", rate(lambda: metrics.answered(reads_route)[1]), label="4xx", unit="/s"
+    )
+    sampler.register_series(
+        "server_errors", rate(lambda: metrics.answered(reads_route)[2]), label="5xx", unit="/s"
+    )
+    sampler.register_series(
+        "publish_p99",
+        window_quantile(lambda: metrics.publish.counts, BUCKETS, 0.99),
+        label="Publish latency p99",
+        unit="s",
+    )
+    journal = relay.journal
+    if journal is not None:
+        fsync = journal.stats.fsync_seconds
+        sampler.register_series(
+            "fsync_p99",
+            window_quantile(lambda: fsync.counts, fsync.bounds, 0.99),
+            label="Journal fsync p99",
+            unit="s",
+        )
+    if relay.settings.store_kind != "memory":
+        # A PING on the store's own pooled connection each sample: what every command
+        # pays to reach Redis (network, Redis's queue, the pool), measured even when
+        # no one publishes; publish latency already shows the append script's cost.
+        async def ping() -> None:
+            if not await store.ping():
+                raise StoreError("Redis did not answer the PING")
+
+        trip = RoundTrip(ping)
+        sampler.add_probe(trip.probe)
+        sampler.register_series("redis_rtt", trip.read, label="Redis round trip", unit="s")
 
 
 async def _sweep_forever(relay: Relay) -> None:
@@ -597,6 +675,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         if journal is not None:
             relay.journal = journal
             relay.metrics.add_collector(lambda: journal_metrics(journal))
+    register_status_series(relay)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -609,12 +688,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 _reload_on_sighup(reloader)
             if relay.tls is not None:
                 tg.start_soon(_check_tls_forever, relay.tls)
+            tg.start_soon(relay.sampler.run)
             if snapshots is not None:
                 tg.start_soon(snapshots.run)
             try:
                 yield
             finally:
-                relay.hub.close_all()
+                relay.close_streams()
                 tg.cancel_scope.cancel()
         if snapshots is not None:
             await snapshots.write_final()

@@ -151,9 +151,17 @@ class StreamSlots:
     so every way it ends (done, disconnect, cancel, error) gives the slot back.
     """
 
-    def __init__(self, max_total: int, max_per_client: int) -> None:
+    def __init__(
+        self,
+        max_total: int,
+        max_per_client: int,
+        what: str = "live streams",
+        code: str = "too_many_streams",
+    ) -> None:
         self.max_total = max_total
         self.max_per_client = max_per_client
+        self.what = what
+        self.code = code
         self.total = 0
         self._per_client: dict[str, int] = {}
         # Told each refusal's code (the metrics count them for the stream-cap alert).
@@ -170,20 +178,21 @@ class StreamSlots:
 
     def _acquire(self, client: str) -> None:
         if self.max_total and self.total >= self.max_total:
-            self.on_refuse("too_many_streams")
+            self.on_refuse(self.code)
             raise RelayError(
                 503,
-                "too_many_streams",
-                "the relay holds its limit of live streams; retry later",
+                self.code,
+                f"the relay holds its limit of {self.what}; retry later",
                 retry_after=5,
             )
         held = self._per_client.get(client, 0)
         if self.max_per_client and held >= self.max_per_client:
-            self.on_refuse("too_many_streams_for_client")
+            code = f"{self.code}_for_client"
+            self.on_refuse(code)
             raise RelayError(
                 503,
-                "too_many_streams_for_client",
-                "this client holds its limit of live streams; close one or retry later",
+                code,
+                f"this client holds its limit of {self.what}; close one or retry later",
                 retry_after=5,
             )
         self.total += 1

@@ -58,11 +58,15 @@ class Counter:
 
 
 class Metrics(Collector):
-    def __init__(self) -> None:
+    def __init__(self, publish_routes: frozenset[str] = frozenset()) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.started = time.time()
         self._requests: dict[tuple[str, str, int], int] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
+        # Successful publishes alone (the routes' histograms mix in reads), for the
+        # status page's publish latency; not exported (it would repeat the route's).
+        self.publish_routes = publish_routes
+        self.publish = _Histogram()
         self.appended = Counter()
         self.duplicates = Counter()
         self.slow_consumers = Counter()
@@ -82,6 +86,20 @@ class Metrics(Collector):
             if hist is None:
                 hist = self._durations[key[:2]] = _Histogram()
             hist.observe(seconds)
+            if method == "POST" and status == 200 and route in self.publish_routes:
+                self.publish.observe(seconds)
+
+    def answered(self, read_route: str) -> tuple[int, int, int]:
+        """Totals so far: GETs of `read_route` answered 200, 4xx answers, 5xx answers."""
+        reads = client = server = 0
+        for (route, method, status), n in self._requests.items():
+            if status >= 500:
+                server += n
+            elif status >= 400:
+                client += n
+            elif status == 200 and method == "GET" and route == read_route:
+                reads += n
+        return reads, client, server
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1

@@ -202,6 +202,64 @@ _SSE_EVENT = {
         },
     },
 }
+_FIGURE = {"type": ["number", "null"], "description": "null: a gap (nothing to measure)"}
+_SAMPLE_VALUES = {"type": "object", "additionalProperties": _FIGURE}
+_SAMPLES_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {
+            "description": "`buffer`: every sample held (sent first, and again after a "
+            "reader fell behind); `sample`: the newest one",
+            "enum": ["buffer", "sample"],
+        },
+        "retry": {"type": "integer"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "required": ["interval", "capacity", "count", "series", "t", "values"],
+                        "properties": {
+                            "interval": {"type": "number"},
+                            "capacity": {"type": "integer"},
+                            "count": {"type": "integer"},
+                            "series": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name", "label", "unit", "limit"],
+                                    "properties": {
+                                        "name": {"type": "string"},
+                                        "label": {"type": "string"},
+                                        "unit": {"enum": ["/s", "s", "bytes", ""]},
+                                        "limit": _FIGURE,
+                                    },
+                                },
+                            },
+                            "t": {"type": "array", "items": {"type": "number"}},
+                            "values": {
+                                "type": "object",
+                                "additionalProperties": {"type": "array", "items": _FIGURE},
+                            },
+                        },
+                    },
+                    {
+                        "type": "object",
+                        "required": ["count", "t", "values"],
+                        "properties": {
+                            "count": {"type": "integer"},
+                            "t": {"type": "number"},
+                            "values": _SAMPLE_VALUES,
+                        },
+                    },
+                ]
+            },
+        },
+    },
+}
 _SSE = {
     "description": "text/event-stream: `: connected`, then one event per appended envelope "
     "(the schema describes each event)",
@@ -346,7 +404,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "/": {
             "get": {
-                "summary": "Status page (HTML): version, uptime, counts",
+                "summary": "Status page (HTML): version, uptime, counts, 15 minutes of charts",
                 "operationId": "status_page",
                 "security": [],
                 "responses": {
@@ -354,6 +412,23 @@ def openapi_document() -> dict[str, Any]:
                         "description": "HTML",
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     }
+                },
+            }
+        },
+        "/v1/status/samples": {
+            "get": {
+                "summary": "The status page's charts as SSE: `event: buffer` (the last 15 "
+                "minutes of relay-wide samples), then one `event: sample` per interval",
+                "operationId": "status_samples",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "text/event-stream; each event's data is JSON: "
+                        "buffer {interval, capacity, count, series, t, values}, "
+                        "sample {count, t, values}",
+                        "content": {"text/event-stream": {"schema": _SAMPLES_EVENT}},
+                    },
+                    **_errors(503),
                 },
             }
         },

@@ -15,6 +15,7 @@ from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
 from relay.settings import Settings
+from relay.status import Sampler
 from relay.store.base import Store
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ class Relay:
     side_limiter: RateLimiter
     pair_create_limiter: RateLimiter
     slots: StreamSlots
+    sampler: Sampler  # the status page's charts
+    status_slots: StreamSlots  # the status page's sample streams, apart from `slots`
     started: float = field(default_factory=time.time)
     journal: Journal | None = None  # the memory store's journal, with HIVE_RELAY_DATA_DIR
     access: AccessState | None = None  # what `policy` was built from (None: set in code)
@@ -52,7 +55,13 @@ class Relay:
         if ended:
             self.metrics.streams_ended_by_reload.inc(ended)
         return f"access {access.describe()}; {ended} live stream(s) ended"
+
     tls: CertReloader | None = None  # direct TLS, with HIVE_RELAY_TLS_CERT/KEY
+
+    def close_streams(self) -> None:
+        """Shutdown: every live stream and sample stream ends at its next step."""
+        self.hub.close_all()
+        self.sampler.close()
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""

@@ -309,6 +309,18 @@ class Settings:
     keepalive_secs: float = setting(
         25.0, "seconds of silence after which a live stream sends a keep-alive", 0.05, 3600
     )
+    status_sample_secs: float = setting(
+        5.0,
+        "seconds between samples of the status page's charts (they show the last 15 minutes)",
+        0.1,
+        60,
+    )
+    max_status_streams: int = setting(
+        16,
+        "status-page sample streams at once, apart from the live-stream caps (4 per client)",
+        1,
+        10000,
+    )
     presence_ttl: float = setting(
         0.0, "seconds after which presence and candidate entries expire (0 = never)", 0, 1e9
     )

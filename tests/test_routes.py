@@ -31,7 +31,11 @@ def test_the_router_serves_the_route_table_and_nothing_else() -> None:
     }
     assert served == declared
     assert len({spec.name for spec in ROUTES}) == len(ROUTES)  # names are unique
-    assert {"/v1/workspaces/{ws}/events", "/v1/workspaces/{ws}/ws"} == LIVE_ROUTES
+    assert {
+        "/v1/workspaces/{ws}/events",
+        "/v1/workspaces/{ws}/ws",
+        "/v1/status/samples",
+    } == LIVE_ROUTES
 
 
 def test_cors_lists_cover_every_header_the_routes_read_or_set() -> None:

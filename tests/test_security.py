@@ -6,6 +6,8 @@ list turns it on, and a failure inside the relay never shows a client its intern
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import re
 import time
@@ -329,6 +331,10 @@ def test_security_headers_on_a_websocket_403() -> None:
         assert asyncio.run(accepted()) == 101
 
 
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
 def test_status_page_has_a_strict_content_security_policy() -> None:
     with TestClient(create_app(Settings())) as c:
         r = c.get("/")
@@ -339,14 +345,26 @@ def test_status_page_has_a_strict_content_security_policy() -> None:
         if d
     }
     assert csp["default-src"] == ["'none'"]
-    assert "script-src" not in csp  # no script may run: default-src 'none' covers it
+    assert csp["connect-src"] == ["'self'"]  # the samples stream, nothing else
     assert csp["frame-ancestors"] == ["'none'"]
     assert csp["base-uri"] == ["'none'"]
     assert csp["form-action"] == ["'none'"]
     for sources in csp.values():
         assert "*" not in sources and "'unsafe-eval'" not in sources, csp
+        assert "'unsafe-inline'" not in sources and "'unsafe-hashes'" not in sources, csp
         assert not any(s.startswith(("http:", "https:", "data:")) for s in sources), csp
-    assert "<script" not in r.text.lower()
+    # The one inline script and the one style block are allowed by their hashes alone,
+    # so the hash in the header is the hash of exactly what the page carries.
+    page = r.text
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", page, re.S)
+    assert len(scripts) == 1 and len(styles) == 1
+    assert page.lower().count("<script") == 1 and page.lower().count("<style") == 1
+    assert csp["script-src"] == [_sha256_source(scripts[0])]
+    assert csp["style-src"] == [_sha256_source(styles[0])]
+    # Nothing a hash cannot cover: no style attributes, no inline event handlers.
+    assert not re.search(r"\sstyle=", page)
+    assert not re.search(r"\son[a-z]+=", page)
 
 
 # ---------------------------------------------------------------------- CORS
