@@ -15,7 +15,7 @@ from relay.hub import Hub
 from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
 from relay.settings import Settings
-from relay.store.base import Store
+from relay.store.base import PageCachingStore, Store
 
 if TYPE_CHECKING:
     from relay.store.journal import Journal
@@ -35,6 +35,8 @@ class Relay:
     slots: StreamSlots
     started: float = field(default_factory=time.time)
     journal: Journal | None = None  # the memory store's journal, with HIVE_RELAY_DATA_DIR
+    # The store, when it caches read answers (the memory store; relay.store.base).
+    pages: PageCachingStore | None = None
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""
