@@ -24,9 +24,10 @@ reader who asks the same until the workspace changes (after a nudge every device
 of a workspace asks for the same newest page). Every change a page could show
 drops the workspace's pages (`_drop_pages`): an append or batch, any row dropped
 (count cap, age, budget eviction, replayed drop), a moved drop horizon, a moved
-durable mark, a freed workspace; a new epoch or an attached journal drops them
-all. The cache holds at most PAGE_CACHE_BYTES relay-wide (a fixed cap on top of
-HIVE_RELAY_MAX_BYTES, not charged to it) and PAGE_CACHE_ENTRIES per workspace.
+durable mark, a freed workspace; a new epoch drops them all. (Loading a snapshot
+and attaching the journal happen at start-up, before any read.) The cache holds
+at most PAGE_CACHE_BYTES relay-wide (a fixed cap on top of HIVE_RELAY_MAX_BYTES,
+not charged to it) and PAGE_CACHE_ENTRIES per workspace.
 
 The global byte budget evicts the oldest envelopes relay-wide: `_order` holds a
 reference to the workspace of every appended row in append order. A workspace
@@ -335,7 +336,6 @@ class MemoryStore:
         journal.on_durable = self._release
         for w in self._ws.values():
             w.durable = w.head
-        self._drop_all_pages()
 
     def _release(self, lsn: int) -> None:
         """The journal made everything up to `lsn` safe: readers and listeners may see it."""
@@ -892,7 +892,6 @@ class MemoryStore:
                 self._envelopes += 1
             w.head = max(w.head, st.head)
             w.dropped = st.dropped
-            self._drop_pages(w)
             for blob in st.keyring:
                 w.keyring.append(blob)
                 w.keyring_bytes += len(blob)
