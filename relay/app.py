@@ -325,17 +325,16 @@ class Front:
                 and self._admits(scope, ws)
             ):
                 headers, body = hit
-                # CORSMiddleware edits the header list it is given: a copy then.
-                if self.cors:
-                    headers = list(headers)
                 try:
-                    if type(body) is bytes:
-                        await send(
-                            {"type": "http.response.start", "status": 200, "headers": headers}
-                        )
-                        await send({"type": "http.response.body", "body": body})
-                    else:  # a big answer's pieces (envelopes.JSONParts)
-                        await envelopes.send_parts(send, headers, body)
+                    # CORSMiddleware edits the header list it is given: a copy then.
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": list(headers) if self.cors else headers,
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
                 finally:
                     record(self.relay, scope, scope["route"].path, 200, start)
                 return

@@ -23,17 +23,10 @@ from starlette.testclient import TestClient
 
 import relay.store.memory
 from relay.store import journal as journal_mod
-from relay.store.base import (
-    ENVELOPE_OVERHEAD,
-    Bounds,
-    Page,
-    encode_row,
-    row_seq,
-    workspace_charge,
-)
+from relay.store.base import ENVELOPE_OVERHEAD, Bounds, row_seq, workspace_charge
 from relay.store.memory import PAGE_CACHE_ENTRIES, MemoryStore
 from relay.store.snapshot import JournalConfig, Snapshotter
-from tests.relayproc import RelayProcess, assert_quiet_log
+from tests.relayproc import RelayProcess
 from tests.support import FakeTime, make_client
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hive_envelopes"
@@ -320,47 +313,3 @@ def test_the_cache_is_bounded_per_workspace_and_relay_wide(client: TestClient) -
             assert small.page_cache_used <= 64 * 1024
         assert len(small._paged) < 20  # the first cached workspaces gave theirs up
         assert get(c, "w0", "after=0")[0] == 200
-
-
-def test_a_big_page_leaves_in_pieces_that_join_to_the_one_body_answer() -> None:
-    """A catch-up page past 2 × PART_BYTES goes out as several body messages; a real
-    uvicorn relay sends them as one answer with the right Content-Length, the
-    same bytes as one join of the rows, cached or not, and HEAD sends no body."""
-    pad = "q" * 1000
-    with RelayProcess() as proc, httpx.Client(base_url=proc.url, timeout=30) as c:
-        batch = "[" + ",".join('{"n":%d,"p":"%s"}' % (i, pad) for i in range(400)) + "]"
-        r = c.post(f"/v1/workspaces/{WS}/envelopes/batch", content=batch)
-        assert r.status_code == 200, r.text
-        seqs = r.json()["seqs"]
-        first = c.get(url(WS, "after=0&limit=1000"))
-        again = c.get(url(WS, "after=0&limit=1000"))
-        cold = c.get(url(WS, "after=1&limit=1000"))  # another query: built afresh
-        head = c.head(url(WS, "after=0&limit=1000"))
-    expected = Page(
-        [encode_row(s, b'{"n":%d,"p":"%s"}' % (i, pad.encode())) for i, s in enumerate(seqs)],
-        0,
-        0,
-        0,
-        False,
-    )
-    assert len(expected.json_parts()) > 2
-    for r in (first, again, cold):
-        assert r.status_code == 200
-        assert r.content == expected.json()
-        assert r.headers["content-length"] == str(len(expected.json()))
-    assert [(k, v) for k, v in first.headers.multi_items() if k not in PER_ANSWER] == [
-        (k, v) for k, v in again.headers.multi_items() if k not in PER_ANSWER
-    ]
-    assert head.status_code == 200 and head.content == b""
-    assert head.headers["content-length"] == first.headers["content-length"]
-    assert_quiet_log(proc.logs())
-
-
-def test_json_parts_join_to_json_for_every_shape() -> None:
-    rows = [encode_row(i + 1, b'"%s"' % (b"r" * (i * 37 % 900))) for i in range(200)]
-    for count in (0, 1, 2, 3, 4, 5, 17, 200):
-        page = Page(rows[:count], 0, 0, 0, False)
-        for part_bytes in (1, 100, 1000, 10_000, 1 << 20):
-            parts = page.json_parts(part_bytes)
-            assert b"".join(parts) == page.json(), (count, part_bytes)
-            assert all(parts)

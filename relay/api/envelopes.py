@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from typing import cast
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from relay.api.common import (
     ShapeError,
@@ -96,48 +94,6 @@ class JSONBytes(Response):
         if headers:
             raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.raw_headers = raw
-
-
-class JSONParts(Response):
-    """A big JSON answer (a catch-up page) that leaves as several body messages.
-
-    `parts` joined are the body; Content-Length is their total, so the client
-    sees one ordinary answer. Built by `Page.json_parts`, which says why.
-    """
-
-    media_type = "application/json"
-
-    def __init__(self, parts: list[bytes], headers: dict[str, str] | None = None) -> None:
-        self.status_code = 200
-        self.background = None
-        self.parts = parts
-        self.body = b""
-        raw = [
-            (b"content-length", b"%d" % sum(map(len, parts))),
-            (b"content-type", b"application/json"),
-        ]
-        if headers:
-            raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        self.raw_headers = raw
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_parts(send, self.raw_headers, self.parts)
-
-
-async def send_parts(send: Send, headers: list[tuple[bytes, bytes]], parts: list[bytes]) -> None:
-    """An answer of status 200 whose body is `parts` (uvicorn applies back-pressure
-    between them, and sends nothing after the head for HEAD)."""
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    last = len(parts) - 1
-    for i, part in enumerate(parts):
-        await send({"type": "http.response.body", "body": part, "more_body": i < last})
-
-
-def page_response(page: Page, after: int, epoch: str) -> JSONBytes | JSONParts:
-    """A read's answer: one body for a small page, pieces for a big one."""
-    parts = page.json_parts()
-    headers = read_headers(page, after, epoch)
-    return JSONBytes(parts[0], headers) if len(parts) == 1 else JSONParts(parts, headers)
 
 
 async def post_envelope(request: Request) -> Response:
@@ -226,21 +182,20 @@ async def get_envelopes(request: Request) -> Response:
         if not relay.hub.closing:
             page = await _long_poll(relay, request, ws, after, limit, wait)
         # An empty answer to a long-poll depends on when it ended: never cached.
-        return page_response(page, after, store.epoch)
-    response = page_response(page, after, store.epoch)
+        return JSONBytes(page.json(), read_headers(page, after, store.epoch))
+    response = JSONBytes(page.json(), read_headers(page, after, store.epoch))
     pages = relay.pages
     if pages is not None:
         # No await since the read: the answer shows the workspace as it is now.
         # Cached with its security headers (the front lane adds none to a list
         # that has them), keyed by the query string, which is all that shapes it.
-        # A small answer is cached as its body, a big one as its list of pieces.
         add_security_headers(response.raw_headers)
-        body: bytes | list[bytes]
-        if isinstance(response, JSONParts):
-            body, size = response.parts, sum(map(len, response.parts))
-        else:
-            body, size = cast(bytes, response.body), len(response.body)
-        pages.cache_page(ws, request.scope["query_string"], (response.raw_headers, body), size)
+        pages.cache_page(
+            ws,
+            request.scope["query_string"],
+            (response.raw_headers, response.body),
+            len(response.body),
+        )
     return response
 
 

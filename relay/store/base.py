@@ -88,10 +88,6 @@ class StoreUnavailable(StoreError):
         super().__init__(message, retry_after)
 
 
-# The size of the pieces a big read answer leaves in (Page.json_parts).
-PART_BYTES = 64 * 1024
-
-
 @dataclass(slots=True)
 class Page:
     """One answer to a cursor read."""
@@ -113,33 +109,6 @@ class Page:
         # One join, no concatenation of the big result: for a multi-megabyte page,
         # b"[" + joined + b"]" costs twenty times the join itself.
         return b",".join([b"[" + rows[0], *rows[1:-1], rows[-1] + b"]"])
-
-    def json_parts(self, part_bytes: int = PART_BYTES) -> list[bytes]:
-        """The same JSON array as `json()`, as pieces of about `part_bytes` each.
-
-        A big page (a catch-up of thousands of rows) built as one bytes object is a
-        fresh multi-megabyte allocation per read, which the kernel faults in page by
-        page: that, not the copy, was most of a catch-up read's cost. Pieces this
-        size come from memory the allocator reuses, and leave as separate body
-        messages. A small page is one piece.
-        """
-        rows = self.rows
-        total = sum(map(len, rows))
-        if total <= 2 * part_bytes or len(rows) < 4:
-            return [self.json()]
-        n = max(1, part_bytes * len(rows) // total)  # rows per piece
-        count = len(rows)
-        parts = []
-        for a in range(0, count, n):
-            piece = rows[a : a + n]  # a new list: its ends can be replaced
-            if a == 0:
-                piece[0] = b"[" + piece[0]
-            if a + n >= count:
-                piece[-1] = piece[-1] + b"]"
-            else:
-                piece.append(b"")  # the comma before the next piece's first row
-            parts.append(b",".join(piece))
-        return parts
 
 
 # What the memory store charges against HIVE_RELAY_MAX_BYTES for each item it holds,
