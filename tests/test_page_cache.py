@@ -23,10 +23,16 @@ from starlette.testclient import TestClient
 
 import relay.store.memory
 from relay.store import journal as journal_mod
-from relay.store.base import ENVELOPE_OVERHEAD, Bounds, row_seq, workspace_charge
+from relay.store.base import (
+    ENVELOPE_OVERHEAD,
+    Bounds,
+    encode_row,
+    row_seq,
+    workspace_charge,
+)
 from relay.store.memory import PAGE_CACHE_ENTRIES, MemoryStore
 from relay.store.snapshot import JournalConfig, Snapshotter
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, assert_quiet_log
 from tests.support import FakeTime, make_client
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hive_envelopes"
@@ -313,3 +319,31 @@ def test_the_cache_is_bounded_per_workspace_and_relay_wide(client: TestClient) -
             assert small.page_cache_used <= 64 * 1024
         assert len(small._paged) < 20  # the first cached workspaces gave theirs up
         assert get(c, "w0", "after=0")[0] == 200
+
+
+def test_a_catch_up_page_from_a_real_relay_is_the_same_cached_or_not() -> None:
+    """A big page (400 rows of 1 KiB) from a real relay: the first answer (built),
+    the second (cached), and another cursor's (built) are each one join of the
+    rows with the right Content-Length; HEAD sends the head alone."""
+    pad = "q" * 1000
+    with RelayProcess() as proc, httpx.Client(base_url=proc.url, timeout=30) as c:
+        batch = "[" + ",".join('{"n":%d,"p":"%s"}' % (i, pad) for i in range(400)) + "]"
+        r = c.post(f"/v1/workspaces/{WS}/envelopes/batch", content=batch)
+        assert r.status_code == 200, r.text
+        seqs = r.json()["seqs"]
+        first = c.get(url(WS, "after=0&limit=1000"))
+        again = c.get(url(WS, "after=0&limit=1000"))
+        other = c.get(url(WS, "after=1&limit=1000"))
+        head = c.head(url(WS, "after=0&limit=1000"))
+    rows = [encode_row(s, b'{"n":%d,"p":"%s"}' % (i, pad.encode())) for i, s in enumerate(seqs)]
+    expected = b"[" + b",".join(rows) + b"]"
+    for r in (first, again, other):
+        assert r.status_code == 200
+        assert r.content == expected
+        assert r.headers["content-length"] == str(len(expected))
+    assert [(k, v) for k, v in first.headers.multi_items() if k not in PER_ANSWER] == [
+        (k, v) for k, v in again.headers.multi_items() if k not in PER_ANSWER
+    ]
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == first.headers["content-length"]
+    assert_quiet_log(proc.logs())
