@@ -142,7 +142,9 @@ def test_a_budget_eviction_for_another_workspace_drops_the_pages() -> None:
     # Room for the two workspaces and three such envelopes: "b"'s second push
     # evicts the oldest envelope relay-wide, one of "a"'s.
     envelope = len(body) + 40 + 32 + ENVELOPE_OVERHEAD
-    store = MemoryStore(Bounds(max_bytes=workspace_charge("a") * 2 + envelope * 3 + 100))
+    store = MemoryStore(
+        Bounds(max_bytes=workspace_charge("a") * 2 + envelope * 3 + 100), page_cache_bytes=1 << 20
+    )
     with make_client(store=store) as c:
         push(c, "a", body)
         push(c, "a", body.replace(b"x", b"y"))
@@ -305,6 +307,7 @@ def test_every_cached_read_still_passes_the_access_check_and_the_header_limit() 
 
 def test_the_cache_is_bounded_per_workspace_and_relay_wide(client: TestClient) -> None:
     store = store_of(client)
+    assert MemoryStore(Bounds(max_bytes=64 << 20)).page_cache_bytes == 8 << 20
     push(client, WS, b"1")
     for i in range(3 * PAGE_CACHE_ENTRIES):
         get(client, WS, f"after=0&bust={i}")

@@ -26,8 +26,9 @@ drops the workspace's pages (`_drop_pages`): an append or batch, any row dropped
 (count cap, age, budget eviction, replayed drop), a moved drop horizon, a moved
 durable mark, a freed workspace; a new epoch drops them all. (Loading a snapshot
 and attaching the journal happen at start-up, before any read.) The cache holds
-at most PAGE_CACHE_BYTES relay-wide (a fixed cap on top of HIVE_RELAY_MAX_BYTES,
-not charged to it) and PAGE_CACHE_ENTRIES per workspace.
+at most PAGE_CACHE_BYTES (32 MiB) relay-wide, or an eighth of a smaller
+HIVE_RELAY_MAX_BYTES: a fixed cap on top of the budget, not charged to it; and
+PAGE_CACHE_ENTRIES per workspace.
 
 The global byte budget evicts the oldest envelopes relay-wide: `_order` holds a
 reference to the workspace of every appended row in append order. A workspace
@@ -199,10 +200,15 @@ class MemoryStore:
         self,
         bounds: Bounds | None = None,
         epoch: str | None = None,
-        page_cache_bytes: int = PAGE_CACHE_BYTES,
+        page_cache_bytes: int | None = None,
     ) -> None:
         self.bounds = bounds or Bounds()
-        self.page_cache_bytes = page_cache_bytes  # 0: no page cache
+        # 0: no page cache. By default PAGE_CACHE_BYTES, or an eighth of a smaller budget.
+        self.page_cache_bytes = (
+            min(PAGE_CACHE_BYTES, self.bounds.max_bytes // 8)
+            if page_cache_bytes is None
+            else page_cache_bytes
+        )
         self._page_bytes = 0
         # Workspaces holding cached pages, in the order they began to: the first
         # gives its pages up when the cache is full.
