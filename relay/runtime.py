@@ -16,7 +16,7 @@ from relay.limits import RateLimiter, StreamSlots, client_address, client_key
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.status import Sampler
-from relay.store.base import Store
+from relay.store.base import PageCachingStore, Store
 
 if TYPE_CHECKING:
     from relay.reload import Reloader
@@ -56,6 +56,8 @@ class Relay:
             self.metrics.streams_ended_by_reload.inc(ended)
         return f"access {access.describe()}; {ended} live stream(s) ended"
 
+    # The store, when it caches read answers (the memory store; relay.store.base).
+    pages: PageCachingStore | None = None
     tls: CertReloader | None = None  # direct TLS, with HIVE_RELAY_TLS_CERT/KEY
 
     def close_streams(self) -> None:

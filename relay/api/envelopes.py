@@ -22,7 +22,7 @@ from relay.api.common import (
     read_body,
     workspace_id,
 )
-from relay.errors import bad_request
+from relay.errors import add_security_headers, bad_request
 from relay.runtime import Relay
 from relay.store.base import MAX_U64, Page
 
@@ -179,10 +179,27 @@ async def get_envelopes(request: Request) -> Response:
     after, limit = cursor_params(request)
     wait = int_param(request, "wait", 0, 0, MAX_WAIT)
     max_page = relay.settings.max_page_bytes
-    page = await relay.store.read(ws, after, limit, max_page)
-    if not page.rows and wait and not relay.hub.closing:
-        page = await _long_poll(relay, request, ws, after, limit, wait, checked)
-    return JSONBytes(page.json(), read_headers(page, after, relay.store.epoch))
+    store = relay.store
+    page = await store.read(ws, after, limit, max_page)
+    if not page.rows and wait:
+        if not relay.hub.closing:
+            page = await _long_poll(relay, request, ws, after, limit, wait, checked)
+        # An empty answer to a long-poll depends on when it ended: never cached.
+        return JSONBytes(page.json(), read_headers(page, after, store.epoch))
+    response = JSONBytes(page.json(), read_headers(page, after, store.epoch))
+    pages = relay.pages
+    if pages is not None:
+        # No await since the read: the answer shows the workspace as it is now.
+        # Cached with its security headers (the front lane adds none to a list
+        # that has them), keyed by the query string, which is all that shapes it.
+        add_security_headers(response.raw_headers)
+        pages.cache_page(
+            ws,
+            request.scope["query_string"],
+            (response.raw_headers, response.body),
+            len(response.body),
+        )
+    return response
 
 
 async def _long_poll(

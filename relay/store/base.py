@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # A listener is told, synchronously and in seq order, of every row appended to a
 # workspace: (workspace, [(seq, row_bytes), ...]).
@@ -250,4 +250,24 @@ class BudgetedStore(Protocol):
 
     def set_listened(self, listened: Callable[[str], bool]) -> None:
         """Tells the store which workspaces have live listeners (never freed early)."""
+        ...
+
+
+@runtime_checkable
+class PageCachingStore(Protocol):
+    """A store that keeps read answers until the workspace they show changes.
+
+    The API builds the answer (body and headers) of a cursor read once and serves
+    it to every reader who asks with the same query until the store drops it. The
+    store drops a workspace's answers on every change a page could show (appends,
+    drops, the drop horizon, the durable mark, the epoch), so a cached answer is
+    always byte for byte what a fresh read would build.
+    """
+
+    def cached_page(self, ws: str, key: Any) -> Any:
+        """The answer cached for `key` in `ws`, or None."""
+        ...
+
+    def cache_page(self, ws: str, key: Any, page: Any, size: int) -> None:
+        """Keep `page` for `key` until `ws` changes; call with no await since the read."""
         ...

@@ -18,6 +18,18 @@ one place visibility is decided; without a journal it is the head.
 Seqs follow the rule in relay.store.base (`next_seq`), across restarts with or
 without a snapshot.
 
+Page cache: a read's whole answer (its body and headers, built by the API) is
+kept per workspace, keyed by the request's query string, and served to every
+reader who asks the same until the workspace changes (after a nudge every device
+of a workspace asks for the same newest page). Every change a page could show
+drops the workspace's pages (`_drop_pages`): an append or batch, any row dropped
+(count cap, age, budget eviction, replayed drop), a moved drop horizon, a moved
+durable mark, a freed workspace; a new epoch drops them all. (Loading a snapshot
+and attaching the journal happen at start-up, before any read.) The cache holds
+at most PAGE_CACHE_BYTES (32 MiB) relay-wide, or an eighth of a smaller
+HIVE_RELAY_MAX_BYTES: a fixed cap on top of the budget, not charged to it; and
+PAGE_CACHE_ENTRIES per workspace.
+
 The global byte budget evicts the oldest envelopes relay-wide: `_order` holds a
 reference to the workspace of every appended row in append order. A workspace
 that prunes rows itself (count or age) counts them in `stale`, and the eviction
@@ -61,6 +73,12 @@ _COMPACT_MIN = 1024
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
 # app yields to the event loop between steps, so a sweep never stalls it.
 SWEEP_STEP = 2000
+# The page cache's bounds (module docstring): cached answers relay-wide, answers per
+# workspace, and the largest answer kept (a quarter of the cache).
+PAGE_CACHE_BYTES = 32 << 20
+PAGE_CACHE_ENTRIES = 8
+# What an entry costs beside its body: the header list, the tuple and dict slot.
+PAGE_ENTRY_OVERHEAD = 1024
 # After a search for empty workspaces to free found none, the next waits this long.
 _EMPTY_SEARCH_PAUSE = 1.0
 
@@ -81,6 +99,8 @@ class _Workspace:
         "keyring_bytes",
         "keys",
         "name",
+        "page_bytes",
+        "pages",
         "presence",
         "rows",
         "seqs",
@@ -106,6 +126,9 @@ class _Workspace:
         self.presence: dict[str, tuple[bytes, float]] = {}
         self.candidates: dict[str, tuple[bytes, float]] = {}
         self.touched = time.monotonic()
+        # Cached answers (see the module docstring): query key → what the API built.
+        self.pages: dict[Any, Any] | None = None
+        self.page_bytes = 0
 
     @property
     def count(self) -> int:
@@ -173,8 +196,23 @@ class WorkspaceState:
 
 
 class MemoryStore:
-    def __init__(self, bounds: Bounds | None = None, epoch: str | None = None) -> None:
+    def __init__(
+        self,
+        bounds: Bounds | None = None,
+        epoch: str | None = None,
+        page_cache_bytes: int | None = None,
+    ) -> None:
         self.bounds = bounds or Bounds()
+        # 0: no page cache. By default PAGE_CACHE_BYTES, or an eighth of a smaller budget.
+        self.page_cache_bytes = (
+            min(PAGE_CACHE_BYTES, self.bounds.max_bytes // 8)
+            if page_cache_bytes is None
+            else page_cache_bytes
+        )
+        self._page_bytes = 0
+        # Workspaces holding cached pages, in the order they began to: the first
+        # gives its pages up when the cache is full.
+        self._paged: dict[_Workspace, None] = {}
         self._epoch = epoch or new_epoch()
         self._ws: dict[str, _Workspace] = {}
         self._order: deque[_Workspace] = deque()
@@ -211,6 +249,70 @@ class MemoryStore:
 
     def adopt_epoch(self, epoch: str) -> None:
         self._epoch = epoch
+        self._drop_all_pages()  # every answer names the epoch
+
+    # ------------------------------------------------------------ page cache
+    def cached_page(self, ws: str, key: Any) -> Any:
+        """The answer cached for `key` in workspace `ws`, or None."""
+        w = self._ws.get(ws)
+        if w is None:
+            return None
+        pages = w.pages
+        entry = None if pages is None else pages.get(key)
+        return None if entry is None else entry[0]
+
+    def cache_page(self, ws: str, key: Any, page: Any, size: int) -> None:
+        """Keep `page` (about `size` bytes) as the answer for `key` until `ws` changes.
+
+        Call it right after the read the page was built from, with no await in
+        between, so the page shows the workspace as it is now.
+        """
+        w = self._ws.get(ws)
+        cap = self.page_cache_bytes
+        size += PAGE_ENTRY_OVERHEAD
+        if w is None or size > cap // 4:
+            return
+        pages = w.pages
+        if pages is None:
+            pages = w.pages = {}
+            self._paged[w] = None
+        elif key in pages:
+            return
+        elif len(pages) >= PAGE_CACHE_ENTRIES:
+            # Cache-busting query strings must not grow it: the oldest entry goes.
+            del pages[next(iter(pages))]
+            # Its size is not tracked per entry: count the workspace's pages afresh.
+            self._page_bytes -= w.page_bytes
+            w.page_bytes = sum(e[1] for e in pages.values())
+            self._page_bytes += w.page_bytes
+        while self._page_bytes + size > cap and self._paged:
+            oldest = next(iter(self._paged))
+            if oldest is w:
+                break
+            self._drop_pages(oldest)
+        if self._page_bytes + size > cap:
+            return
+        pages[key] = (page, size)
+        w.page_bytes += size
+        self._page_bytes += size
+
+    def _drop_pages(self, w: _Workspace) -> None:
+        """Forget every cached answer of `w`: call on any change a page could show."""
+        if w.pages is None:
+            return
+        w.pages = None
+        self._page_bytes -= w.page_bytes
+        w.page_bytes = 0
+        del self._paged[w]
+
+    def _drop_all_pages(self) -> None:
+        for w in list(self._paged):
+            self._drop_pages(w)
+
+    @property
+    def page_cache_used(self) -> int:
+        """Bytes held by cached answers (at most page_cache_bytes)."""
+        return self._page_bytes
 
     def set_listener(self, listener: AppendListener | None) -> None:
         self._listener = listener
@@ -248,6 +350,8 @@ class MemoryStore:
         while pending and pending[0][0] <= lsn:
             _, w, rows = pending.popleft()
             w.durable = rows[-1][0]
+            if w.pages is not None:
+                self._drop_pages(w)  # the durable mark moved: readers may see more
             if listener is not None:
                 listener(w.name, rows)
 
@@ -359,7 +463,8 @@ class MemoryStore:
     def _forget(self, name: str) -> None:
         # Only empty workspaces are forgotten; every row it had is already counted
         # stale in _order.
-        del self._ws[name]
+        w = self._ws.pop(name)
+        self._drop_pages(w)
         charge = workspace_charge(name)
         self._pool -= charge
         self._ws_bytes -= charge
@@ -469,6 +574,9 @@ class MemoryStore:
         return out
 
     def _after_append(self, w: _Workspace, added: int) -> None:
+        # Every append, batch and replayed append comes here (drops it causes too).
+        if w.pages is not None:
+            self._drop_pages(w)
         self.version += 1
         b = self.bounds
         if b.max_envelopes and w.count > b.max_envelopes:
@@ -481,6 +589,8 @@ class MemoryStore:
             self._compact_order()
 
     def _drop_local(self, w: _Workspace, n: int = 1) -> None:
+        if w.pages is not None:
+            self._drop_pages(w)
         rows, keys = w.drop_oldest(n)
         if self._journal is not None:
             self._drops[w] = None
@@ -501,6 +611,8 @@ class MemoryStore:
             w.stale -= 1
             self._stale_total -= 1
             return
+        if w.pages is not None:
+            self._drop_pages(w)
         rows, keys = w.drop_oldest()
         if self._journal is not None:
             self._drops[w] = None
@@ -951,4 +1063,6 @@ class MemoryStore:
         upto = bisect.bisect_right(w.seqs, upto_seq, w.start, len(w.seqs))
         if upto > w.start:
             self._drop_local(w, upto - w.start)
-        w.dropped = max(w.dropped, upto_seq)
+        if upto_seq > w.dropped:
+            self._drop_pages(w)  # the drop horizon moved: the gap header may change
+            w.dropped = upto_seq
