@@ -410,6 +410,7 @@ def herd(
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
         seqs = publish(url, ws, rate, seconds)
+        publish_wall = time.monotonic() - wall0
         for _, pipe in workers:
             pipe.send((len(seqs), sum(seqs), 15.0))
         results = [pipe.recv() for _, pipe in workers]
@@ -438,6 +439,7 @@ def herd(
         generator_cpu=gen_cpu,
         publisher_cpu=(me1.user - me0.user) + (me1.system - me0.system),
         wall=wall,
+        publish_wall=publish_wall,
     )
 
 
@@ -453,6 +455,7 @@ def summarize(
     generator_cpu: list[float],
     publisher_cpu: float,
     wall: float,
+    publish_wall: float,
 ) -> dict:
     lat = sorted(latencies)
     delivered = sum(r["delivered"] for r in results)
@@ -461,6 +464,8 @@ def summarize(
         "followers": followers,
         "rate": rate,
         "sent": sent,
+        # Below `rate` when the relay answered the publisher's POSTs too slowly to keep up.
+        "sent_per_s": sent / publish_wall if publish_wall else math.nan,
         "expected": sent * followers,
         "delivered": delivered,
         "complete_followers": sum(r["complete"] for r in results),

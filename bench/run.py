@@ -420,6 +420,7 @@ def bench_herd(
                 (
                     f"{n:,}",
                     "nudge + GET after cursor" if mode == "nudge" else "SSE bodies",
+                    f"{statistics.median(x['sent_per_s'] for x in runs):.1f}",
                     f"{p50:.1f} / {p99:.1f}",
                     f"{per[mode]:.2f}",
                     f"{per[mode] / per['sse']:.2f}x",
@@ -439,6 +440,7 @@ def bench_herd(
 HERD_HEADER = (
     "followers",
     "path",
+    "env/s sent (asked: 20)",
     "p50 / p99 publish → body in hand (ms)",
     "relay CPU s per 1,000 deliveries",
     "to SSE bodies",
@@ -694,13 +696,13 @@ GROUPS = {
     "herd": "HERD",
     "workers": "WORKERS",
     "scale": "MORE",
-    "icount": "MORE",
+    "icount": "ICOUNT",
     "idle": "MORE",
     "memory": "MORE",
     "snapshot": "MORE",
     "redis": "MORE",
     "journal": "JOURNAL",
-    "replay": "JOURNAL",
+    "replay": "REPLAY",
 }
 # Left out of a plain `make bench` (minutes each): run them with --all or --only.
 SLOW = {"icount", "replay"}
@@ -714,6 +716,7 @@ def main() -> int:
     p.add_argument("--all", action="store_true", help="also callgrind and the 1 GiB replay")
     p.add_argument("--only", action="append", choices=sorted(GROUPS), help="(repeatable)")
     p.add_argument("--herd-seconds", type=float, default=10, help="publishing time per herd run")
+    p.add_argument("--herd-rounds", type=int, default=1, help="herd runs per size and path")
     p.add_argument(
         "--profile",
         type=Path,
@@ -755,7 +758,9 @@ def main() -> int:
 
     rounds, secs = args.rounds, args.seconds
     section("http", lambda: bench_publish_and_read(rounds, secs))
-    section("herd", lambda: bench_herd((200, 1000), args.herd_seconds, rounds, args.profile))
+    section(
+        "herd", lambda: bench_herd((200, 1000), args.herd_seconds, args.herd_rounds, args.profile)
+    )
     section("workers", lambda: bench_workers(rounds, secs))
     section("scale", lambda: bench_batch_ws_scale(rounds, secs))
     section("icount", bench_icount)
