@@ -35,7 +35,10 @@ import math
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from array import array
 from collections.abc import Callable
@@ -366,7 +369,14 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def herd(
-    url: str, followers: int, mode: str, rate: float, seconds: float, procs: int, relay_pid: int
+    url: str,
+    followers: int,
+    mode: str,
+    rate: float,
+    seconds: float,
+    procs: int,
+    relay_pid: int,
+    profile: str | None = None,
 ) -> dict:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -390,7 +400,17 @@ def herd(
         gen0 = [cpu_seconds(p.pid) for p, _ in workers]
         me0 = os.times()
         wall0 = time.monotonic()
+        spy = None
+        if profile:  # py-spy of the relay over the publishing window (needs ptrace rights)
+            spy_bin = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy"
+            spy = subprocess.Popen(
+                [spy_bin, "record", "-p", str(relay_pid), "-r", "200", "-d", str(int(seconds)),
+                 "-f", "raw", "-o", profile, "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         seqs = publish(url, ws, rate, seconds)
+        publish_wall = time.monotonic() - wall0
         for _, pipe in workers:
             pipe.send((len(seqs), sum(seqs), 15.0))
         results = [pipe.recv() for _, pipe in workers]
@@ -401,6 +421,8 @@ def herd(
         lat = array("d")
         for _, pipe in workers:
             lat.frombytes(pipe.recv_bytes())
+        if spy is not None:
+            spy.wait(60)
     finally:
         for proc, _ in workers:
             proc.join(5)
@@ -417,6 +439,7 @@ def herd(
         generator_cpu=gen_cpu,
         publisher_cpu=(me1.user - me0.user) + (me1.system - me0.system),
         wall=wall,
+        publish_wall=publish_wall,
     )
 
 
@@ -432,6 +455,7 @@ def summarize(
     generator_cpu: list[float],
     publisher_cpu: float,
     wall: float,
+    publish_wall: float,
 ) -> dict:
     lat = sorted(latencies)
     delivered = sum(r["delivered"] for r in results)
@@ -440,6 +464,8 @@ def summarize(
         "followers": followers,
         "rate": rate,
         "sent": sent,
+        # Below `rate` when the relay answered the publisher's POSTs too slowly to keep up.
+        "sent_per_s": sent / publish_wall if publish_wall else math.nan,
         "expected": sent * followers,
         "delivered": delivered,
         "complete_followers": sum(r["complete"] for r in results),
@@ -474,9 +500,10 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=20)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--procs", type=int, default=0, help="generator processes (0: one per 64)")
+    p.add_argument("--py-spy", default=None, help="write a py-spy raw profile of the relay here")
     a = p.parse_args()
     procs = a.procs or min(16, max(2, math.ceil(a.followers / 64)))
-    out = herd(a.url, a.followers, a.mode, a.rate, a.seconds, procs, a.relay_pid)
+    out = herd(a.url, a.followers, a.mode, a.rate, a.seconds, procs, a.relay_pid, a.py_spy)
     print(json.dumps(out))
 
 

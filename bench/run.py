@@ -2,10 +2,15 @@
 
 Every figure is the median of several runs with its spread, and is shown as a
 ratio to the ceiling measured in the same run (machines here are shared and
-noisy: ratios travel, absolute numbers do not). Load generators are separate
-processes: wrk for plain HTTP, bench/fanout.py (Python asyncio) for streams.
+noisy: ratios travel, absolute numbers do not). The relays run with their
+default settings (access log on), with the access log off beside them for the
+main figures. Load generators are separate processes: wrk for plain HTTP,
+bench/herd.py (several asyncio processes) for followers, bench/fanout.py for
+idle streams.
 
-Writes the results table into docs/benchmarks.md between the RESULTS markers.
+    .venv/bin/python bench/run.py [--quick] [--all] [--only GROUP ...]
+
+Writes each group's table into docs/benchmarks.md between its markers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,27 +35,40 @@ import httpx
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+from herd import cpu_seconds  # noqa: E402
+
 from tests.relayproc import RelayProcess, free_port  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
-# The journal's figures (issue 14) have their own table, so either can be re-run alone.
-JOURNAL_BEGIN, JOURNAL_END = "<!-- JOURNAL:BEGIN -->", "<!-- JOURNAL:END -->"
 
 
 def wrk(
     url: str, seconds: int, conns: int, script: str | None = None, env: dict[str, str] | None = None
 ) -> float:
+    return wrk_full(url, seconds, conns, script, env)[0]
+
+
+def wrk_full(
+    url: str, seconds: int, conns: int, script: str | None = None, env: dict[str, str] | None = None
+) -> tuple[float, int]:
+    """(requests per second, requests completed) of one wrk run."""
     cmd = ["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if script:
         cmd += ["-s", str(HERE / script)]
-    out = subprocess.run(
-        [*cmd, url], capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}
-    ).stdout
+    res = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
+    )
+    if res.returncode:
+        raise RuntimeError(
+            f"{' '.join(cmd)} {url} failed ({res.returncode}):\n{res.stdout}{res.stderr}"
+        )
+    out = res.stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"wrk saw {errors.group(1)} error responses:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return rate, int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
 
 
 def median_spread(values: list[float]) -> tuple[float, float]:
@@ -87,13 +106,18 @@ class Ceiling:
 
 
 def relay_env(**extra: str) -> dict[str, str]:
-    return {
-        "HIVE_RELAY_PUSH_RATE": "0",
-        "HIVE_RELAY_ACCESS_LOG": "false",
-        "HIVE_RELAY_MAX_SSE": "0",
-        "HIVE_RELAY_MAX_SSE_PER_CLIENT": "0",
-        **extra,
-    }
+    """The relay's default settings, but for the one a benchmark cannot run under.
+
+    The per-client push rate (100/s by default) would cap a load generator that
+    publishes from one address, so it is off; everything else, the access log
+    among it, is the default unless a run says otherwise (`extra`). The relay's
+    output, its access log included, goes to a file (tests/relayproc.py), as it
+    would to journald or a log file in production.
+    """
+    return {"HIVE_RELAY_PUSH_RATE": "0", **extra}
+
+
+LOG_OFF = {"HIVE_RELAY_ACCESS_LOG": "false"}
 
 
 def fill(base: str, ws: str, n: int, size: int = 1024) -> list[int]:
@@ -116,100 +140,99 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def log_cost(on: list[float], off: list[float], cpu_on: list[float], cpu_off: list[float]) -> str:
+    """The access log's cost: time per request with it on over time with it off, less 1
+    (the rate off over the rate on, paired per round), as a percentage; and the same
+    for the relay's CPU time per request."""
+    return (
+        f"{(paired(off, on) - 1) * 100:+.0f}% by rate, "
+        f"{(paired(cpu_on, cpu_off) - 1) * 100:+.0f}% by CPU"
+    )
+
+
 def bench_publish_and_read(rounds: int, seconds: int) -> list[tuple[str, str, str, str]]:
-    rows = []
-    with Ceiling() as ceiling, RelayProcess(env=relay_env()) as relay:
-        fill(relay.url, "pub", 50_000)  # at its 50,000 retention cap from the start
-        seqs_1k = fill(relay.url, "r1k", 1_000)
-        seqs_100k = fill(relay.url, "r100k", 100_000)
-        pub_url = relay.url + "/v1/workspaces/pub/envelopes"
-        ceil_pub, relay_pub, read_1k, read_100k, ceil_read, catchup, ceil_catchup = (
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-        )
-        page5 = len(
-            httpx.get(
-                relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5"
-            ).content
-        )
-        catch_size = len(
-            httpx.get(
-                relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", timeout=30
-            ).content
-        )
-        for _ in range(rounds):
-            ceil_pub.append(wrk(ceiling.url + "/append", seconds, 32, "post_unique.lua"))
-            relay_pub.append(wrk(pub_url, seconds, 32, "post_unique.lua"))
-            ceil_read.append(wrk(ceiling.url + f"/read?size={page5}", seconds, 32))
-            read_1k.append(
-                wrk(
-                    relay.url + f"/v1/workspaces/r1k/envelopes?after={seqs_1k[-6]}&limit=5",
-                    seconds,
-                    32,
+    """Issue 13's main figures: the defaults (access log on) and the access log off,
+    each against the prebuilt-bytes Starlette ceiling of the same round."""
+    rows: list[tuple[str, str, str, str]] = []
+    with (
+        Ceiling() as ceiling,
+        RelayProcess(env=relay_env()) as on,
+        RelayProcess(env=relay_env(**LOG_OFF)) as off,
+    ):
+        relays = {"on": on, "off": off}
+        read5: dict[str, str] = {}
+        for name, relay in relays.items():
+            fill(relay.url, "pub", 50_000)  # at its 50,000 retention cap from the start
+            seqs_1k = fill(relay.url, "r1k", 1_000)
+            seqs_50k = fill(relay.url, "r50k", 50_000)
+            read5[name] = f"?after={seqs_1k[-6]}&limit=5"
+            read5[name + "50k"] = f"?after={seqs_50k[-6]}&limit=5"
+        page5 = len(httpx.get(on.url + "/v1/workspaces/r1k/envelopes" + read5["on"]).content)
+        catch_path = "/v1/workspaces/r50k/envelopes?after=0&limit=5000"
+        catch_size = len(httpx.get(on.url + catch_path, timeout=30).content)
+        runs: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}  # the server's CPU microseconds per request
+        pids = {ceiling.url: ceiling.proc.pid}
+        pids.update({r.url: r.proc.pid for r in relays.values() if r.proc is not None})
+
+        def run(key: str, url: str, conns: int, script: str | None = None) -> None:
+            # The server's own CPU time per request, from /proc: on a machine whose
+            # cores other work takes, it moves far less than the rate does.
+            pid = next(p for base, p in pids.items() if url.startswith(base + "/"))
+            before = cpu_seconds(pid)
+            rate, requests = wrk_full(url, seconds, conns, script)
+            runs.setdefault(key, []).append(rate)
+            cpu.setdefault(key, []).append((cpu_seconds(pid) - before) / requests * 1e6)
+
+        for _ in range(rounds):  # each round's figures back to back, so they share its minute
+            run("ceil_pub", ceiling.url + "/append", 32, "post_unique.lua")
+            for name, relay in relays.items():
+                run(
+                    f"pub_{name}", relay.url + "/v1/workspaces/pub/envelopes", 32, "post_unique.lua"
                 )
-            )
-            read_100k.append(
-                wrk(
-                    relay.url + f"/v1/workspaces/r100k/envelopes?after={seqs_100k[-6]}&limit=5",
-                    seconds,
-                    32,
-                )
-            )
-            ceil_catchup.append(wrk(ceiling.url + f"/read?size={catch_size}", seconds, 8))
-            catchup.append(
-                wrk(relay.url + "/v1/workspaces/r100k/envelopes?after=0&limit=5000", seconds, 8)
-            )
-        cp, cps = median_spread(ceil_pub)
-        rp, rps = median_spread(relay_pub)
-        r1, r1s = median_spread(read_1k)
-        r2, r2s = median_spread(read_100k)
-        cr, crs = median_spread(ceil_read)
-        cc, ccs = median_spread(ceil_catchup)
-        rc, rcs = median_spread(catchup)
+            run("ceil_read", ceiling.url + f"/read?size={page5}", 32)
+            for name, relay in relays.items():
+                run(f"read_{name}", relay.url + "/v1/workspaces/r1k/envelopes" + read5[name], 32)
+            run("read_on_50k", on.url + "/v1/workspaces/r50k/envelopes" + read5["on50k"], 32)
+            run("ceil_catch", ceiling.url + f"/read?size={catch_size}", 8)
+            for name, relay in relays.items():
+                run(f"catch_{name}", relay.url + catch_path, 8)
+
+    def fig(key: str) -> str:
+        med, spread = median_spread(runs[key])
+        return f"{med:,.0f} req/s ±{spread:.0f}%, {statistics.median(cpu[key]):.0f} µs CPU"
+
+    def ratio(key: str, ceil: str) -> str:
+        return f"{paired(runs[key], runs[ceil]):.2f} (CPU {paired(cpu[ceil], cpu[key]):.2f})"
+
+    for what, key, ceil, ceil_what, target in (
+        ("Unique 1 KiB publish at the 50,000 cap", "pub", "ceil_pub",
+         "append body to a list (POST)", "≥ 0.8 (issue 7)"),
+        ("Newest 5 rows of a 1,000 backlog", "read", "ceil_read",
+         "prebuilt bytes, size of a 5-row page", "≥ 1.0 (issue 13)"),
+        ("Catch-up, 5,000 rows from cursor 0", "catch", "ceil_catch",
+         "prebuilt bytes, size of 5,000 rows", "≥ 0.9 (issue 13)"),
+    ):  # fmt: skip
         rows += [
-            ("Ceiling: append body to a list (POST)", f"{cp:,.0f} req/s ±{cps:.0f}%", "1.00", ""),
-            (
-                "Unique 1 KiB publish at the 50,000 cap",
-                f"{rp:,.0f} req/s ±{rps:.0f}%",
-                f"{paired(relay_pub, ceil_pub):.2f}",
-                "≥ 0.7 (issue 2), ≥ 0.8 (issue 7)",
-            ),
-            (
-                "Ceiling: prebuilt bytes, size of a 5-row page",
-                f"{cr:,.0f} req/s ±{crs:.0f}%",
-                "1.00",
-                "",
-            ),
-            (
-                "Newest 5 rows, 1,000 backlog",
-                f"{r1:,.0f} req/s ±{r1s:.0f}%",
-                f"{paired(read_1k, ceil_read):.2f}",
-                "",
-            ),
-            (
-                "Newest 5 rows, 100,000 backlog",
-                f"{r2:,.0f} req/s ±{r2s:.0f}%",
-                f"{paired(read_100k, ceil_read):.2f}",
-                f"100k/1k = {paired(read_100k, read_1k):.2f} (target within 15%: ≥ 0.85)",
-            ),
-            (
-                "Ceiling: prebuilt bytes, size of 5,000 rows",
-                f"{cc:,.0f} req/s ±{ccs:.0f}%",
-                "1.00",
-                "",
-            ),
-            (
-                "Catch-up read of 5,000 rows from cursor 0",
-                f"{rc:,.0f} req/s ±{rcs:.0f}%",
-                f"{paired(catchup, ceil_catchup):.2f}",
-                "≥ 0.9 (issue 7)",
-            ),
-        ]
+            (f"Ceiling: {ceil_what}", fig(ceil), "1.00", ""),
+            (f"{what}, defaults (access log on)", fig(f"{key}_on"), ratio(f"{key}_on", ceil),
+             target),
+            (f"{what}, access log off", fig(f"{key}_off"), ratio(f"{key}_off", ceil), ""),
+            (f"Access log cost, {what[0].lower()}{what[1:]}", log_cost(runs[f"{key}_on"],
+             runs[f"{key}_off"], cpu[f"{key}_on"], cpu[f"{key}_off"]), "",
+             "time per request, on against off"
+             + ("; target ≤ +10% (issue 13)" if key == "read" else "")),
+        ]  # fmt: skip
+        if key == "read":
+            rows.append(
+                (
+                    "Newest 5 rows of a 50,000 backlog, defaults",
+                    fig("read_on_50k"),
+                    ratio("read_on_50k", ceil),
+                    f"50,000 / 1,000 backlog = {paired(runs['read_on_50k'], runs['read_on']):.2f}"
+                    f" (CPU {paired(cpu['read_on'], cpu['read_on_50k']):.2f}; flat: ≥ 0.85)",
+                )
+            )
     return rows
 
 
@@ -295,7 +318,7 @@ def bench_batch_ws_scale(rounds: int, seconds: int) -> list[tuple[str, str, str,
             ),
         ]
         # Read cost against backlog size: newest 5 rows.
-        seqs = {n: fill(relay.url, f"backlog{n}", n) for n in (1_000, 10_000, 100_000)}
+        seqs = {n: fill(relay.url, f"backlog{n}", n) for n in (1_000, 10_000, 50_000)}
         runs: dict[int, list[float]] = {n: [] for n in seqs}
         for _ in range(rounds):  # interleaved, as above
             for n, sq in seqs.items():
@@ -368,42 +391,140 @@ def bench_icount() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def bench_fanout(subscribers: int, rate: float, seconds: float) -> list[tuple[str, str, str, str]]:
-    out = []
-    with RelayProcess(env=relay_env()) as relay:
-        res = subprocess.run(
-            [
-                sys.executable,
-                str(HERE / "fanout.py"),
-                "--url",
-                relay.url,
-                "--subscribers",
-                str(subscribers),
-                "--rate",
-                str(rate),
-                "--seconds",
-                str(seconds),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=seconds + 120,
-        )
-        data = json.loads(res.stdout.strip().splitlines()[-1])
-    out.append(
-        (
-            f"SSE fan-out, {subscribers} subscribers with bodies, {rate:g} env/s",
-            f"p50 {data['p50_ms']:.1f} ms, p99 {data['p99_ms']:.1f} ms",
-            "",
-            f"{'every' if data['complete'] else 'NOT every'} envelope to every subscriber "
-            f"({data['delivered']}/{data['expected']}); target p99 < 50 ms",
-        )
-    )
-    return out
+def run_herd(
+    relay: RelayProcess, followers: int, mode: str, seconds: float, profile: Path | None = None
+) -> dict:
+    assert relay.proc is not None
+    cmd = [
+        sys.executable,
+        str(HERE / "herd.py"),
+        "--url",
+        relay.url,
+        "--relay-pid",
+        str(relay.proc.pid),
+        "--followers",
+        str(followers),
+        "--mode",
+        mode,
+        "--rate",
+        "20",
+        "--seconds",
+        str(seconds),
+    ]
+    if profile is not None:
+        cmd += ["--py-spy", str(profile)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300, check=False)
+    if res.returncode:
+        raise RuntimeError(f"herd.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def bench_herd(
+    sizes: tuple[int, ...], seconds: float, rounds: int, profile_dir: Path | None = None
+) -> list[tuple[str, ...]]:
+    """The Hive desktop path (nudge + GET after cursor) next to SSE bodies, N followers of
+    one workspace at 20 env/s. The relay runs with its defaults: 1,000 followers fit the
+    default stream cap (2,000), and each follower has its own loopback address, so the
+    per-client cap (100) applies per follower as it does per device."""
+    rows: list[tuple[str, ...]] = []
+    for n in sizes:
+        results: dict[str, list[dict]] = {"nudge": [], "sse": []}
+        with RelayProcess(env={}) as relay:
+            for _ in range(rounds):
+                for mode, runs in results.items():  # interleaved: a round's pair shares its minute
+                    runs.append(run_herd(relay, n, mode, seconds))
+            if profile_dir is not None:  # one more run, not counted: py-spy takes a core
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                run_herd(relay, n, "nudge", seconds, profile_dir / f"herd-{n}-nudge.txt")
+        per = {m: statistics.median(d["relay_cpu_per_1000"] for d in v) for m, v in results.items()}
+        for mode, runs in results.items():
+            d = sorted(runs, key=lambda x: x["p99_ms"])[len(runs) // 2]  # the median run
+            p50 = statistics.median(x["p50_ms"] for x in runs)
+            p99 = statistics.median(x["p99_ms"] for x in runs)
+            complete = all(x["complete"] for x in runs)
+            each_below = all(x["generators_below_relay"] for x in runs)
+            together = sum(d["generator_cpu_s"])
+            target = "" if mode == "sse" else "≤ 2x" + ("; p99 < 100 ms" if n == 200 else "")
+            rows.append(
+                (
+                    f"{n:,}",
+                    "nudge + GET after cursor" if mode == "nudge" else "SSE bodies",
+                    f"{statistics.median(x['sent_per_s'] for x in runs):.1f}",
+                    f"{p50:.1f} / {p99:.1f}",
+                    f"{per[mode]:.2f}",
+                    f"{per[mode] / per['sse']:.2f}x",
+                    f"{d['relay_cpu_s']:.1f}",
+                    f"{d['generator_cpu_max_s']:.1f} ({len(d['generator_cpu_s'])} procs, "
+                    f"{together:.1f} together; publisher {d['publisher_cpu_s']:.1f})",
+                    ("yes" if each_below else "**NO: a generator set the pace**")
+                    + ("" if together < d["relay_cpu_s"] else "; together above the relay"),
+                    f"{'yes' if complete else '**NO**'} ({d['delivered']:,}/{d['expected']:,}"
+                    + (f", {d['gets']:,} GETs)" if mode == "nudge" else ")"),
+                    target,
+                )
+            )
+    return rows
+
+
+HERD_HEADER = (
+    "followers",
+    "path",
+    "env/s sent (asked: 20)",
+    "p50 / p99 publish → body in hand (ms)",
+    "relay CPU s per 1,000 deliveries",
+    "to SSE bodies",
+    "relay CPU s",
+    "busiest generator CPU s",
+    "each generator below the relay",
+    "every envelope to every follower once",
+    "target (issue 13)",
+)
+
+
+def bench_workers(rounds: int, seconds: int) -> list[tuple[str, str, str, str]]:
+    """Publish and read rates of one relay on a private Redis with 1 and 2 workers."""
+    from redis_vs_memory import Redis
+
+    runs: dict[tuple[int, str], list[float]] = {}
+    with Redis() as redis:
+        relays = {
+            n: RelayProcess(env=relay_env(HIVE_RELAY_STORE=redis.url, HIVE_RELAY_WORKERS=str(n)))
+            for n in (1, 2)
+        }
+        try:
+            read = {}
+            for n, relay in relays.items():
+                relay.start()
+                seqs = fill(relay.url, f"w{n}read", 1_000)
+                read[n] = f"/v1/workspaces/w{n}read/envelopes?after={seqs[-6]}&limit=5"
+            for _ in range(rounds):
+                for n, relay in relays.items():
+                    pub = relay.url + f"/v1/workspaces/w{n}pub/envelopes"
+                    runs.setdefault((n, "pub"), []).append(wrk(pub, seconds, 32, "post_unique.lua"))
+                    runs.setdefault((n, "read"), []).append(wrk(relay.url + read[n], seconds, 32))
+        finally:
+            for relay in relays.values():
+                if relay.proc is not None:
+                    relay.stop()
+    rows = []
+    for what, key in (("Unique 1 KiB publish", "pub"), ("Newest 5 rows of 1,000", "read")):
+        for n in (1, 2):
+            med, spread = median_spread(runs[(n, key)])
+            rows.append(
+                (
+                    f"Redis store, {what}, HIVE_RELAY_WORKERS={n}",
+                    f"{med:,.0f} req/s ±{spread:.0f}%",
+                    "",
+                    "" if n == 1 else f"{paired(runs[(2, key)], runs[(1, key)]):.2f}x one worker",
+                )
+            )
+    return rows
 
 
 def bench_idle_sse(connections: int) -> list[tuple[str, str, str, str]]:
-    with RelayProcess(env=relay_env()) as relay:
+    # Stream caps off: one holder process opens every stream from one address.
+    caps_off = {"HIVE_RELAY_MAX_SSE": "0", "HIVE_RELAY_MAX_SSE_PER_CLIENT": "0"}
+    with RelayProcess(env=relay_env(**caps_off)) as relay:
         assert relay.proc is not None
         before = rss_kib(relay.proc.pid)
         holder = subprocess.Popen(
@@ -558,20 +679,23 @@ def bench_replay(mib: int) -> list[tuple[str, str, str, str]]:
     ]
 
 
+MAIN_HEADER = ("measure", "figure (median ± spread)", "ratio to ceiling", "target / note")
+# The main table's ratio column: the rate ratio, and in brackets the ceiling's CPU time
+# per request over the relay's (both from /proc), which a busy machine moves far less.
+
+
 def write_doc(
-    rows: list[tuple[str, str, str, str]],
+    rows: list[tuple[str, ...]],
     commands: str,
-    begin: str = BEGIN,
-    end: str = END,
+    begin: str,
+    end: str,
     load: str = "",
+    header: tuple[str, ...] = MAIN_HEADER,
 ) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    table = [
-        "| measure | figure (median ± spread) | ratio to ceiling | target / note |",
-        "|---|---|---|---|",
-    ]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(r) + " |" for r in rows]
     block = "\n".join(
         [
             begin,
@@ -596,26 +720,40 @@ def write_doc(
     DOC.write_text(text)
 
 
+# Each group of figures has its own table in docs/benchmarks.md, between its markers,
+# so that `--only GROUP` rewrites that table and leaves the others as they were.
+GROUPS = {
+    "http": "RESULTS",
+    "herd": "HERD",
+    "workers": "WORKERS",
+    "scale": "MORE",
+    "icount": "ICOUNT",
+    "idle": "MORE",
+    "memory": "MORE",
+    "snapshot": "MORE",
+    "redis": "MORE",
+    "journal": "JOURNAL",
+    "replay": "REPLAY",
+}
+# Left out of a plain `make bench` (minutes each): run them with --all or --only.
+SLOW = {"icount", "replay"}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="fewer, shorter runs")
+    p.add_argument("--quick", action="store_true", help="one short round of each")
+    p.add_argument("--all", action="store_true", help="also callgrind and the 1 GiB replay")
+    p.add_argument("--only", action="append", choices=sorted(GROUPS), help="(repeatable)")
+    p.add_argument("--no-write", action="store_true", help="print the rows, leave the docs alone")
+    p.add_argument("--herd-seconds", type=float, default=10, help="publishing time per herd run")
+    p.add_argument("--herd-rounds", type=int, default=1, help="herd runs per size and path")
     p.add_argument(
-        "--only",
+        "--profile",
+        type=Path,
         default=None,
-        choices=[
-            "http",
-            "scale",
-            "fanout",
-            "idle",
-            "memory",
-            "snapshot",
-            "journal",
-            "replay",
-            "icount",
-            "redis",
-        ],
+        help="write py-spy profiles of the relay during the herd (nudge + GET) into this folder",
     )
     p.add_argument(
         "--replay-mib", type=int, default=1024, help="journal size for the replay run (MiB)"
@@ -625,43 +763,51 @@ def main() -> int:
         print("bench needs wrk: apt-get install -y wrk", file=sys.stderr)
         return 2
     if args.quick:
-        args.rounds, args.seconds = 1, 2
-    # Thousands of streams need thousands of descriptors, here and in the relay.
+        args.rounds, args.seconds, args.herd_seconds = 1, 2, 4
+    only = set(args.only or (GROUPS if args.all else set(GROUPS) - SLOW))
+    # Thousands of streams need thousands of descriptors, here and in the relay (its
+    # children inherit the limit): 1,000 nudge followers hold 2,000 connections.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    rows: list[tuple[str, str, str, str]] = []
-    if args.only in (None, "http"):
-        rows += bench_publish_and_read(args.rounds, args.seconds)
-    if args.only in (None, "scale"):
-        rows += bench_batch_ws_scale(args.rounds, args.seconds)
-    if args.only in (None, "icount"):
-        rows += bench_icount()
-    if args.only in (None, "fanout"):
-        rows += bench_fanout(200, 20, 10 if not args.quick else 4)
-        rows += bench_fanout(1000, 20, 10 if not args.quick else 4)
-    if args.only in (None, "idle"):
-        rows += bench_idle_sse(5000)
-        rows += bench_idle_sse(10_000)
-    if args.only in (None, "memory"):
-        rows += bench_memory(50_000)
-    if args.only in (None, "snapshot"):
-        rows += bench_snapshot(50_000)
-    journal_rows: list[tuple[str, str, str, str]] = []
+    tables: dict[str, list[tuple[str, ...]]] = {}
+    timings: list[str] = []
     load_before = os.getloadavg()[0]
-    if args.only in (None, "journal"):
-        journal_rows += bench_journal(args.rounds, args.seconds)
-    if args.only in (None, "journal", "replay"):
-        journal_rows += bench_replay(args.replay_mib if not args.quick else 64)
+
+    def section(name: str, fn: Callable[[], list[tuple[str, ...]]]) -> None:
+        if name not in only:
+            return
+        if name == "redis" and shutil.which("redis-server") is None:
+            print("skipping redis: redis-server is not installed", file=sys.stderr)
+            return
+        start = time.monotonic()
+        rows = fn()
+        took = time.monotonic() - start
+        timings.append(f"{name} {took:.0f} s")
+        print(f"[{name}: {took:.0f} s]", file=sys.stderr, flush=True)
+        for r in rows:
+            print(" | ".join(r), flush=True)
+        tables.setdefault(GROUPS[name], []).extend(rows)
+
+    rounds, secs = args.rounds, args.seconds
+    section("http", lambda: bench_publish_and_read(rounds, secs))
+    section(
+        "herd", lambda: bench_herd((200, 1000), args.herd_seconds, args.herd_rounds, args.profile)
+    )
+    section("workers", lambda: bench_workers(rounds, secs))
+    section("scale", lambda: bench_batch_ws_scale(rounds, secs))
+    section("icount", bench_icount)
+    section("idle", lambda: bench_idle_sse(5000) + bench_idle_sse(10_000))
+    section("memory", lambda: bench_memory(50_000))
+    section("snapshot", lambda: bench_snapshot(50_000))
+    section("redis", bench_redis)
+    section("journal", lambda: bench_journal(rounds, secs))
+    section("replay", lambda: bench_replay(args.replay_mib if not args.quick else 64))
     load = f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
-    if args.only in (None, "redis") and shutil.which("redis-server"):
-        rows += bench_redis()
-    for r in rows + journal_rows:
-        print(" | ".join(r))
-    cmd = "make bench   # = .venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
-    if rows:
-        write_doc(rows, cmd.strip())
-    if journal_rows:
-        write_doc(journal_rows, cmd.strip(), JOURNAL_BEGIN, JOURNAL_END, load)
+    load += " Took " + ", ".join(timings) + "."
+    cmd = ("make bench   # = .venv/bin/python bench/run.py " + " ".join(sys.argv[1:])).strip()
+    for group, rows in tables.items() if not args.no_write else ():
+        header = HERD_HEADER if group == "HERD" else MAIN_HEADER
+        write_doc(rows, cmd, f"<!-- {group}:BEGIN -->", f"<!-- {group}:END -->", load, header)
     return 0
 
 
