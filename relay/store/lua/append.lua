@@ -2,6 +2,10 @@
 -- fmt and id_seq come from common.lua, which the loader puts first.
 -- KEYS: log, dedup, meta
 -- ARGV: max_envelopes, retention_us, channel, inline_bytes, expire_ms, (key, body)...
+-- channel '' (HIVE_RELAY_REDIS_MIN_REPLICAS > 0): publish nothing and leave the
+-- confirmed head 'c' where it is; the notification is returned (8th element) and
+-- commit.lua publishes it once WAIT says enough replicas hold the rows. Otherwise
+-- the notification is published here and 'c' moves with the head.
 local log, dedup, meta = KEYS[1], KEYS[2], KEYS[3]
 local max_n = tonumber(ARGV[1])
 local ret_us = tonumber(ARGV[2])
@@ -9,7 +13,7 @@ local inline = tonumber(ARGV[4])
 local expire_ms = tonumber(ARGV[5])
 local CAP = 10000
 
-local m = redis.call('HMGET', meta, 'h', 'd', 'n', 'b')
+local m = redis.call('HMGET', meta, 'h', 'd', 'n', 'b', 'c')
 local head = tonumber(m[1]) or 0
 local dropped = tonumber(m[2]) or 0
 local count = tonumber(m[3]) or 0
@@ -42,7 +46,7 @@ for i = 6, #ARGV, 2 do
   end
 end
 if #fresh == 0 then
-  return {prev, 0, 0, 0, 0, 0, out}
+  return {prev, 0, 0, 0, 0, 0, out, ''}
 end
 
 local drop_n, drop_b = 0, 0
@@ -95,8 +99,15 @@ end
 if ret_us > 0 then
   drop(redis.call('XRANGE', log, '-', fmt(now - ret_us - 1) .. '-0', 'COUNT', CAP))
 end
+local notify = ARGV[3] ~= ''
+local confirmed = m[5]
+if notify then
+  confirmed = fmt(head)
+elseif not confirmed then
+  confirmed = fmt(prev)  -- a missing 'c' reads as the head: keep it at what was visible
+end
 redis.call('HSET', meta, 'h', fmt(head), 'd', fmt(dropped), 'n', redis.call('XLEN', log),
-  'b', bytes)
+  'b', bytes, 'c', confirmed)
 if expire_ms > 0 then
   -- Every row is older than the retention by then: an idle workspace forgets them
   -- without anyone appending. meta keeps head and the dropped horizon.
@@ -110,5 +121,8 @@ if added_b <= inline then
 else
   msg = fmt(prev) .. ' ' .. fmt(head) .. '\n'
 end
-redis.call('PUBLISH', ARGV[3], msg)
-return {prev, created, #fresh, added_b, drop_n, drop_b, out}
+if notify then
+  redis.call('PUBLISH', ARGV[3], msg)
+  msg = ''
+end
+return {prev, created, #fresh, added_b, drop_n, drop_b, out, msg}
