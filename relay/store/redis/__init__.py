@@ -39,9 +39,9 @@ PUBLISH on the workspace's channel `relay:{ws}:n`. With replica-acknowledged wri
 (HIVE_RELAY_REDIS_MIN_REPLICAS > 0) the script publishes nothing: once WAIT counted
 the replicas, commit.lua raises the confirmed head (meta field c) and publishes.
 Reads, and the watches of live delivery, see rows up to the confirmed head only,
-so no relay shows a row before its WAIT succeeded (docs/scaling.md). The message is `<prev head> <new
-head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so a listening relay
-usually delivers without reading the stream back (watch.py).
+so no relay shows a row before its WAIT succeeded (docs/scaling.md). The message is
+`<prev head> <new head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so
+a listening relay usually delivers without reading the stream back (watch.py).
 
 Every read fetches the epoch in the same round trip, and a background task checks it
 each second (epoch.py).

@@ -239,7 +239,8 @@ class RedisStore:
 
     async def _commit(self, ws: str, seq: int, msg: bytes) -> None:
         """Move the confirmed head of `ws` up to `seq` and announce it (commit.lua)."""
-        await scripts.run(self._redis, "commit", [ws_keys(ws)[2]], [channel(ws), seq, msg])
+        args = [channel(ws), seq, msg, b"PUBLISH"]
+        await scripts.run(self._redis, "commit", [ws_keys(ws)[2]], args)
 
     def _pending(self, ws: str, age_us: int) -> None:
         """A read saw rows past the confirmed head, the oldest `age_us` old.
