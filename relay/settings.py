@@ -95,6 +95,8 @@ STORE_SCHEMES = {
     "rediss": "redis",
     "redis+sentinel": "redis",
     "rediss+sentinel": "redis",
+    "redis+cluster": "redis",
+    "rediss+cluster": "redis",
 }
 
 
@@ -106,7 +108,8 @@ def store_kind_of(url: str) -> str:
         raise SettingsError(
             f"HIVE_RELAY_STORE: unknown store {url!r} "
             "(use memory:// or redis://host:port/db or rediss://… "
-            "or redis+sentinel://host:port[,host:port…]/service)"
+            "or redis+sentinel://host:port[,host:port…]/service "
+            "or redis+cluster://host:port[,host:port…])"
         )
     if kind == "redis":
         # The URL's form (hosts, service name, db) is checked without importing redis.
@@ -198,7 +201,8 @@ class Settings:
     )
     store: str = setting(
         "memory://",
-        "store URL: memory://, redis://… / rediss://…, or redis+sentinel://host:port,…/service",
+        "store URL: memory://, redis://… / rediss://…, redis+sentinel://host:port,…/service, "
+        "or redis+cluster://host:port,…",
         check=_check_with(store_kind_of),
     )
     redis_min_replicas: int = setting(

@@ -39,11 +39,18 @@ def _sync_client(url: str):  # type: ignore[no-untyped-def]
 
 class RedisServer:
     def __init__(
-        self, aof: bool = False, fsync: str = "always", replica_of: int | None = None
+        self,
+        aof: bool = False,
+        fsync: str = "always",
+        replica_of: int | None = None,
+        cluster_node_timeout: int | None = None,
     ) -> None:
         self.binary = require_tool("redis-server")
         self.port = free_port()
         self.replica_of = replica_of  # the primary's port: start as its replica
+        # Cluster mode with this node timeout (ms); the bus port is a free port of its own.
+        self.cluster_node_timeout = cluster_node_timeout
+        self.bus_port = free_port() if cluster_node_timeout is not None else 0
         self.aof = aof
         self.fsync = fsync
         self.dir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
@@ -77,6 +84,22 @@ class RedisServer:
         ]
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        if self.cluster_node_timeout is not None:
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(self.cluster_node_timeout),
+                "--cluster-port",
+                str(self.bus_port),
+                # A shard without a primary must not stop the others (issue 15).
+                "--cluster-require-full-coverage",
+                "no",
+                "--cluster-allow-reads-when-down",
+                "no",
+            ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.wait_ready()
         return self
@@ -249,3 +272,163 @@ class Sentinels:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A private Redis Cluster: `primaries` primaries, each with `replicas` replicas,
+    made by `redis-cli --cluster create` on free loopback ports (bus ports too), with a
+    short node timeout so a killed primary's replica takes over within seconds.
+
+        with RedisCluster(replicas=1) as c:
+            c.url                 # redis+cluster://127.0.0.1:p1,127.0.0.1:p2,…
+            c.node_for(key)       # the RedisServer that serves key's slot now
+            c.keyslot(key)
+            c.wait_ok()           # every live node says cluster_state:ok
+    """
+
+    def __init__(
+        self, primaries: int = 3, replicas: int = 0, node_timeout: int = 1000, aof: bool = False
+    ) -> None:
+        self.cli = require_tool("redis-cli")
+        self.node_timeout = node_timeout
+        count = primaries * (1 + replicas)
+        self.nodes = [RedisServer(aof=aof, cluster_node_timeout=node_timeout) for _ in range(count)]
+        self.primaries = primaries
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[: self.primaries])
+        return f"redis+cluster://{hosts}"
+
+    def __enter__(self) -> RedisCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            done = subprocess.run(
+                [
+                    self.cli,
+                    "--cluster",
+                    "create",
+                    *addrs,
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout!r}")
+            self.wait_ok()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def alive(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def info(self, node: RedisServer) -> dict[str, str]:
+        client = node.client()
+        try:
+            text = client.execute_command("CLUSTER", "INFO")
+        finally:
+            client.close()
+        if isinstance(text, bytes):
+            text = text.decode()
+        if isinstance(text, dict):
+            return {str(k): str(v) for k, v in text.items()}
+        pairs = (line.split(":", 1) for line in str(text).splitlines() if ":" in line)
+        return {k: v.strip() for k, v in pairs}
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node reports cluster_state:ok and agrees on every slot."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                states = [self.info(n) for n in self.alive()]
+                if (
+                    all(
+                        s.get("cluster_state") == "ok" and s.get("cluster_slots_ok") == "16384"
+                        for s in states
+                    )
+                    and self._primaries_agree()
+                ):
+                    return
+            except Exception:  # a node still starting
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def _primaries_agree(self) -> bool:
+        views = {tuple(sorted(self.slot_owners(n).items())) for n in self.alive()}
+        return len(views) == 1
+
+    def slot_owners(self, node: RedisServer | None = None) -> dict[int, int]:
+        """First slot of each range -> the port of its primary, as `node` sees it."""
+        client = (node or self.alive()[0]).client()
+        try:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        finally:
+            client.close()
+        return {int(r[0]): int(r[2][1]) for r in ranges}
+
+    def keyslot(self, key: str) -> int:
+        client = self.alive()[0].client()
+        try:
+            return int(client.execute_command("CLUSTER", "KEYSLOT", key))
+        finally:
+            client.close()
+
+    def node_for(self, key: str) -> RedisServer:
+        """The primary serving key's slot now."""
+        slot = self.keyslot(key)
+        client = self.alive()[0].client()
+        try:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        finally:
+            client.close()
+        for r in ranges:
+            if int(r[0]) <= slot <= int(r[1]):
+                port = int(r[2][1])
+                return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"slot {slot} has no primary")
+
+    def replica_of(self, primary: RedisServer) -> list[RedisServer]:
+        """The nodes that replicate `primary` now."""
+        out = []
+        for node in self.alive():
+            if node is primary:
+                continue
+            client = node.client()
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
+                out.append(node)
+        return out
+
+    def flush(self) -> None:
+        """FLUSHALL on every primary (tests share one cluster per session)."""
+        for node in self.alive():
+            client = node.client()
+            try:
+                if client.info("replication").get("role") == "master":
+                    client.flushall()
+            finally:
+                client.close()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for node in self.nodes:
+            node.stop()
+            shutil.rmtree(node.dir, ignore_errors=True)

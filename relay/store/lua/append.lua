@@ -1,7 +1,9 @@
 -- Appends envelopes to a workspace's stream; relay/store/redis/store.py calls it.
 -- fmt and id_seq come from common.lua, which the loader puts first.
 -- KEYS: log, dedup, meta
--- ARGV: max_envelopes, retention_us, channel, inline_bytes, expire_ms, (key, body)...
+-- ARGV: max_envelopes, retention_us, channel, inline_bytes, expire_ms, publish, (key, body)...
+-- publish: PUBLISH (one Redis) or SPUBLISH (a Cluster: the notification stays on
+-- the workspace's shard; the channel carries the workspace's hash tag).
 -- channel '' (HIVE_RELAY_REDIS_MIN_REPLICAS > 0): publish nothing and leave the
 -- confirmed head 'c' where it is; the notification is returned (8th element) and
 -- commit.lua publishes it once WAIT says enough replicas hold the rows. Otherwise
@@ -11,6 +13,10 @@ local max_n = tonumber(ARGV[1])
 local ret_us = tonumber(ARGV[2])
 local inline = tonumber(ARGV[4])
 local expire_ms = tonumber(ARGV[5])
+local publish = ARGV[6]
+if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
+  return redis.error_reply('ERR append: ARGV[6] must be PUBLISH or SPUBLISH')
+end
 local CAP = 10000
 
 local m = redis.call('HMGET', meta, 'h', 'd', 'n', 'b', 'c')
@@ -27,7 +33,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- Pass 1, read-only: dedup and seq assignment. Nothing is written before every
 -- element is decided, so an error (or OOM on the first write) leaves no trace.
 local out, fresh, seen = {}, {}, {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local key = ARGV[i]
   local s = seen[key]
   if not s then
@@ -122,7 +128,7 @@ else
   msg = fmt(prev) .. ' ' .. fmt(head) .. '\n'
 end
 if notify then
-  redis.call('PUBLISH', ARGV[3], msg)
+  redis.call(publish, ARGV[3], msg)
   msg = ''
 end
 return {prev, created, #fresh, added_b, drop_n, drop_b, out, msg}

@@ -1,10 +1,16 @@
-"""Clients for the target a store URL names: one Redis, or the primary Sentinel names.
+"""Clients for the target a store URL names: one Redis, the primary Sentinel names,
+or a Redis Cluster.
 
-Both kinds give the store a pooled client for commands and a second client for
+Every kind gives the store a pooled client for commands and a second client for
 the pub/sub connection (watch.py). Through Sentinel, every new connection asks
 the Sentinels for the current primary, and a connection to a primary that was
 demoted (READONLY) is dropped by redis-py, so a failover is followed without a
 relay restart: commands in flight answer 503 until the new primary is known.
+
+For a Cluster, `redis` is redis-py's `RedisCluster` (it follows MOVED/ASK and
+refreshes its slot map after a node fails), and `node_client(host, port)` makes
+plain clients for one node: the sharded pub/sub connections (one per shard
+primary) and the writes that must WAIT on the connection that made them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -35,10 +42,18 @@ class Clients:
     pubsub: Any  # for the pub/sub connection: no read timeout, no retries
     where: str  # for logs: host:port/db, or sentinel service@hosts
     sentinel: Sentinel | None = None
+    cluster: bool = False
+    node_options: dict[str, Any] | None = None  # cluster: for node_client()
+    timeouts: Timeouts | None = None
+
+    def node_client(self, host: str, port: int, **options: Any) -> Redis:
+        """A plain client for one Cluster node (its credentials and TLS, these options)."""
+        return Redis(host=host, port=port, **{**(self.node_options or {}), **options})
 
     async def aclose(self) -> None:
         await self.redis.aclose()
-        await self.pubsub.aclose()
+        if self.pubsub is not None:
+            await self.pubsub.aclose()
         if self.sentinel is not None:
             await self.sentinel.aclose()
 
@@ -50,7 +65,7 @@ def _command_retry() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(rx.ConnectionError,))
 
 
-def _pubsub_options(t: Timeouts) -> dict[str, Any]:
+def pubsub_options(t: Timeouts) -> dict[str, Any]:
     return {
         "socket_timeout": None,
         "socket_connect_timeout": t.connect,
@@ -64,6 +79,8 @@ def open_clients(url: str, t: Timeouts) -> Clients:
     target = parse_redis_url(url)
     if target.kind == "sentinel":
         return _sentinel_clients(target, t)
+    if target.kind == "cluster":
+        return _cluster_clients(target, t)
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=t.pool_size,
@@ -77,7 +94,7 @@ def open_clients(url: str, t: Timeouts) -> Clients:
         where = str(kw["path"])
     else:
         where = f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
-    return Clients(Redis(connection_pool=pool), Redis.from_url(url, **_pubsub_options(t)), where)
+    return Clients(Redis(connection_pool=pool), Redis.from_url(url, **pubsub_options(t)), where)
 
 
 def _sentinel_clients(target: RedisTarget, t: Timeouts) -> Clients:
@@ -98,6 +115,31 @@ def _sentinel_clients(target: RedisTarget, t: Timeouts) -> Clients:
         retry=_command_retry(),
         **node,
     )
-    pubsub = sentinel.master_for(target.service, **_pubsub_options(t), **node)
+    pubsub = sentinel.master_for(target.service, **pubsub_options(t), **node)
     hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
     return Clients(redis, pubsub, f"sentinel {hosts} service {target.service}", sentinel)
+
+
+CLUSTER_RETRIES = 2  # a command is tried this often more after a node failure (slot map refreshed)
+
+
+def _cluster_clients(target: RedisTarget, t: Timeouts) -> Clients:
+    node: dict[str, Any] = {"ssl": target.tls}
+    if target.username is not None:
+        node["username"] = target.username
+    if target.password is not None:
+        node["password"] = target.password
+    redis = RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
+        # A shard without a primary must not stop the others: their slots keep working,
+        # the uncovered ones answer 503 (SlotNotCoveredError, errors.py).
+        require_full_coverage=False,
+        max_connections=t.pool_size,
+        socket_timeout=t.socket,
+        socket_connect_timeout=t.connect,
+        retry=Retry(NoBackoff(), CLUSTER_RETRIES),
+        **node,
+    )
+    options = {**node, "socket_timeout": t.socket, "socket_connect_timeout": t.connect}
+    hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
+    return Clients(redis, None, f"cluster {hosts}", cluster=True, node_options=options, timeouts=t)

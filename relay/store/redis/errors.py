@@ -35,6 +35,11 @@ def redis_errors() -> Iterator[None]:
         raise
     except rx.OutOfMemoryError:
         raise _full() from None
+    except (rx.AskError, rx.ClusterError, rx.TryAgainError) as exc:
+        # A slot moving or a shard failing over (MOVED/ASK past redis-py's retries,
+        # CLUSTERDOWN, TRYAGAIN while a workspace's keys migrate): try again soon.
+        LOG.debug("Redis Cluster slot unavailable: %r", exc)
+        raise StoreUnavailable(retry_after=1) from None
     except rx.ResponseError as exc:
         text = str(exc)
         if text.startswith("OOM"):
@@ -44,4 +49,15 @@ def redis_errors() -> Iterator[None]:
         raise StoreUnavailable(retry_after=2) from None
     except (TimeoutError, rx.RedisError, OSError) as exc:
         LOG.debug("Redis unavailable: %r", exc)
+        raise StoreUnavailable() from None
+    except rx.RedisClusterException as exc:
+        # SlotNotCoveredError (a shard without a primary), "no nodes reachable", …:
+        # that shard's workspaces answer 503 until the Cluster has healed.
+        LOG.debug("Redis Cluster unavailable: %r", exc)
+        raise StoreUnavailable() from None
+    except (RuntimeError, AttributeError) as exc:
+        # What redis-py lets out while a node dies under a command: a closed
+        # transport ("handler is closed"), or a connection torn down mid-write
+        # ("'NoneType' object has no attribute 'writelines'"). Logged, not hidden.
+        LOG.warning("Redis connection failed under a command: %r", exc)
         raise StoreUnavailable() from None

@@ -58,3 +58,8 @@ def raw(value: str) -> bytes:
 def probe_channel(ws: str) -> bytes:
     """A channel nobody subscribes to: a PUBLISH on it only advances replication."""
     return _CHAN_PREFIX + ws.encode() + b"}:w"
+
+
+def probe_key(ws: str) -> str:
+    """A short-lived key in the workspace's slot: a Cluster's WAIT probe (replicas.py)."""
+    return f"relay:{{{ws}}}:w"

@@ -8,8 +8,11 @@ original write, so `wait_after_probe` first makes a harmless propagated write
 (PUBLISH on a channel nobody listens to) and waits behind that: the stream of
 writes to replicas is ordered, so the original write is covered too.
 
-Both take a client or a node connection and the count, so a Cluster store can
-run them on the node that owns the workspace's slot.
+Both take a client and the count, so a Cluster store can run them on a client of
+the node that owns the workspace's slot (`asking`: after an ASK redirection, the
+pipeline starts with ASKING). In a Cluster, PUBLISH and SPUBLISH travel on the
+cluster bus, not in the replication stream, so there the probe is a short-lived
+key in the workspace's slot instead (`probe_key`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ class ReplicaAck:
 
 
 async def run_acked(
-    redis: Any, name: str, keys: list[str], args: list[Any], ack: ReplicaAck
+    redis: Any,
+    name: str,
+    keys: list[str],
+    args: list[Any],
+    ack: ReplicaAck,
+    *,
+    asking: bool = False,
 ) -> Any:
     """EVALSHA the script and, with `ack.count` > 0, WAIT on the same connection.
 
@@ -60,29 +69,50 @@ async def run_acked(
     lost to the caller, so scripts run this way must be safe to retry (the append
     dedups by idempotency key).
     """
-    if ack.count <= 0:
+    if ack.count <= 0 and not asking:
         return await scripts.run(redis, name, keys, args)
     for attempt in (0, 1):
         try:
             async with redis.pipeline(transaction=False) as pipe:
+                if asking:
+                    pipe.execute_command("ASKING")
                 pipe.evalsha(scripts.SHAS[name], len(keys), *keys, *args)
-                pipe.execute_command("WAIT", ack.count, ack.wait_ms)
-                reply, acked = await pipe.execute()
+                if ack.count > 0:
+                    pipe.execute_command("WAIT", ack.count, ack.wait_ms)
+                out = await pipe.execute()
             break
         except rx.NoScriptError:
             if attempt:
                 raise
             await redis.script_load(scripts.SCRIPTS[name])
-    ack.check(int(acked))
-    return reply
+    if asking:
+        out = out[1:]
+    if ack.count > 0:
+        ack.check(int(out[1]))
+    return out[0]
 
 
-async def wait_after_probe(redis: Any, probe_channel: bytes, ack: ReplicaAck) -> None:
+PROBE_TTL_MS = 1000  # a Cluster probe key lives this long
+
+
+async def wait_after_probe(
+    redis: Any,
+    probe_channel: bytes,
+    ack: ReplicaAck,
+    *,
+    probe_key: str | None = None,
+    asking: bool = False,
+) -> None:
     """WAIT behind a fresh propagated write, for a write made earlier on any connection."""
     if ack.count <= 0:
         return
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.publish(probe_channel, b"")
+        if asking:
+            pipe.execute_command("ASKING")
+        if probe_key is None:
+            pipe.publish(probe_channel, b"")
+        else:
+            pipe.set(probe_key, b"", px=PROBE_TTL_MS)
         pipe.execute_command("WAIT", ack.count, ack.wait_ms)
-        _, acked = await pipe.execute()
-    ack.check(int(acked))
+        out = await pipe.execute()
+    ack.check(int(out[-1]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as rx
@@ -23,6 +24,7 @@ from relay.store.base import (
     StoreBusy,
     StoreError,
     StoreFull,
+    StoreUnavailable,
     encode_row,
     new_pair_code,
 )
@@ -38,13 +40,14 @@ from relay.store.redis.keys import (
     keyring_key,
     pair_key,
     probe_channel,
+    probe_key,
     raw,
     text,
     ws_keys,
 )
 from relay.store.redis.replicas import ReplicaAck, run_acked, wait_after_probe
 from relay.store.redis.stats import StatsCounter
-from relay.store.redis.watch import Follower
+from relay.store.redis.watch import ClusterFollower, Follower
 
 LOG = logging.getLogger("relay.store.redis")
 
@@ -57,6 +60,7 @@ START_TIMEOUT = 3.0  # start() gives up on an unreachable Redis (and keeps retry
 MAINT_EVERY = 1.0  # epoch check, stats flush
 INLINE_BYTES = 64 * 1024  # rows up to this size ride along in the notification
 PAIR_TRIES = 20  # codes drawn before giving up when every one drawn is taken
+REDIRECTS = 3  # MOVED/ASK followed by a write sent to a slot's node (Cluster, WAIT)
 
 
 class RedisStore:
@@ -77,14 +81,21 @@ class RedisStore:
             url, Timeouts(socket_timeout, CONNECT_TIMEOUT, POOL_SIZE, POOL_WAIT)
         )
         self._redis: Any = self._clients.redis
+        self._cluster = self._clients.cluster
+        self._publish = "SPUBLISH" if self._cluster else "PUBLISH"
+        self._nodes: dict[tuple[str, int], Any] = {}  # Cluster: a client per node, for WAIT
         self._epoch = Epoch()
         self._stats = StatsCounter()
-        self._follower = Follower(
-            self._clients.pubsub,
-            self._redis,
-            self._read_page,
-            head_field="c" if min_replicas else "h",
-        )
+        self._follower: Follower
+        head_field = "c" if min_replicas else "h"
+        if self._cluster:
+            self._follower = ClusterFollower(
+                self._clients, self._redis, self._read_page, head_field
+            )
+        else:
+            self._follower = Follower(
+                self._clients.pubsub, self._redis, self._read_page, head_field
+            )
         self._background: list[asyncio.Task[Any]] = []
         # Rows past the confirmed head older than this lost their writer (see _pending).
         self._confirm_grace = wait_ms / 1000 + socket_timeout
@@ -127,9 +138,21 @@ class RedisStore:
 
     async def _check_config(self) -> None:
         """Warn about Redis settings that can lose acknowledged envelopes."""
+        if self._cluster:
+            await self._redis.initialize()
+            for node in self._redis.get_primaries():
+                await self._check_node_config(self._node(node.host, node.port))
+        else:
+            await self._check_node_config(self._redis)
+        LOG.info(
+            "the relay-wide byte budget is Redis maxmemory with the Redis store "
+            "(HIVE_RELAY_MAX_BYTES applies to the memory store only)"
+        )
+
+    async def _check_node_config(self, redis: Any) -> None:
         try:
-            policy = await self._redis.config_get("maxmemory-policy")
-            persistence = await self._redis.info("persistence")
+            policy = await redis.config_get("maxmemory-policy")
+            persistence = await redis.info("persistence")
         except rx.ResponseError:  # CONFIG/INFO disabled (managed Redis): nothing to say
             return
         value = policy.get(b"maxmemory-policy") or policy.get("maxmemory-policy")
@@ -146,10 +169,6 @@ class RedisStore:
                 "Redis AOF is off: a Redis restart may lose acknowledged envelopes; "
                 "set appendonly yes (see docs/scaling.md)"
             )
-        LOG.info(
-            "the relay-wide byte budget is Redis maxmemory with the Redis store "
-            "(HIVE_RELAY_MAX_BYTES applies to the memory store only)"
-        )
 
     async def close(self) -> None:
         self._closed = True
@@ -167,15 +186,31 @@ class RedisStore:
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await self._stats.flush(self._redis)
+        nodes, self._nodes = list(self._nodes.values()), {}
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                await node.aclose()
         with contextlib.suppress(Exception):
             await self._clients.aclose()
 
     async def ping(self) -> bool:
         try:
             with redis_errors():
+                if self._cluster:
+                    return await self._ping_cluster()
                 return bool(await self._redis.ping())
         except StoreError:
             return False
+
+    async def _ping_cluster(self) -> bool:
+        """Healthy while some shard primary answers: one shard failing over leaves the
+        other shards' workspaces working, so the relay stays in its load balancer."""
+        await self._redis.initialize()
+        nodes = self._redis.get_primaries()
+        got = await asyncio.gather(
+            *(self._node(n.host, n.port).ping() for n in nodes), return_exceptions=True
+        )
+        return any(item is True for item in got)
 
     async def _maintain_forever(self) -> None:
         while not self._closed:
@@ -186,6 +221,45 @@ class RedisStore:
                 await self._stats.refresh(self._redis)
             except StoreError:
                 pass
+
+    # ------------------------------------------------------------------ writes
+    async def _acked(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a write script; with MIN_REPLICAS, WAIT on the connection that ran it."""
+        if not self._cluster:
+            return await run_acked(self._redis, name, keys, args, self._ack)
+        if self._ack.count <= 0:
+            return await scripts.run(self._redis, name, keys, args)  # MOVED/ASK: redis-py
+        return await self._on_slot_node(
+            keys[0],
+            lambda r, asking: run_acked(r, name, keys, args, self._ack, asking=asking),
+        )
+
+    def _node(self, host: str, port: int) -> Any:
+        client = self._nodes.get((host, port))
+        if client is None:
+            client = self._clients.node_client(host, port, max_connections=POOL_SIZE)
+            self._nodes[(host, port)] = client
+        return client
+
+    async def _on_slot_node(self, key: str, run: Callable[[Any, bool], Awaitable[Any]]) -> Any:
+        """`run(client, asking)` on the primary that owns key's slot, following MOVED/ASK.
+
+        WAIT counts the writes of its own connection, so a replica-acknowledged
+        write goes to a plain client of the slot's node rather than through
+        RedisCluster (whose pipeline takes no scripts).
+        """
+        await self._redis.initialize()
+        node = self._redis.get_node_from_key(key)  # SlotNotCoveredError: 503
+        host, port, asking = node.host, node.port, False
+        for _ in range(REDIRECTS):
+            try:
+                return await run(self._node(host, port), asking)
+            except rx.MovedError as exc:  # the slot lives elsewhere now
+                host, port, asking = exc.host, int(exc.port), False
+                self._follower.refresh_soon()
+            except rx.AskError as exc:  # the slot is migrating; this key already moved
+                host, port, asking = exc.host, int(exc.port), True
+        raise StoreUnavailable(retry_after=1)
 
     # --------------------------------------------------------------- envelopes
     async def append(self, ws: str, body: bytes, key: bytes) -> tuple[int, bool]:
@@ -211,18 +285,19 @@ class RedisStore:
             b"" if acked else channel(ws),
             INLINE_BYTES,
             self._expire_ms,
+            self._publish,
         ]
         for key, body in zip(keys, bodies, strict=True):
             args.append(key)
             args.append(body)
         with redis_errors():
-            reply = await run_acked(self._redis, "append", list(ws_keys(ws)), args, self._ack)
+            reply = await self._acked("append", list(ws_keys(ws)), args)
             prev, created, added, added_b, drop_n, drop_b, flat, msg = reply
             results = [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
             if not added:
                 # All duplicates: the rows were stored by an earlier write, perhaps
                 # one answered 503 for want of replicas; they must be on them now.
-                await wait_after_probe(self._redis, probe_channel(ws), self._ack)
+                await self._wait_probe(ws)
             if acked:
                 # WAIT saw every row of this call on enough replicas: only now may
                 # readers and subscribers on any relay see them.
@@ -237,9 +312,24 @@ class RedisStore:
             self._follower.appended(ws, int(prev), rows)
         return results
 
+    async def _wait_probe(self, ws: str) -> None:
+        """WAIT for `ack.count` replicas behind a fresh write in the slot of `ws`."""
+        if self._ack.count <= 0:
+            return
+        if self._cluster:
+            await self._on_slot_node(
+                probe_key(ws),
+                lambda r, asking: wait_after_probe(
+                    r, b"", self._ack, probe_key=probe_key(ws), asking=asking
+                ),
+            )
+        else:
+            await wait_after_probe(self._redis, probe_channel(ws), self._ack)
+
     async def _commit(self, ws: str, seq: int, msg: bytes) -> None:
         """Move the confirmed head of `ws` up to `seq` and announce it (commit.lua)."""
-        args = [channel(ws), seq, msg, b"PUBLISH"]
+        # Routed by the meta key: in a Cluster, the slot's primary runs it (SPUBLISH).
+        args = [channel(ws), seq, msg, self._publish]
         await scripts.run(self._redis, "commit", [ws_keys(ws)[2]], args)
 
     def _pending(self, ws: str, age_us: int) -> None:
@@ -267,7 +357,7 @@ class RedisStore:
                 if head is None or confirmed is None or int(confirmed) >= int(head):
                     return
                 # The probe is sent after `head` was read: WAIT covers every row up to it.
-                await wait_after_probe(self._redis, probe_channel(ws), self._ack)
+                await self._wait_probe(ws)
                 await self._commit(ws, int(head), b"")
         except StoreError as exc:
             LOG.info("could not confirm the unconfirmed rows of a workspace yet: %s", exc)
@@ -289,7 +379,20 @@ class RedisStore:
         confirmed = "1" if self._ack.count > 0 else ""
         args = [start, max(1, min(limit, 1 << 40)), max(1, max_bytes), confirmed]
         with redis_errors():
-            if with_epoch:
+            if with_epoch and self._cluster:
+                # The epoch key lives in another slot (another node, perhaps): both
+                # are asked at once (a ClusterPipeline does not take EVALSHA).
+                got: tuple[Any, ...] = await asyncio.gather(
+                    scripts.run(self._redis, "read", [log, meta], args),
+                    self._redis.get(EPOCH_KEY),
+                    return_exceptions=True,
+                )
+                for item in got:
+                    if isinstance(item, BaseException):
+                        raise item
+                res, epoch = got
+                await self._epoch.check(self._redis, epoch, known=True)
+            elif with_epoch:
                 # The epoch rides in the same round trip, so every read notices a
                 # Redis that lost its dataset.
                 for attempt in (0, 1):
@@ -330,13 +433,7 @@ class RedisStore:
     async def keyring_append(self, ws: str, blob: bytes) -> None:
         self._check_side(len(blob))
         with redis_errors():
-            ok = await run_acked(
-                self._redis,
-                "keyring",
-                [keyring_key(ws)],
-                [self.bounds.max_keyring, blob],
-                self._ack,
-            )
+            ok = await self._acked("keyring", [keyring_key(ws)], [self.bounds.max_keyring, blob])
         if not ok:
             raise StoreFull(
                 "keyring_full",
@@ -358,7 +455,7 @@ class RedisStore:
         keys = self._device_keys(channel, ws)
         args = [raw(device_id), data, self.bounds.presence_ttl, self.bounds.max_devices]
         with redis_errors():
-            ok = await run_acked(self._redis, "device_put", keys, args, self._ack)
+            ok = await self._acked("device_put", keys, args)
         if not ok:
             raise StoreFull(
                 "too_many_devices",
@@ -378,7 +475,7 @@ class RedisStore:
             keys = [pair_key(code), PAIR_INDEX]
             args = [raw(payload), int(ttl * 1000), self.bounds.max_pairings, code]
             with redis_errors():
-                res = await run_acked(self._redis, "pair_create", keys, args, self._ack)
+                res = await self._acked("pair_create", keys, args)
             if res == 1:
                 return code
             if res == -1:

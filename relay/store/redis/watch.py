@@ -10,10 +10,20 @@ above the cursor, a message without rows, or a re-subscription after a reconnect
 makes the follower read the stream from the cursor instead. The listener thus sees
 every row past the cursor once, in seq order, whichever instance appended it.
 
-The pub/sub connection is redis-py's public `PubSub`, on a client of its own that
-never times out a read and never retries: on any failure the whole connection is
-dropped and made afresh, and every watched channel is subscribed again (each
-confirmation then triggers a catch-up read).
+The follower is transport-neutral; a `_Link` is one pub/sub connection and the
+channels subscribed on it. The standalone `Follower` has one link (PUBLISH /
+SUBSCRIBE). The `ClusterFollower` has one link per shard primary (SPUBLISH /
+SSUBSCRIBE: a notification stays on its workspace's shard), each subscribing only
+the watched workspaces whose slot that primary serves. On a failed link, a
+server-side SUNSUBSCRIBE (the slot moved away) or a MOVED answer, it re-reads the
+slot map, starts links for new primaries, stops those of nodes that are no longer
+primaries, and every link subscribes what it now owns. Whatever the transport, a
+subscription confirmed for a workspace already established triggers a catch-up
+read from its delivered cursor: the no-gap rule after any reconnect or move.
+
+A link is redis-py's public `PubSub`, on a client of its own that never times out
+a read and never retries: on any failure the whole connection is dropped and made
+afresh, and every channel it owns is subscribed again.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any
 from redis import exceptions as rx
 
 from relay.store.base import AppendListener, Page, StoreError, StoreUnavailable, row_seq
+from relay.store.redis.connect import Clients, pubsub_options
 from relay.store.redis.errors import redis_errors
 from relay.store.redis.keys import CONTROL_CHANNEL, channel, channel_ws, ws_keys
 
@@ -42,6 +53,8 @@ FETCH_ROWS = 256  # rows per catch-up read for a watched workspace
 FETCH_BYTES = 4 << 20
 FETCH_RETRY = 0.5
 SUBSCRIBE_CHUNK = 500  # channels per SUBSCRIBE / UNSUBSCRIBE command
+MAP_EVERY = 10.0  # Cluster: the slot map is re-read at least this often
+MAP_TROUBLE_EVERY = 0.5  # … and this often while a link is down or a watch has no shard
 
 # A page read of the stream that does not wait for the watch: (ws, after, limit, max_bytes).
 ReadFn = Callable[[str, int, int, int], Awaitable[Page]]
@@ -64,6 +77,8 @@ class _Watch:
 
 
 class Follower:
+    """Delivery to the local listener, fed by one pub/sub link (one Redis)."""
+
     def __init__(self, ps_client: Any, redis: Any, read: ReadFn, head_field: str = "h") -> None:
         self._redis = redis  # the store's pooled client, for head lookups
         self._read = read
@@ -74,11 +89,9 @@ class Follower:
         self._ps_client: Any = ps_client
         self.listener: AppendListener | None = None
         self._watches: dict[str, _Watch] = {}
-        # Pub/sub connection state, owned by run_forever.
-        self._chan: dict[str, list[int]] = {}  # ws -> [last command, acks pending]
-        self._wake = asyncio.Event()
-        self._up = False
-        self._last_rx = 0.0
+        self._links: list[_Link] = []
+        if ps_client is not None:
+            self._links.append(_Link(self, ps_client.pubsub, sharded=False, name="redis"))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -87,13 +100,13 @@ class Follower:
         if ws in self._watches:
             return
         self._watches[ws] = _Watch(ws)
-        self._wake.set()
+        self._wake_links()
 
     def unwatch(self, ws: str) -> None:
         w = self._watches.pop(ws, None)
         if w is not None:
             w.ready.set()
-            self._wake.set()
+            self._wake_links()
 
     async def wait_ready(self, ws: str) -> None:
         """Before a read of `ws`: wait until its watch (if any) is established."""
@@ -111,6 +124,17 @@ class Follower:
         if w is not None and w.cursor is not None and rows:
             self._apply(w, prev, rows[-1][0], rows)
 
+    def refresh_soon(self) -> None:
+        """A write met MOVED: the slot map changed (Cluster only)."""
+
+    def owns(self, link: _Link, ws: str) -> bool:
+        """Whether `link` is the one to subscribe `ws` on."""
+        return True
+
+    async def run_forever(self) -> None:
+        self._closed = False  # a store may be started again after close()
+        await self._links[0].run_forever()
+
     async def close(self) -> None:
         self._closed = True
         tasks = list(self._tasks)
@@ -122,8 +146,19 @@ class Follower:
         self._tasks.clear()
         for w in self._watches.values():
             w.ready.set()
-        with contextlib.suppress(Exception):
-            await self._ps_client.aclose()
+        if self._ps_client is not None:
+            with contextlib.suppress(Exception):
+                await self._ps_client.aclose()
+
+    def _wake_links(self) -> None:
+        for link in self._links:
+            link.wake.set()
+
+    def _any_up(self) -> bool:
+        return any(link.up for link in self._links)
+
+    def link_failed(self, link: _Link) -> None:
+        """A link's connection failed; it reconnects by itself."""
 
     # -------------------------------------------------------------- delivery
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -186,7 +221,7 @@ class Follower:
             failed = True
         finally:
             w.fetching = False
-        if failed and self._up and not self._closed:
+        if failed and self._any_up() and not self._closed:
             # Redis hiccup with pub/sub still up: try again (a pub/sub reconnect
             # catches up by itself).
             asyncio.get_running_loop().call_later(FETCH_RETRY, self._retry_fetch, w)
@@ -211,7 +246,7 @@ class Follower:
         except StoreError:
             w.establishing = False
             # The pub/sub writer retries it on its next pass.
-            asyncio.get_running_loop().call_later(FETCH_RETRY, self._wake.set)
+            asyncio.get_running_loop().call_later(FETCH_RETRY, self._wake_links)
             return
         w.establishing = False
         if self._watches.get(w.ws) is not w:
@@ -249,43 +284,47 @@ class Follower:
             return
         self._apply(w, prev, new, rows)
 
-    def _on_ack(self, name: bytes) -> None:
-        if name == CONTROL_CHANNEL:
-            return
-        ws = channel_ws(name)
-        st = self._chan.get(ws) if ws is not None else None
-        if ws is None or st is None:
-            return
-        st[1] -= 1
-        if st[1] > 0:
-            return
-        if st[0] == _UNSUB:
-            del self._chan[ws]
-            return
+    def subscribed(self, ws: str) -> None:
+        """A link confirmed the subscription of ws's channel."""
         w = self._watches.get(ws)
         if w is None:
-            self._wake.set()  # no longer wanted: the writer unsubscribes
+            self._wake_links()  # no longer wanted: the link unsubscribes
         elif w.cursor is None:
             self._establish_soon(w)
         else:
-            self._fetch_soon(w)  # re-subscribed after a reconnect: catch up
+            self._fetch_soon(w)  # re-subscribed after a reconnect or a move: catch up
 
-    # -------------------------------------------------- the pub/sub connection
+
+class _Link:
+    """One pub/sub connection and the workspace channels subscribed on it."""
+
+    def __init__(
+        self, follower: Follower, connect: Callable[[], Any], *, sharded: bool, name: str
+    ) -> None:
+        self.f = follower
+        self._connect = connect  # a new redis-py PubSub
+        self.sharded = sharded
+        self.name = name
+        self.chan: dict[str, list[int]] = {}  # ws -> [last command, acks pending]
+        self.wake = asyncio.Event()
+        self.up = False
+        self.closed = False
+        self._last_rx = 0.0
+
     async def run_forever(self) -> None:
-        """The pub/sub connection, reconnected with backoff until close()."""
-        self._closed = False  # a store may be started again after close()
+        """The pub/sub connection, reconnected with backoff until closed."""
         delay = RECONNECT_MIN
         down_logged = False
-        while not self._closed:
+        while not self.closed and not self.f._closed:
             pubsub: Any = None
             try:
-                pubsub = self._ps_client.pubsub()
-                self._chan = {}
+                pubsub = self._connect()
+                self.chan = {}
                 self._last_rx = asyncio.get_running_loop().time()
                 await pubsub.subscribe(CONTROL_CHANNEL)  # connects
-                self._up = True
+                self.up = True
                 if down_logged:
-                    LOG.info("Redis pub/sub reconnected; catching up watched workspaces")
+                    LOG.info("Redis pub/sub %s reconnected; catching up watches", self.name)
                     down_logged = False
                 delay = RECONNECT_MIN
                 async with asyncio.TaskGroup() as tg:
@@ -296,11 +335,12 @@ class Follower:
                 if not isinstance(first, rx.RedisError | OSError | TimeoutError):
                     LOG.error("Redis pub/sub listener failed; restarting it", exc_info=first)
                 elif not down_logged:
-                    LOG.warning("Redis pub/sub connection lost: %s", first)
+                    LOG.warning("Redis pub/sub connection %s lost: %s", self.name, first)
                     down_logged = True
+                self.f.link_failed(self)
             finally:
-                self._up = False
-                self._chan = {}
+                self.up = False
+                self.chan = {}
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()
@@ -315,19 +355,42 @@ class Follower:
             if msg is None:
                 continue
             kind = msg["type"]
-            if kind == "message":
-                self._on_message(msg["channel"], msg["data"])
-            elif kind in ("subscribe", "unsubscribe"):
-                self._on_ack(msg["channel"])
+            if kind in ("message", "smessage"):
+                self.f._on_message(msg["channel"], msg["data"])
+            elif kind in ("subscribe", "unsubscribe", "ssubscribe", "sunsubscribe"):
+                self._on_ack(kind, msg["channel"])
+
+    def _on_ack(self, kind: str, name: bytes) -> None:
+        if name == CONTROL_CHANNEL:
+            return
+        ws = channel_ws(name)
+        st = self.chan.get(ws) if ws is not None else None
+        if ws is None or st is None:
+            return
+        if kind == "sunsubscribe" and st[0] == _SUB:
+            # Not asked for: the server dropped it because the slot moved away
+            # (resharding) or the node became a replica. The new owner's link
+            # subscribes it and catches up from the cursor.
+            del self.chan[ws]
+            self.f.refresh_soon()
+            return
+        st[1] -= 1
+        if st[1] > 0:
+            return
+        if st[0] == _UNSUB:
+            del self.chan[ws]
+            return
+        self.f.subscribed(ws)
 
     async def _writer(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
         last_ping = loop.time()
         while True:
-            self._wake.clear()
+            self.wake.clear()
             await self._sync(pubsub)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PING_EVERY)
+                async with asyncio.timeout(PING_EVERY):
+                    await self.wake.wait()
             now = loop.time()
             if now - self._last_rx > SILENT_LIMIT:
                 raise rx.ConnectionError("the Redis pub/sub connection went silent")
@@ -336,24 +399,136 @@ class Follower:
                 last_ping = now
 
     async def _sync(self, pubsub: Any) -> None:
-        """Subscribe what is watched, unsubscribe what is not, establish new watches."""
+        """Subscribe what is watched here, unsubscribe the rest, establish new watches."""
+        f = self.f
         subs: list[str] = []
-        for ws, w in self._watches.items():
-            st = self._chan.get(ws)
+        for ws, w in f._watches.items():
+            if not f.owns(self, ws):
+                continue
+            st = self.chan.get(ws)
             if st is None or st[0] == _UNSUB:
                 subs.append(ws)
             elif st[1] == 0 and w.cursor is None:
-                self._establish_soon(w)  # already subscribed and confirmed
-        unsubs = [ws for ws, st in self._chan.items() if st[0] == _SUB and ws not in self._watches]
+                f._establish_soon(w)  # already subscribed and confirmed
+        unsubs = [
+            ws
+            for ws, st in self.chan.items()
+            if st[0] == _SUB and (ws not in f._watches or not f.owns(self, ws))
+        ]
         for ws in subs:
-            st = self._chan.setdefault(ws, [_SUB, 0])
+            st = self.chan.setdefault(ws, [_SUB, 0])
             st[0] = _SUB
             st[1] += 1
         for ws in unsubs:
-            st = self._chan[ws]
+            st = self.chan[ws]
             st[0] = _UNSUB
             st[1] += 1
+        if self.sharded:
+            # One channel per command: SSUBSCRIBE takes channels of one slot only.
+            for ws in subs:
+                await pubsub.ssubscribe(channel(ws))
+            for ws in unsubs:
+                await pubsub.sunsubscribe(channel(ws))
+            return
         for i in range(0, len(subs), SUBSCRIBE_CHUNK):
             await pubsub.subscribe(*[channel(ws) for ws in subs[i : i + SUBSCRIBE_CHUNK]])
         for i in range(0, len(unsubs), SUBSCRIBE_CHUNK):
             await pubsub.unsubscribe(*[channel(ws) for ws in unsubs[i : i + SUBSCRIBE_CHUNK]])
+
+
+class ClusterFollower(Follower):
+    """One sharded pub/sub link per shard primary, following the Cluster's slot map."""
+
+    def __init__(self, clients: Clients, redis: Any, read: ReadFn, head_field: str = "h") -> None:
+        super().__init__(None, redis, read, head_field)
+        self._clients = clients
+        self._by_node: dict[str, tuple[_Link, asyncio.Task[None], Any]] = {}
+        self._refresh = asyncio.Event()
+
+    def refresh_soon(self) -> None:
+        self._refresh.set()
+
+    def link_failed(self, link: _Link) -> None:
+        self._refresh.set()  # the node may have failed over: read the slot map again
+
+    def node_of(self, ws: str) -> str | None:
+        """The name (host:port) of the primary serving ws's slot, per the map known."""
+        try:
+            node = self._redis.get_node_from_key(channel(ws))
+        except (rx.RedisClusterException, rx.RedisError, KeyError):
+            return None
+        return None if node is None else str(node.name)
+
+    def owns(self, link: _Link, ws: str) -> bool:
+        return self.node_of(ws) == link.name
+
+    def _trouble(self) -> bool:
+        if any(not link.up for link in self._links):
+            return True
+        return any(self.node_of(ws) not in self._by_node for ws in self._watches)
+
+    async def run_forever(self) -> None:
+        self._closed = False
+        first = True
+        try:
+            while not self._closed:
+                self._refresh.clear()
+                try:
+                    with redis_errors():
+                        await self._redis.initialize()
+                        if not first:
+                            await self._redis.nodes_manager.initialize()
+                    first = False
+                except StoreError as exc:
+                    LOG.debug("Redis Cluster slot map not read: %r", exc)
+                self._reconcile()
+                wait = MAP_TROUBLE_EVERY if self._trouble() else MAP_EVERY
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._refresh.wait()
+                if self._refresh.is_set():
+                    await asyncio.sleep(0.05)  # gather a burst of triggers into one refresh
+        finally:
+            for name in list(self._by_node):
+                await self._stop_link(name)
+
+    def _reconcile(self) -> None:
+        """A link for every primary in the slot map, none for other nodes."""
+        try:
+            primaries = {str(n.name): n for n in self._redis.get_primaries()}
+        except (rx.RedisClusterException, AttributeError):
+            primaries = {}
+        if not primaries:
+            return  # not known yet: keep the links there are
+        for name in list(self._by_node):
+            if name not in primaries:
+                self._spawn(self._close_link(self._by_node.pop(name)))
+        assert self._clients.timeouts is not None
+        options = pubsub_options(self._clients.timeouts)
+        for name, node in primaries.items():
+            if name in self._by_node:
+                continue
+            client = self._clients.node_client(node.host, node.port, **options)
+            link = _Link(self, client.pubsub, sharded=True, name=name)
+            task = asyncio.get_running_loop().create_task(
+                link.run_forever(), name=f"redis-spubsub-{name}"
+            )
+            self._by_node[name] = (link, task, client)
+        self._links = [entry[0] for entry in self._by_node.values()]
+        self._wake_links()
+
+    async def _stop_link(self, name: str) -> None:
+        entry = self._by_node.pop(name, None)
+        self._links = [e[0] for e in self._by_node.values()]
+        if entry is not None:
+            await self._close_link(entry)
+
+    async def _close_link(self, entry: tuple[_Link, asyncio.Task[None], Any]) -> None:
+        link, task, client = entry
+        link.closed = True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        self._wake_links()  # the workspaces it had go to their new owners
