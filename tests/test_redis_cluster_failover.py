@@ -14,6 +14,9 @@ Real processes: a 3-primary cluster (tests/redisproc.py `RedisCluster`, node tim
 * Reshard: `redis-cli --cluster reshard` moves the slot of a live workspace to
   another primary while envelopes are published: nothing lost, and no subscriber's
   stream reconnects or misses a row.
+* Notify-after-WAIT in a Cluster: with the slot primary's replica paused, a row
+  answered 503 reaches no subscriber or reader on the other relay; the retry that
+  succeeds announces it once (SPUBLISH after WAIT on the slot primary).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import pytest
 
 from tests.redisproc import RedisCluster, RedisServer, own_server_required
 from tests.relayproc import RelayProcess
+from tests.test_redis_replicas import SseRecorder
 
 pytest.importorskip("redis", reason="the redis extra is not installed")
 from redis.crc import key_slot
@@ -334,3 +338,52 @@ async def test_resharding_a_live_workspace_loses_nothing_and_interrupts_no_strea
             assert f.connects == 1  # the stream was never interrupted
         assert 500 not in load.statuses
         print(f"\nreshard: {len(seqs)} envelopes, statuses {load.statuses}")
+
+
+async def test_cluster_shows_no_row_before_its_wait_succeeded() -> None:
+    """Notify-after-WAIT in a Cluster: SPUBLISH only after WAIT on the slot primary."""
+    own_server_required()
+    with RedisCluster(primaries=3, replicas=1, node_timeout=1000) as cluster:
+        ws = spread(cluster, 1)[1]
+        replica = cluster.replica_of(cluster.node_for(f"relay:{{{ws}}}:log"))[0]
+        with (
+            RelayProcess(env=env(cluster.url, 1)) as one,
+            RelayProcess(env=env(cluster.url, 1)) as two,
+        ):
+            async with (
+                httpx.AsyncClient(base_url=one.url, timeout=WAIT) as c1,
+                httpx.AsyncClient(base_url=two.url, timeout=WAIT) as c2,
+            ):
+                url = f"/v1/workspaces/{ws}/envelopes"
+                sub = SseRecorder()
+                task = asyncio.create_task(sub.run(c2, ws))
+                try:
+                    await sub.quiet_for(1)
+                    r = await c1.post(url, json={"n": 0}, headers={"Idempotency-Key": "k0"})
+                    assert r.status_code == 200, r.text
+                    first = r.json()["seq"]
+                    await sub.until(1)
+                    replica.pause()
+                    try:
+                        r = await c1.post(url, json={"n": 1}, headers={"Idempotency-Key": "k1"})
+                        assert r.status_code == 503, r.text
+                        await sub.quiet_for(3)
+                        assert [row["seq"] for row in sub.rows] == [first]
+                        r = await c2.get(url, params={"after": 0})
+                        assert [row["seq"] for row in r.json()] == [first]
+                        assert r.headers["x-relay-head"] == str(first)
+                    finally:
+                        replica.resume()
+                    async with asyncio.timeout(WAIT):
+                        while True:
+                            r = await c1.post(url, json={"n": 1}, headers={"Idempotency-Key": "k1"})
+                            if r.status_code == 200:
+                                break
+                            assert r.status_code == 503, r.text
+                            await asyncio.sleep(0.2)
+                    assert r.json()["duplicate"] is True
+                    await sub.until(2)
+                    await sub.quiet_for(2)
+                    assert [row["seq"] for row in sub.rows] == [first, r.json()["seq"]]
+                finally:
+                    task.cancel()

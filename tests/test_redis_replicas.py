@@ -184,7 +184,7 @@ async def test_sentinel_failover_loses_no_acknowledged_envelope() -> None:
         assert 500 not in statuses
 
 
-class _Sse:
+class SseRecorder:
     """A raw SSE subscriber (bodies=1) that records rows and counts keep-alive frames."""
 
     def __init__(self) -> None:
@@ -233,7 +233,7 @@ async def test_no_relay_shows_a_row_before_its_wait_succeeded() -> None:
                 httpx.AsyncClient(base_url=two.url, timeout=WAIT) as c2,
             ):
                 url = "/v1/workspaces/gated/envelopes"
-                sub = _Sse()
+                sub = SseRecorder()
                 task = asyncio.create_task(sub.run(c2, "gated"))
                 try:
                     await sub.quiet_for(1)
@@ -254,7 +254,7 @@ async def test_no_relay_shows_a_row_before_its_wait_succeeded() -> None:
                         assert [row["seq"] for row in r.json()] == [first]
                         assert r.headers["x-relay-head"] == str(first)
                         # A new subscriber (replay read, then live) does not get it either.
-                        late = _Sse()
+                        late = SseRecorder()
                         late_task = asyncio.create_task(late.run(c1, "gated"))
                         await late.until(1)
                         await late.quiet_for(2)
