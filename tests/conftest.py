@@ -37,3 +37,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():  # type: ignore[no-untyped-def]
+    """A private 3-primary Redis Cluster shared by the session's tests (tests/redisproc.py);
+    each test that uses it flushes it first. Skips (fails in CI) without redis-server."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    from tests.redisproc import RedisCluster
+
+    with RedisCluster(primaries=3) as cluster:
+        yield cluster

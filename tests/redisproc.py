@@ -323,6 +323,7 @@ class RedisCluster:
             if done.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout!r}")
             self.wait_ok()
+            self.wait_replicas()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -364,6 +365,27 @@ class RedisCluster:
                 raise RuntimeError("the cluster did not reach cluster_state:ok")
             time.sleep(0.1)
 
+    def wait_replicas(self, timeout: float = 30.0) -> None:
+        """Until every primary has its replicas connected and in sync (state=online)."""
+        deadline = time.monotonic() + timeout
+        while self.replicas:
+            ready = True
+            for node in self.primary_nodes():
+                client = node.client()
+                try:
+                    info = client.info("replication")
+                finally:
+                    client.close()
+                links = [v for k, v in info.items() if k.startswith("slave")]
+                online = [v for v in links if isinstance(v, dict) and v.get("state") == "online"]
+                if len(online) < self.replicas:
+                    ready = False
+            if ready:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's replicas did not come online")
+            time.sleep(0.1)
+
     def _primaries_agree(self) -> bool:
         views = {tuple(sorted(self.slot_owners(n).items())) for n in self.alive()}
         return len(views) == 1
@@ -386,17 +408,19 @@ class RedisCluster:
 
     def node_for(self, key: str) -> RedisServer:
         """The primary serving key's slot now."""
-        slot = self.keyslot(key)
-        client = self.alive()[0].client()
-        try:
-            ranges = client.execute_command("CLUSTER", "SLOTS")
-        finally:
-            client.close()
-        for r in ranges:
-            if int(r[0]) <= slot <= int(r[1]):
-                port = int(r[2][1])
-                return next(n for n in self.nodes if n.port == port)
-        raise LookupError(f"slot {slot} has no primary")
+        return self.node_for_slot(self.keyslot(key))
+
+    def workspaces_per_shard(self, per_shard: int, prefix: str = "ws") -> dict[int, list[str]]:
+        """Workspace names whose keys land on each primary: port -> names."""
+        out: dict[int, list[str]] = {n.port: [] for n in self.primary_nodes()}
+        i = 0
+        while any(len(names) < per_shard for names in out.values()):
+            ws = f"{prefix}{i}"
+            names = out[self.node_for(f"relay:{{{ws}}}:log").port]
+            if len(names) < per_shard:
+                names.append(ws)
+            i += 1
+        return out
 
     def replica_of(self, primary: RedisServer) -> list[RedisServer]:
         """The nodes that replicate `primary` now."""
@@ -411,6 +435,73 @@ class RedisCluster:
                 client.close()
             if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
                 out.append(node)
+        return out
+
+    def node_id(self, node: RedisServer) -> str:
+        client = node.client()
+        try:
+            value = client.execute_command("CLUSTER", "MYID")
+        finally:
+            client.close()
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def begin_move(self, slot: int, dst: RedisServer) -> RedisServer:
+        """Start moving `slot` to `dst` the way `redis-cli --cluster reshard` does:
+        IMPORTING/MIGRATING, then MIGRATE every key of the slot. Until finish_move,
+        the source answers ASK for the keys that left. Returns the source."""
+        src = self.node_for_slot(slot)
+        src_id, dst_id = self.node_id(src), self.node_id(dst)
+        d, s = dst.client(), src.client()
+        try:
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+        finally:
+            d.close()
+            s.close()
+        return src
+
+    def finish_move(self, slot: int, dst: RedisServer) -> None:
+        """CLUSTER SETSLOT … NODE on every primary: `dst` owns `slot` from now on."""
+        dst_id = self.node_id(dst)
+        for node in [dst, *(n for n in self.alive() if n is not dst)]:
+            client = node.client()
+            try:
+                if client.info("replication").get("role") == "master":
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            finally:
+                client.close()
+        self.wait_ok()
+
+    def move_slot(self, slot: int, dst: RedisServer) -> None:
+        self.begin_move(slot, dst)
+        self.finish_move(slot, dst)
+
+    def node_for_slot(self, slot: int) -> RedisServer:
+        client = self.alive()[0].client()
+        try:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        finally:
+            client.close()
+        for r in ranges:
+            if int(r[0]) <= slot <= int(r[1]):
+                port = int(r[2][1])
+                return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"slot {slot} has no primary")
+
+    def primary_nodes(self) -> list[RedisServer]:
+        out = []
+        for node in self.alive():
+            client = node.client()
+            try:
+                if client.info("replication").get("role") == "master":
+                    out.append(node)
+            finally:
+                client.close()
         return out
 
     def flush(self) -> None:

@@ -1,4 +1,5 @@
-"""Two relay processes sharing one private Redis: the scale-out contract end to end.
+"""Two relay processes sharing one private Redis, or one private Redis Cluster: the
+scale-out contract end to end.
 
 One seq order for a workspace written through both; live delivery crossing
 instances over SSE, long-poll and WebSocket; a relay restart keeps history and
@@ -36,9 +37,18 @@ def relay_env(url: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[RedisServer, RelayProcess, RelayProcess]]:
-    """A private Redis (AOF, fsync always) and two relays in front of it."""
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[Any, RelayProcess, RelayProcess]]:
+    """Two relays in front of a private Redis (AOF, fsync always), or in front of the
+    session's private 3-primary Redis Cluster (redis+cluster://)."""
+    if request.param == "cluster":
+        backend = request.getfixturevalue("redis_cluster")
+        with (
+            RelayProcess(env=relay_env(backend.url)) as a,
+            RelayProcess(env=relay_env(backend.url)) as b,
+        ):
+            yield backend, a, b
+        return
     own_server_required()
     with (
         RedisServer(aof=True) as server,

@@ -5,7 +5,8 @@ dedup, batches, cursor reads with their bounds, retention with the dropped
 horizon, the side channels with their bounds, pairing codes, the epoch, and the
 append listener (fed by any instance sharing the store, in seq order, once).
 The Redis cases run against a private `redis-server` (tests/redisproc.py), or
-`REDIS_URL` when set.
+`REDIS_URL` when set; the cluster cases against a private 3-primary Redis Cluster
+(`redis+cluster://`, the session's `redis_cluster` fixture).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def redis_session_url() -> Any:
         yield url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     """make(bounds) -> a started store; make(bounds, peer=s) -> another instance
     sharing s's data (the same object for the memory store, a second client for Redis)."""
@@ -56,6 +57,10 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]
         pytest.importorskip("redis", reason="the redis extra is not installed")
         url = request.getfixturevalue("redis_session_url")
         flush(url)
+    elif request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        url = cluster.url
 
     async def make(bounds: Bounds | None = None, peer: Any = None) -> Any:
         if url is None:

@@ -1,0 +1,259 @@
+"""The Redis Cluster store (`redis+cluster://`) on private clusters of redis-server
+processes (tests/redisproc.py RedisCluster, made by `redis-cli --cluster create`).
+
+Workspaces on every shard: their keys stay in one slot on the shard that owns it,
+nothing crosses slots; two relays deliver across instances over SSE, WebSocket and
+long-poll for workspaces on every shard; MIN_REPLICAS waits on the slot's own
+node; a slot moved under a live watch (MOVED, ASK) loses no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from relay.store.base import Bounds, StoreUnavailable
+from tests.redisproc import RedisCluster
+from tests.relayproc import RelayProcess
+from tests.test_redis_relays import push, relay_env, sse_rows
+
+pytest.importorskip("redis", reason="the redis extra is not installed")
+
+pytestmark = pytest.mark.anyio
+WAIT = 15.0  # upper bound for any single wait; tests never assert on durations
+BIG = 1 << 40
+
+
+def keys_of(ws: str) -> list[str]:
+    tag = f"relay:{{{ws}}}:"
+    return [tag + k for k in ("log", "dedup", "meta", "keyring", "presence", "presence:t")]
+
+
+async def started(url: str, **kw: Any) -> Any:
+    from relay.store.redis import RedisStore
+
+    store = RedisStore(url, Bounds(), **kw)
+    await store.start()
+    return store
+
+
+@pytest.fixture
+async def stores(redis_cluster: RedisCluster) -> AsyncIterator[list[Any]]:
+    redis_cluster.flush()
+    made: list[Any] = []
+    yield made
+    for store in made:
+        await store.close()
+
+
+async def test_workspaces_on_every_shard_keep_their_keys_in_one_slot(
+    redis_cluster: RedisCluster, stores: list[Any]
+) -> None:
+    store = await started(redis_cluster.url)
+    stores.append(store)
+    per_shard = redis_cluster.workspaces_per_shard(2, prefix="spread")
+    assert len(per_shard) == 3
+    for port, names in per_shard.items():
+        for ws in names:
+            _, dup = await store.append(ws, b'{"a":1}', b"k1")
+            assert not dup
+            out = await store.append_batch(ws, [b"2", b"3"], [b"k2", b"k3"])
+            assert [d for _, d in out] == [False, False]
+            await store.keyring_append(ws, b"blob")
+            await store.device_put("presence", ws, "dev", b"here")
+            page = await store.read(ws, 0, 10, BIG)
+            assert len(page.rows) == 3
+            assert await store.keyring_list(ws) == [b"blob"]
+            assert await store.device_map("presence", ws) == [("dev", b"here")]
+            slots = {redis_cluster.keyslot(k) for k in keys_of(ws)}
+            assert len(slots) == 1  # one slot per workspace: every script stays in it
+            owner = redis_cluster.node_for(keys_of(ws)[0])
+            assert owner.port == port
+            client = owner.client()
+            try:
+                assert all(client.exists(k) for k in keys_of(ws)), ws
+            finally:
+                client.close()
+    # Keys outside a workspace: pairing (one slot of its own), epoch, stats.
+    code = await store.pair_create("payload", 60)
+    assert await store.pair_resolve(code) == "payload"
+    stats = await store.stats()
+    assert stats.envelopes == 18
+    assert stats.pairings == 1
+    assert await store.ping()
+
+
+async def test_live_delivery_follows_every_shard(
+    redis_cluster: RedisCluster, stores: list[Any]
+) -> None:
+    a = await started(redis_cluster.url)
+    b = await started(redis_cluster.url)
+    stores += [a, b]
+    got: dict[str, list[int]] = {}
+    b.set_listener(lambda ws, rows: got.setdefault(ws, []).extend(s for s, _ in rows))
+    names = [ws for ns in redis_cluster.workspaces_per_shard(2, "live").values() for ws in ns]
+    for ws in names:
+        b.watch(ws)
+        await b.read(ws, 0, 1, BIG)  # waits for the watch
+    sent: dict[str, list[int]] = {ws: [] for ws in names}
+    for i in range(5):
+        for ws in names:
+            sent[ws].append((await a.append(ws, b"%d" % i, b"k%d" % i))[0])
+    async with asyncio.timeout(WAIT):
+        while got != sent:
+            await asyncio.sleep(0.02)
+
+
+async def test_min_replicas_without_replicas_answers_503_and_the_retry_is_single(
+    redis_cluster: RedisCluster, stores: list[Any]
+) -> None:
+    store = await started(redis_cluster.url, min_replicas=1, wait_ms=50)
+    stores.append(store)
+    for ws in [ns[0] for ns in redis_cluster.workspaces_per_shard(1, "nowait").values()]:
+        for _ in range(2):  # the retry with the same key is refused as well, not doubled
+            with pytest.raises(StoreUnavailable) as refused:
+                await store.append(ws, b'{"x":1}', b"key")
+            assert refused.value.retry_after >= 1
+        page = await store.read(ws, 0, 10, BIG)
+        assert len(page.rows) == 1
+        with pytest.raises(StoreUnavailable):
+            await store.keyring_append(ws, b"k")
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Iterator[RedisCluster]:
+    """3 primaries, each with one replica."""
+    with RedisCluster(primaries=3, replicas=1) as cluster:
+        yield cluster
+
+
+async def test_min_replicas_on_a_cluster_waits_on_the_slots_node(
+    replicated: RedisCluster,
+) -> None:
+    store = await started(replicated.url, min_replicas=1, wait_ms=2000)
+    try:
+        for ws in [ns[0] for ns in replicated.workspaces_per_shard(1, "acked").values()]:
+            seq, dup = await store.append(ws, b'{"x":1}', b"key")
+            assert not dup
+            assert await store.append(ws, b'{"x":1}', b"key") == (seq, True)
+            out = await store.append_batch(ws, [b"1", b"2"], [b"a", b"b"])
+            assert [d for _, d in out] == [False, False]
+            await store.keyring_append(ws, b"blob")
+            await store.device_put("candidates", ws, "dev", b"c")
+            primary = replicated.node_for(keys_of(ws)[0])
+            (replica,) = replicated.replica_of(primary)
+            client = replica.client()
+            try:  # WAIT said one replica has it: it is there
+                client.execute_command("READONLY")
+                assert client.xlen(keys_of(ws)[0]) == 3
+            finally:
+                client.close()
+        assert await store.pair_resolve(await store.pair_create("p", 60)) == "p"
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("acked", [0, 1])
+async def test_a_slot_moved_under_a_live_watch_loses_nothing(
+    replicated: RedisCluster, acked: int
+) -> None:
+    """The watched workspace's slot moves to another primary in two steps (keys
+    migrated: ASK; then the slot reassigned: MOVED); writes keep succeeding through
+    both, and the listener of another instance gets every row once, in order."""
+    writer = await started(replicated.url, min_replicas=acked, wait_ms=2000)
+    watcher = await started(replicated.url)
+    try:
+        ws = f"moving{acked}"
+        got: list[int] = []
+        watcher.set_listener(lambda w, rows: got.extend(s for s, _ in rows) if w == ws else None)
+        watcher.watch(ws)
+        await watcher.read(ws, 0, 1, BIG)
+        sent = [(await writer.append(ws, b"0", b"k0"))[0]]
+        slot = replicated.keyslot(keys_of(ws)[0])
+        src = replicated.node_for_slot(slot)
+        dst = next(n for n in replicated.primary_nodes() if n is not src)
+        replicated.begin_move(slot, dst)
+        sent.append((await writer.append(ws, b"1", b"k1"))[0])  # ASK
+        replicated.finish_move(slot, dst)
+        for i in range(2, 6):
+            sent.append((await writer.append(ws, b"%d" % i, b"k%d" % i))[0])  # MOVED, then new map
+        async with asyncio.timeout(WAIT):
+            while got != sent:
+                assert len(got) <= len(sent) and got == sent[: len(got)], (got, sent)
+                await asyncio.sleep(0.02)
+        page = await watcher.read(ws, 0, 100, BIG)
+        assert [int(json.loads(r)["seq"]) for r in page.rows] == sent
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
+# ------------------------------------------------------------ two relays, every shard
+@pytest.fixture(scope="module")
+def two_relays(redis_cluster: RedisCluster) -> Iterator[tuple[RelayProcess, RelayProcess]]:
+    redis_cluster.flush()
+    with (
+        RelayProcess(env=relay_env(redis_cluster.url)) as a,
+        RelayProcess(env=relay_env(redis_cluster.url)) as b,
+    ):
+        yield a, b
+        for relay in (a, b):
+            assert " 500 " not in relay.logs()
+            assert "Traceback" not in relay.logs()
+            assert "CROSSSLOT" not in relay.logs()
+
+
+@pytest.mark.slow
+async def test_two_relays_deliver_sse_websocket_and_long_poll_on_every_shard(
+    redis_cluster: RedisCluster, two_relays: tuple[RelayProcess, RelayProcess]
+) -> None:
+    a, b = two_relays
+    per_shard = redis_cluster.workspaces_per_shard(1, "relayed")
+    names = [ns[0] for ns in per_shard.values()]
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=WAIT) as ca,
+        httpx.AsyncClient(base_url=b.url, timeout=WAIT) as cb,
+    ):
+        heads = {ws: await push(ca, ws, {"n": 0, "ws": ws}) for ws in names}
+        sse: dict[str, list[Any]] = {ws: [] for ws in names}
+        live = {ws: asyncio.Event() for ws in names}
+        streams = [
+            asyncio.create_task(sse_rows(cb, ws, heads[ws], 2, sse[ws], live[ws])) for ws in names
+        ]
+        sockets = []
+        for ws in names:
+            conn = await websockets.connect(f"ws://127.0.0.1:{b.port}/v1/workspaces/{ws}/ws")
+            await conn.send(json.dumps({"op": "sub", "after": heads[ws]}))
+            sockets.append(conn)
+        polls = [
+            asyncio.create_task(
+                cb.get(f"/v1/workspaces/{ws}/envelopes", params={"after": heads[ws], "wait": 10})
+            )
+            for ws in names
+        ]
+        async with asyncio.timeout(WAIT):
+            for ws in names:
+                await live[ws].wait()
+        await asyncio.sleep(0.2)  # let the polls and subscriptions park (correct either way)
+        sent = {ws: [await push(ca, ws, {"n": i, "ws": ws}) for i in (1, 2)] for ws in names}
+        for ws, poll in zip(names, polls, strict=True):
+            r = await asyncio.wait_for(poll, WAIT)
+            assert r.status_code == 200, r.text
+            assert [row["seq"] for row in r.json()] == sent[ws][: len(r.json())]
+            assert r.json()[0] == {"seq": sent[ws][0], "body": {"n": 1, "ws": ws}}
+        for ws, conn in zip(names, sockets, strict=True):
+            frames = [json.loads(await asyncio.wait_for(conn.recv(), WAIT)) for _ in range(2)]
+            assert frames == [
+                {"op": "env", "seq": sent[ws][i], "body": {"n": i + 1, "ws": ws}} for i in range(2)
+            ]
+            await conn.close()
+        await asyncio.wait_for(asyncio.gather(*streams), WAIT)
+        for ws in names:
+            assert [row["seq"] for row in sse[ws]] == sent[ws]
+            assert [row["body"]["n"] for row in sse[ws]] == [1, 2]
