@@ -6,6 +6,12 @@ One run, one machine, one Python asyncio load client (this process), a relay
 subprocess per store: memory; Redis (a private redis-server with AOF, appendfsync
 everysec, unless REDIS_URL is set); and two relays sharing that Redis with the
 subscribers on one and the publisher on the other (fan-out across instances).
+Then, with two relays each (publish on A; fan-out from A to subscribers on B): one
+Redis with a replica and HIVE_RELAY_REDIS_MIN_REPLICAS=1; a Redis Cluster of 3
+primaries (redis-cli --cluster create, tests/redisproc.py); and 3 primaries with a
+replica each and MIN_REPLICAS=1 (these servers without AOF, so the rows differ by
+round trips, not the disk). These rows publish to one workspace per connection
+(a Cluster spreads workspaces over its shards; one workspace lives on one shard).
 Request counts are bounded; figures are for comparison within the run only.
 """
 
@@ -37,6 +43,9 @@ ENV = {
 }
 
 
+RETRIES: list[bytes] = []  # 503 answers to subscribers (retried), reported with the rows
+
+
 class Row(msgspec.Struct):
     seq: int
     body: dict
@@ -57,13 +66,17 @@ async def post(
     return await reader.readexactly(size)
 
 
-async def publish_rate(url: str, posts: int, conns: int) -> float:
+async def publish_rate(url: str, posts: int, conns: int, spread: bool = False) -> float:
+    """POSTs per second; `spread`: each connection publishes to its own workspace."""
     host, port = url.removeprefix("http://").split(":")
-    path = f"/v1/workspaces/pub-{time.time_ns()}/envelopes"
+    base = f"/v1/workspaces/pub-{time.time_ns()}"
     pad = b"x" * 900
     counter = iter(range(posts))
+    numbers = iter(range(conns))
 
     async def worker() -> None:
+        n = next(numbers)
+        path = f"{base}-{n if spread else 0}/envelopes"
         reader, writer = await asyncio.open_connection(host, int(port))
         for i in counter:
             await post(reader, writer, path, b'{"i":%d,"pad":"%b"}' % (i, pad))
@@ -109,12 +122,21 @@ async def worker_rates(url: str, a: argparse.Namespace) -> list[str]:
 
 async def subscriber(url: str, ws: str, lat: list[float], ready: asyncio.Barrier, n: int) -> None:
     host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
     path = f"/v1/workspaces/{ws}/events?bodies=1"
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+    while True:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 200"):
+            break
+        # A 503 with Retry-After (the store not ready yet): retry, as clients do.
+        assert head.startswith(b"HTTP/1.1 503"), head
+        size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(size)
+        RETRIES.append(body)
+        writer.close()
+        await asyncio.sleep(int(head.lower().split(b"retry-after:")[1].split(b"\r\n")[0]))
     await ready.wait()
     got = 0
     try:
@@ -195,15 +217,50 @@ class Redis:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def measure(pub: str, sub: str, a: argparse.Namespace, publish: bool) -> list[str]:
-    rate = await publish_rate(pub, a.posts, a.conns) if publish else None
+async def measure(
+    pub: str, sub: str, a: argparse.Namespace, publish: bool, spread: bool = False
+) -> list[str]:
+    rate = await publish_rate(pub, a.posts, a.conns, spread) if publish else None
+    RETRIES.clear()
     fan = await fanout(pub, sub, a.subscribers, a.events, a.rate)
+    if RETRIES:
+        print(f"{len(RETRIES)} subscriber connects answered 503: {RETRIES[0]!r}", file=sys.stderr)
     return [
         f"{rate:,.0f}" if rate else "–",
         f"{fan['p50']:.1f}",
         f"{fan['p99']:.1f}",
         "yes" if fan["complete"] else "NO",
     ]
+
+
+def two_relays(url: str, extra: dict[str, str], a: argparse.Namespace) -> list[str]:
+    env = {**ENV, "HIVE_RELAY_STORE": url, **extra}
+    with RelayProcess(env=env) as one, RelayProcess(env=env) as two:
+        return asyncio.run(measure(one.url, two.url, a, True, spread=True))
+
+
+def shared_rows(a: argparse.Namespace) -> list[list[str]]:
+    """Replica-acknowledged writes and the Cluster store, two relays each."""
+    from tests.redisproc import RedisCluster, RedisServer
+
+    acked = {"HIVE_RELAY_REDIS_MIN_REPLICAS": "1"}
+    rows = []
+    # No AOF on these servers, so their rows compare with each other on the network
+    # round trips (WAIT, shards), not the disk; the "redis" row above has AOF everysec.
+    with RedisServer() as primary, RedisServer(replica_of=primary.port) as r:
+        client = r.client()
+        while client.info("replication").get("master_link_status") != "up":
+            time.sleep(0.05)
+        client.close()
+        label = "redis + replica, 2 relays, spread"
+        rows.append([label, *two_relays(primary.url, {}, a)])
+        rows.append([label + ", MIN_REPLICAS=1", *two_relays(primary.url, acked, a)])
+    with RedisCluster(primaries=3, replicas=0) as cluster:
+        rows.append(["cluster 3 primaries, 2 relays, spread", *two_relays(cluster.url, {}, a)])
+    with RedisCluster(primaries=3, replicas=1) as cluster:
+        label = "cluster 3 primaries + 3 replicas, 2 relays, spread, MIN_REPLICAS=1"
+        rows.append([label, *two_relays(cluster.url, acked, a)])
+    return rows
 
 
 def main() -> None:
@@ -214,6 +271,9 @@ def main() -> None:
     p.add_argument("--events", type=int, default=100, help="envelopes fanned out")
     p.add_argument("--rate", type=float, default=50, help="fan-out envelopes per second")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    p.add_argument(
+        "--no-cluster", action="store_true", help="leave out the replica and Cluster rows"
+    )
     p.add_argument(
         "--workers",
         action="store_true",
@@ -249,6 +309,12 @@ def main() -> None:
         rows.append(["redis", *asyncio.run(measure(one.url, one.url, a, True))])
         across = asyncio.run(measure(one.url, two.url, a, False))
         rows.append(["redis, 2 relays (pub A, sub B)", *across])
+    if a.no_cluster:
+        pass
+    elif shutil.which("redis-cli") is None or os.environ.get("REDIS_URL"):
+        print("skipping the replica and Cluster rows: they need redis-cli and their own servers")
+    else:
+        rows += shared_rows(a)
     head = ["store", "publish/s", "fan-out p50 ms", "p99 ms", "all delivered"]
     if a.json:
         print(json.dumps([dict(zip(head, r, strict=True)) for r in rows]))

@@ -5,7 +5,11 @@
 One run, one machine: a private primary and replica (redis-server, no AOF so the
 difference is the WAIT round trip to the replica, not the disk), one relay
 subprocess per setting, the same load client as bench/redis_vs_memory.py.
-Figures are for comparison within the run only.
+Figures are for comparison within the run only. Beside the rate it counts what
+each publish asked of Redis (INFO commandstats on the primary, reset before each
+setting): with MIN_REPLICAS=0 one EVALSHA (the append script, which publishes
+inside); with MIN_REPLICAS=1 the pipelined EVALSHA + WAIT, then the commit
+script that publishes once WAIT counted the replica (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -33,11 +37,25 @@ def main() -> None:
         while client.info("replication").get("master_link_status") != "up":
             time.sleep(0.05)
         client.close()
+        stats = primary.client()
         for n in (0, 1):
             env = {**ENV, "HIVE_RELAY_STORE": primary.url, "HIVE_RELAY_REDIS_MIN_REPLICAS": str(n)}
             with RelayProcess(env=env) as relay:
+                stats.config_resetstat()
                 rate = asyncio.run(publish_rate(relay.url, args.posts, args.conns))
-            print(f"MIN_REPLICAS={n}: {rate:,.0f} publishes/s")
+                calls = per_publish(stats.info("commandstats"), args.posts)
+            print(f"MIN_REPLICAS={n}: {rate:,.0f} publishes/s; per publish: {calls}")
+        stats.close()
+
+
+def per_publish(info: dict[str, dict[str, int]], posts: int) -> str:
+    """Script runs and WAITs per publish (the commands scripts run inside are left out)."""
+    wanted = ("evalsha", "wait")
+    out = []
+    for name in wanted:
+        calls = info.get(f"cmdstat_{name}", {}).get("calls", 0)
+        out.append(f"{name} {calls / posts:.2f}")
+    return ", ".join(out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ the client's retry with the same idempotency key, once the replica is back, gets
 same seq with "duplicate": true and one stored row. Through Sentinel, a SIGKILLed
 primary is replaced by its replica while a relay publishes and an SSE subscriber
 follows: no relay restart, no acknowledged envelope lost, every acknowledged row seen
-once in order.
+once in order. No subscriber or reader on any relay is shown a row before WAIT saw
+it on the replica (the confirmed head, relay/store/lua/commit.lua).
 """
 
 from __future__ import annotations
@@ -176,11 +177,122 @@ async def test_sentinel_failover_loses_no_acknowledged_envelope() -> None:
         assert sorted(acked.values()) == seqs  # every acknowledged envelope, once
         assert seqs == sorted(set(seqs))
         assert {row["seq"]: row["body"]["i"] for row in rows} == {s: i for i, s in acked.items()}
-        # The subscriber saw every acknowledged row, once each, in order. It may also
-        # have seen rows that were never acknowledged (a notification leaves inside
-        # the append script, before WAIT) and died with the old primary: known gap,
-        # see docs/scaling.md "Durability by Redis setting".
-        seen = [row["seq"] for row in got]
-        assert seen == sorted(set(seen))
-        assert [q for q in seen if q in set(seqs)] == seqs
+        # The subscriber saw every acknowledged row, once each, in order, and nothing
+        # else: a row is announced only after WAIT saw it on the replica, so none
+        # that died with the old primary was ever shown.
+        assert [row["seq"] for row in got] == seqs
         assert 500 not in statuses
+
+
+class SseRecorder:
+    """A raw SSE subscriber (bodies=1) that records rows and counts keep-alive frames."""
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+        self.keepalives = 0
+
+    async def run(self, c: httpx.AsyncClient, ws: str) -> None:
+        async with c.stream(
+            "GET", f"/v1/workspaces/{ws}/events", params={"bodies": "1", "after": 0}
+        ) as s:
+            assert s.status_code == 200
+            buf = b""
+            async for chunk in s.aiter_raw():
+                buf += chunk
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    if event == b": keep-alive":
+                        self.keepalives += 1
+                    data = [ln[6:] for ln in event.split(b"\n") if ln.startswith(b"data: ")]
+                    if data:
+                        self.rows.append(json.loads(b"\n".join(data)))
+
+    async def quiet_for(self, frames: int) -> None:
+        """Until `frames` more keep-alives arrived: the stream is live and had its chance."""
+        target = self.keepalives + frames
+        async with asyncio.timeout(WAIT):
+            while self.keepalives < target:
+                await asyncio.sleep(0.02)
+
+    async def until(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while len(self.rows) < count:
+                await asyncio.sleep(0.02)
+
+
+async def test_no_relay_shows_a_row_before_its_wait_succeeded() -> None:
+    """A row whose WAIT failed reaches no subscriber and no reader on another relay;
+    the retry that succeeds announces it once; a row whose writer gave up is shown
+    once a replica holds it (confirmed by the relay that read it)."""
+    own_server_required()
+    with RedisServer() as primary, RedisServer(replica_of=primary.port) as replica:
+        wait_synced(replica)
+        with RelayProcess(env=env(primary.url)) as one, RelayProcess(env=env(primary.url)) as two:
+            async with (
+                httpx.AsyncClient(base_url=one.url, timeout=WAIT) as c1,
+                httpx.AsyncClient(base_url=two.url, timeout=WAIT) as c2,
+            ):
+                url = "/v1/workspaces/gated/envelopes"
+                sub = SseRecorder()
+                task = asyncio.create_task(sub.run(c2, "gated"))
+                try:
+                    await sub.quiet_for(1)
+                    r = await c1.post(url, json={"n": 0}, headers={"Idempotency-Key": "k0"})
+                    assert r.status_code == 200, r.text
+                    first = r.json()["seq"]
+                    await sub.until(1)
+
+                    replica.pause()
+                    try:
+                        r = await c1.post(url, json={"n": 1}, headers={"Idempotency-Key": "k1"})
+                        assert r.status_code == 503, r.text
+                        await sub.quiet_for(3)
+                        assert [row["seq"] for row in sub.rows] == [first]
+                        # A reader on the other relay reads the primary, which holds
+                        # the row: it is not shown, and the head is the confirmed one.
+                        r = await c2.get(url, params={"after": 0})
+                        assert [row["seq"] for row in r.json()] == [first]
+                        assert r.headers["x-relay-head"] == str(first)
+                        # A new subscriber (replay read, then live) does not get it either.
+                        late = SseRecorder()
+                        late_task = asyncio.create_task(late.run(c1, "gated"))
+                        await late.until(1)
+                        await late.quiet_for(2)
+                        assert [row["seq"] for row in late.rows] == [first]
+                    finally:
+                        replica.resume()
+                    wait_synced(replica)
+                    r = await c1.post(url, json={"n": 1}, headers={"Idempotency-Key": "k1"})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["duplicate"] is True
+                    second = r.json()["seq"]
+                    await sub.until(2)
+                    await late.until(2)
+                    await sub.quiet_for(2)
+                    assert [row["seq"] for row in sub.rows] == [first, second]
+                    assert [row["seq"] for row in late.rows] == [first, second]
+                    late_task.cancel()
+
+                    # A writer that gives up after its 503: the row is confirmed by
+                    # the relay that next reads it, once a replica holds it, and
+                    # reaches the subscriber once.
+                    replica.pause()
+                    try:
+                        r = await c1.post(url, json={"n": 2}, headers={"Idempotency-Key": "k2"})
+                        assert r.status_code == 503, r.text
+                    finally:
+                        replica.resume()
+                    wait_synced(replica)
+                    async with asyncio.timeout(WAIT):
+                        while True:
+                            r = await c2.get(url, params={"after": second})
+                            if r.json():
+                                break
+                            await asyncio.sleep(0.2)
+                    third = r.json()[0]["seq"]
+                    assert r.json()[0]["body"] == {"n": 2}
+                    await sub.until(3)
+                    await sub.quiet_for(2)
+                    assert [row["seq"] for row in sub.rows] == [first, second, third]
+                finally:
+                    task.cancel()

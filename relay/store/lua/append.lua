@@ -4,6 +4,10 @@
 -- ARGV: max_envelopes, retention_us, channel, inline_bytes, expire_ms, publish, (key, body)...
 -- publish: PUBLISH (one Redis) or SPUBLISH (a Cluster: the notification stays on
 -- the workspace's shard; the channel carries the workspace's hash tag).
+-- channel '' (HIVE_RELAY_REDIS_MIN_REPLICAS > 0): publish nothing and leave the
+-- confirmed head 'c' where it is; the notification is returned (8th element) and
+-- commit.lua publishes it once WAIT says enough replicas hold the rows. Otherwise
+-- the notification is published here and 'c' moves with the head.
 local log, dedup, meta = KEYS[1], KEYS[2], KEYS[3]
 local max_n = tonumber(ARGV[1])
 local ret_us = tonumber(ARGV[2])
@@ -15,7 +19,7 @@ if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
 end
 local CAP = 10000
 
-local m = redis.call('HMGET', meta, 'h', 'd', 'n', 'b')
+local m = redis.call('HMGET', meta, 'h', 'd', 'n', 'b', 'c')
 local head = tonumber(m[1]) or 0
 local dropped = tonumber(m[2]) or 0
 local count = tonumber(m[3]) or 0
@@ -48,7 +52,7 @@ for i = 7, #ARGV, 2 do
   end
 end
 if #fresh == 0 then
-  return {prev, 0, 0, 0, 0, 0, out}
+  return {prev, 0, 0, 0, 0, 0, out, ''}
 end
 
 local drop_n, drop_b = 0, 0
@@ -101,8 +105,15 @@ end
 if ret_us > 0 then
   drop(redis.call('XRANGE', log, '-', fmt(now - ret_us - 1) .. '-0', 'COUNT', CAP))
 end
+local notify = ARGV[3] ~= ''
+local confirmed = m[5]
+if notify then
+  confirmed = fmt(head)
+elseif not confirmed then
+  confirmed = fmt(prev)  -- a missing 'c' reads as the head: keep it at what was visible
+end
 redis.call('HSET', meta, 'h', fmt(head), 'd', fmt(dropped), 'n', redis.call('XLEN', log),
-  'b', bytes)
+  'b', bytes, 'c', confirmed)
 if expire_ms > 0 then
   -- Every row is older than the retention by then: an idle workspace forgets them
   -- without anyone appending. meta keeps head and the dropped horizon.
@@ -116,5 +127,8 @@ if added_b <= inline then
 else
   msg = fmt(prev) .. ' ' .. fmt(head) .. '\n'
 end
-redis.call(publish, ARGV[3], msg)
-return {prev, created, #fresh, added_b, drop_n, drop_b, out}
+if notify then
+  redis.call(publish, ARGV[3], msg)
+  msg = ''
+end
+return {prev, created, #fresh, added_b, drop_n, drop_b, out, msg}

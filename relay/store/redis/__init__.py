@@ -22,7 +22,8 @@ Redis Cluster slot and every Lua script touches one slot only:
 
     relay:{ws}:log        Stream. Entry id `<seq>-0`, fields r=<encoded row>, k=<dedup key>
     relay:{ws}:dedup      Hash  dedup key -> seq, for retained rows only
-    relay:{ws}:meta       Hash  h=head, d=dropped horizon, n=retained rows, b=retained bytes
+    relay:{ws}:meta       Hash  h=head, d=dropped horizon, n=retained rows, b=retained bytes,
+                                c=confirmed head (rows shown to readers; = h without replica acks)
     relay:{ws}:keyring    List  of blobs
     relay:{ws}:presence   Hash  device -> data     (and relay:{ws}:presence:t, a sorted set
     relay:{ws}:candidates Hash  device -> data      device -> last write time, for the TTL)
@@ -34,9 +35,13 @@ Redis Cluster slot and every Lua script touches one slot only:
 Appends are one Lua script (atomic, all or nothing for a batch): dedup by key, seq by
 the rule of relay.store.base.next_seq with Redis TIME, XADD, trim by count and age
 (forgetting the dedup keys of dropped rows and recording the dropped horizon), and
-PUBLISH on the workspace's channel `relay:{ws}:n`. The message is `<prev head> <new
-head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so a listening relay
-usually delivers without reading the stream back (watch.py).
+PUBLISH on the workspace's channel `relay:{ws}:n`. With replica-acknowledged writes
+(HIVE_RELAY_REDIS_MIN_REPLICAS > 0) the script publishes nothing: once WAIT counted
+the replicas, commit.lua raises the confirmed head (meta field c) and publishes.
+Reads, and the watches of live delivery, see rows up to the confirmed head only,
+so no relay shows a row before its WAIT succeeded (docs/scaling.md). The message is
+`<prev head> <new head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so
+a listening relay usually delivers without reading the stream back (watch.py).
 
 Every read fetches the epoch in the same round trip, and a background task checks it
 each second (epoch.py).

@@ -1,6 +1,6 @@
 """The Lua scripts, shipped as package data in relay/store/lua/ and run by SHA.
 
-append.lua and read.lua use the helpers of common.lua, which is put before them
+append.lua, read.lua and commit.lua use the helpers of common.lua, which is put before them
 here, so each file reads (and lints) on its own with those two names as globals.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from redis import exceptions as rx
 
-NAMES = ("append", "read", "keyring", "device_put", "device_map", "pair_create")
-_WITH_COMMON = frozenset({"append", "read"})
+NAMES = ("append", "read", "commit", "keyring", "device_put", "device_map", "pair_create")
+_WITH_COMMON = frozenset({"append", "read", "commit"})
 
 
 def _source(name: str) -> str:

@@ -87,11 +87,20 @@ class RedisStore:
         self._epoch = Epoch()
         self._stats = StatsCounter()
         self._follower: Follower
+        head_field = "c" if min_replicas else "h"
         if self._cluster:
-            self._follower = ClusterFollower(self._clients, self._redis, self._read_page)
+            self._follower = ClusterFollower(
+                self._clients, self._redis, self._read_page, head_field
+            )
         else:
-            self._follower = Follower(self._clients.pubsub, self._redis, self._read_page)
+            self._follower = Follower(
+                self._clients.pubsub, self._redis, self._read_page, head_field
+            )
         self._background: list[asyncio.Task[Any]] = []
+        # Rows past the confirmed head older than this lost their writer (see _pending).
+        self._confirm_grace = wait_ms / 1000 + socket_timeout
+        self._confirming: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         ttl_ms = int(self.bounds.retention_secs * 1000)
         self._expire_ms = ttl_ms + 1000 if ttl_ms else 0
@@ -164,12 +173,15 @@ class RedisStore:
     async def close(self) -> None:
         self._closed = True
         tasks = self._background
+        tasks = [*tasks, *self._tasks]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._background = []
+        self._tasks.clear()
+        self._confirming.clear()
         await self._follower.close()
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(1.0):
@@ -265,10 +277,12 @@ class RedisStore:
     async def _append(
         self, ws: str, bodies: list[bytes], keys: list[bytes]
     ) -> list[tuple[int, bool]]:
+        acked = self._ack.count > 0
         args: list[Any] = [
             self.bounds.max_envelopes,
             self._retention_us,
-            channel(ws),
+            # With replica acks the script publishes nothing: _commit does, after WAIT.
+            b"" if acked else channel(ws),
             INLINE_BYTES,
             self._expire_ms,
             self._publish,
@@ -278,20 +292,16 @@ class RedisStore:
             args.append(body)
         with redis_errors():
             reply = await self._acked("append", list(ws_keys(ws)), args)
-            if not reply[2] and self._ack.count > 0:
+            prev, created, added, added_b, drop_n, drop_b, flat, msg = reply
+            results = [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
+            if not added:
                 # All duplicates: the rows were stored by an earlier write, perhaps
                 # one answered 503 for want of replicas; they must be on them now.
-                if self._cluster:
-                    await self._on_slot_node(
-                        probe_key(ws),
-                        lambda r, asking: wait_after_probe(
-                            r, b"", self._ack, probe_key=probe_key(ws), asking=asking
-                        ),
-                    )
-                else:
-                    await wait_after_probe(self._redis, probe_channel(ws), self._ack)
-        prev, created, added, added_b, drop_n, drop_b, flat = reply
-        results = [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
+                await self._wait_probe(ws)
+            if acked:
+                # WAIT saw every row of this call on enough replicas: only now may
+                # readers and subscribers on any relay see them.
+                await self._commit(ws, max(seq for seq, _ in results), msg)
         if added:
             self._stats.count(int(created), int(added) - int(drop_n), int(added_b) - int(drop_b))
             rows = [
@@ -301,6 +311,58 @@ class RedisStore:
             ]
             self._follower.appended(ws, int(prev), rows)
         return results
+
+    async def _wait_probe(self, ws: str) -> None:
+        """WAIT for `ack.count` replicas behind a fresh write in the slot of `ws`."""
+        if self._ack.count <= 0:
+            return
+        if self._cluster:
+            await self._on_slot_node(
+                probe_key(ws),
+                lambda r, asking: wait_after_probe(
+                    r, b"", self._ack, probe_key=probe_key(ws), asking=asking
+                ),
+            )
+        else:
+            await wait_after_probe(self._redis, probe_channel(ws), self._ack)
+
+    async def _commit(self, ws: str, seq: int, msg: bytes) -> None:
+        """Move the confirmed head of `ws` up to `seq` and announce it (commit.lua)."""
+        # Routed by the meta key: in a Cluster, the slot's primary runs it (SPUBLISH).
+        args = [channel(ws), seq, msg, self._publish]
+        await scripts.run(self._redis, "commit", [ws_keys(ws)[2]], args)
+
+    def _pending(self, ws: str, age_us: int) -> None:
+        """A read saw rows past the confirmed head, the oldest `age_us` old.
+
+        Their writer normally confirms them within its WAIT. One that never does (a
+        503 whose client gave up, a relay that died between WAIT and commit, a
+        failover that kept the rows but lost the commit) is confirmed here once the
+        writer's time is up: WAIT behind a fresh write, then commit, so they too are
+        shown only once enough replicas hold them.
+        """
+        if ws in self._confirming or self._closed:
+            return
+        delay = max(0.0, self._confirm_grace - age_us / 1_000_000)
+        self._confirming.add(ws)
+        task = asyncio.get_running_loop().create_task(self._confirm(ws, delay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _confirm(self, ws: str, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            with redis_errors():
+                head, confirmed = await self._redis.hmget(ws_keys(ws)[2], "h", "c")
+                if head is None or confirmed is None or int(confirmed) >= int(head):
+                    return
+                # The probe is sent after `head` was read: WAIT covers every row up to it.
+                await self._wait_probe(ws)
+                await self._commit(ws, int(head), b"")
+        except StoreError as exc:
+            LOG.info("could not confirm the unconfirmed rows of a workspace yet: %s", exc)
+        finally:
+            self._confirming.discard(ws)
 
     async def read(self, ws: str, after: int, limit: int, max_bytes: int) -> Page:
         await self._follower.wait_ready(ws)
@@ -314,7 +376,8 @@ class RedisStore:
     ) -> Page:
         log, _, meta = ws_keys(ws)
         start = f"{after + 1}-0" if 0 <= after < MAX_U64 else ""
-        args = [start, max(1, min(limit, 1 << 40)), max(1, max_bytes)]
+        confirmed = "1" if self._ack.count > 0 else ""
+        args = [start, max(1, min(limit, 1 << 40)), max(1, max_bytes), confirmed]
         with redis_errors():
             if with_epoch and self._cluster:
                 # The epoch key lives in another slot (another node, perhaps): both
@@ -346,7 +409,9 @@ class RedisStore:
                 await self._epoch.check(self._redis, epoch, known=True)
             else:
                 res = await scripts.run(self._redis, "read", [log, meta], args)
-        head, oldest, dropped, more, rows = res
+        head, oldest, dropped, more, rows, pending = res
+        if int(pending) >= 0:
+            self._pending(ws, int(pending))
         return Page(list(rows), int(head), int(oldest), int(dropped), bool(more))
 
     # ------------------------------------------------------------ live delivery

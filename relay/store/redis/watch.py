@@ -79,9 +79,12 @@ class _Watch:
 class Follower:
     """Delivery to the local listener, fed by one pub/sub link (one Redis)."""
 
-    def __init__(self, ps_client: Any, redis: Any, read: ReadFn) -> None:
+    def __init__(self, ps_client: Any, redis: Any, read: ReadFn, head_field: str = "h") -> None:
         self._redis = redis  # the store's pooled client, for head lookups
         self._read = read
+        # The meta field a watch starts from: "h" (head) or, with replica-acknowledged
+        # writes, "c" (the confirmed head: rows past it are not shown to anyone yet).
+        self._head_field = head_field
         # For the pub/sub connection: no read timeout, no retries (connect.py).
         self._ps_client: Any = ps_client
         self.listener: AppendListener | None = None
@@ -237,7 +240,9 @@ class Follower:
         """The channel is subscribed (confirmed): the head now is the delivered cursor."""
         try:
             with redis_errors():
-                head = await self._redis.hget(ws_keys(w.ws)[2], "h")
+                head, confirmed = await self._redis.hmget(ws_keys(w.ws)[2], "h", self._head_field)
+            if confirmed is not None:
+                head = confirmed  # a missing "c" (older data) reads as the head
         except StoreError:
             w.establishing = False
             # The pub/sub writer retries it on its next pass.
@@ -434,8 +439,8 @@ class _Link:
 class ClusterFollower(Follower):
     """One sharded pub/sub link per shard primary, following the Cluster's slot map."""
 
-    def __init__(self, clients: Clients, redis: Any, read: ReadFn) -> None:
-        super().__init__(None, redis, read)
+    def __init__(self, clients: Clients, redis: Any, read: ReadFn, head_field: str = "h") -> None:
+        super().__init__(None, redis, read, head_field)
         self._clients = clients
         self._by_node: dict[str, tuple[_Link, asyncio.Task[None], Any]] = {}
         self._refresh = asyncio.Event()
