@@ -60,7 +60,7 @@ from relay.store.base import (
     SweepingStore,
     WatchingStore,
 )
-from relay.tls import CHECK_INTERVAL, CertificateError, CertReloader
+from relay.tls import CertificateError, CertReloader
 
 LOG = logging.getLogger("relay")
 SWEEP_INTERVAL = 30.0
@@ -246,8 +246,8 @@ class Front:
         self.app: ASGIApp = _no_stack
         self.relay = relay
         self.header_limit = relay.settings.header_limit
-        # Every connection on a TLS port is TLS: HSTS, when asked for, goes on every answer.
-        self.extra = hsts_headers(relay.settings.hsts) if relay.tls is not None else []
+        # HSTS over direct TLS, when asked for (build_relay): on every answer.
+        self.extra = relay.extra_headers
         self.handlers = handlers
         self.hot = [
             (compile_path(spec.path)[0], spec.route(), spec.by_method())
@@ -507,6 +507,8 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
     if settings.tls_cert:
         relay.tls = open_tls(settings)
         relay.metrics.add_collector(relay.tls.collect)
+        # Every connection on a TLS port is TLS: HSTS, when asked for, on every answer.
+        relay.extra_headers = hsts_headers(settings.hsts)
     if isinstance(store, PageCachingStore):
         relay.pages = store
     stats_store = store if isinstance(store, LocalStatsStore) else None
@@ -611,11 +613,26 @@ def open_tls(settings: Settings) -> CertReloader:
         raise SettingsError(f"{which}: {exc}") from None
 
 
-async def _check_tls_forever(tls: CertReloader) -> None:
-    # A stat of two files every few seconds; the load, when they changed, off the loop.
-    while True:
-        await anyio.sleep(CHECK_INTERVAL)
-        await anyio.to_thread.run_sync(tls.check)
+class _TlsChecks:
+    """When to look at the certificate pair again: every `interval` seconds
+    (HIVE_RELAY_RELOAD_INTERVAL; 0 leaves SIGHUP alone) and at once on SIGHUP."""
+
+    def __init__(self, tls: CertReloader, interval: float) -> None:
+        self.tls = tls
+        self.interval = interval if interval > 0 else float("inf")
+        self._wake = anyio.Event()
+
+    def request(self) -> None:
+        """SIGHUP: check now. Safe from a signal handler on the loop's thread."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        # A stat of two files each round; the load, when they changed, off the loop.
+        while True:
+            with anyio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await anyio.to_thread.run_sync(self.tls.check)
 
 
 def register_status_series(relay: Relay) -> None:
@@ -695,9 +712,10 @@ async def _sweep_forever(relay: Relay) -> None:
             await anyio.lowlevel.checkpoint()
 
 
-def _reload_on_sighup(reloader: Reloader) -> None:
-    """SIGHUP asks the reloader to read every watched file again (main thread only:
-    an app served in a test's thread has no signals)."""
+def _reload_on_sighup(*wanted: Callable[[], None]) -> None:
+    """SIGHUP asks the reloader to read every watched file again, and direct TLS to
+    look at its certificate pair (main thread only: an app served in a test's
+    thread has no signals)."""
     import asyncio
     import signal
     import threading
@@ -705,7 +723,9 @@ def _reload_on_sighup(reloader: Reloader) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.request)
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: [request() for request in wanted]
+        )
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> Starlette:
@@ -736,12 +756,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         await relay.store.start()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_sweep_forever, relay)
+            on_sighup: list[Callable[[], None]] = []
             reloader = relay.reloader
             if reloader is not None:
                 tg.start_soon(reloader.run)
-                _reload_on_sighup(reloader)
+                on_sighup.append(reloader.request)
             if relay.tls is not None:
-                tg.start_soon(_check_tls_forever, relay.tls)
+                checks = _TlsChecks(relay.tls, settings.reload_interval)
+                tg.start_soon(checks.run)
+                on_sighup.append(checks.request)
+            _reload_on_sighup(*on_sighup)
             tg.start_soon(relay.sampler.run)
             if snapshots is not None:
                 tg.start_soon(snapshots.run)

@@ -59,6 +59,8 @@ class Relay:
     # The store, when it caches read answers (the memory store; relay.store.base).
     pages: PageCachingStore | None = None
     tls: CertReloader | None = None  # direct TLS, with HIVE_RELAY_TLS_CERT/KEY
+    # Headers every answer carries beyond the fixed security set (HSTS over direct TLS).
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def close_streams(self) -> None:
         """Shutdown: every live stream and sample stream ends at its next step."""

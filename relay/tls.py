@@ -33,9 +33,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 LOG = logging.getLogger("relay.tls")
 
-# How often the files are looked at when nothing else asks (a stat of two files).
-CHECK_INTERVAL = 2.0
-
 
 class CertificateError(ValueError):
     """A certificate/key pair that cannot be served. The message names the file."""

@@ -153,12 +153,15 @@ def selectors(expr: str) -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, str]]]:
-    """Sample name → the label sets a relay with a journal and direct TLS exports,
-    after a little traffic of every kind the dashboard draws (a 429 and a 503 too)."""
+    """Sample name → the label sets a relay with a journal, direct TLS and a watched
+    allowlist file exports, after a little traffic of every kind the dashboard draws
+    (a 429 and a 503 too)."""
     tmp: Path = tmp_path_factory.mktemp("grafana")
     ca = TestCA()
     ca.issue("dashboard").write(tmp / "cert.pem", tmp / "key.pem")
+    (tmp / "tokens").write_text("dashboard-token\n")
     env = {
+        "HIVE_RELAY_ACCESS_TOKENS_FILE": str(tmp / "tokens"),
         "HIVE_RELAY_DATA_DIR": str(tmp / "data"),
         "HIVE_RELAY_TLS_CERT": str(tmp / "cert.pem"),
         "HIVE_RELAY_TLS_KEY": str(tmp / "key.pem"),
@@ -168,7 +171,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
     }
     with (
         RelayProcess(env=env, verify=ca.client_context()) as relay,
-        httpx.Client(base_url=relay.url, verify=ca.client_context(), timeout=10) as c,
+        httpx.Client(
+            base_url=relay.url,
+            verify=ca.client_context(),
+            timeout=10,
+            headers={"authorization": "Bearer dashboard-token"},
+        ) as c,
     ):
         for n in range(4):  # the third and fourth are rate limited (429)
             c.post("/v1/workspaces/dash/envelopes", json={"n": n})

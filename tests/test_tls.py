@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -162,6 +163,7 @@ def test_hsts_when_asked(pair: Pair) -> None:
                 c.get("/"),
                 c.post("/v1/workspaces/h/envelopes", json={}),  # the hot lane
                 c.get("/v1/workspaces/h/envelopes"),
+                c.get("/v1/workspaces/h/envelopes"),  # the same page, from the page cache
                 c.get("/no/such/route"),  # an error answer too
             ):
                 assert answer.headers["strict-transport-security"] == "max-age=31536000"
@@ -299,6 +301,24 @@ def _expired(pair: Pair) -> str:
 def _key_gone(pair: Pair) -> str:
     pair.key.unlink()
     return f"key {pair.key}: cannot read: No such file or directory"
+
+
+def test_sighup_reloads_the_certificate_when_polling_is_off(pair: Pair, ca: TestCA) -> None:
+    """With HIVE_RELAY_RELOAD_INTERVAL=0 only SIGHUP makes the relay look at the
+    files: a renewal is not served until the signal, and is served right after it."""
+    env = {**pair.env, "HIVE_RELAY_RELOAD_INTERVAL": "0"}
+    with RelayProcess(env=env, verify=ca.client_context()) as proc:
+        first = pair.leaf.serial
+        renewed = pair.renew("relay-hup")
+        time.sleep(3)  # longer than the default poll: nothing may pick the files up
+        assert served_serial(proc.port, ca) == first
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: served_serial(proc.port, ca) == renewed.serial,
+            "the renewed certificate after SIGHUP",
+        )
+        assert proc.proc.poll() is None  # SIGHUP reloads; it does not stop the relay
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,7 @@ async def get_envelopes(request: Request) -> Response:
         # No await since the read: the answer shows the workspace as it is now.
         # Cached with its security headers (the front lane adds none to a list
         # that has them), keyed by the query string, which is all that shapes it.
-        add_security_headers(response.raw_headers)
+        add_security_headers(response.raw_headers, relay.extra_headers)
         pages.cache_page(
             ws,
             request.scope["query_string"],
