@@ -311,9 +311,15 @@ def test_samples_streams_have_their_own_small_cap(relay: RelayProcess) -> None:
             )
             with c.stream("GET", "/v1/workspaces/w/events") as device:
                 assert device.status_code == 200
-        # Closed streams give their slots back.
-        with connect_sse(c, "GET", "/v1/status/samples") as source:
-            assert next(source.iter_sse()).event == "buffer"
+        # Closed streams give their slots back (once the relay has seen them go).
+        deadline = time.monotonic() + 10
+        while True:
+            with connect_sse(c, "GET", "/v1/status/samples") as source:
+                if source.response.status_code == 200:
+                    assert next(source.iter_sse()).event == "buffer"
+                    break
+            assert time.monotonic() < deadline, "the slots were not given back"
+            time.sleep(0.05)
 
 
 def test_the_relay_wide_cap_on_samples_streams() -> None:
