@@ -130,6 +130,21 @@ def test_status_charts_render_live_under_the_csp(tmp_path: Path) -> None:
             refused = wait_for(
                 lambda: browser.evaluate("window.__violations"), 10, "the control's violation"
             )
+
+            # Without JavaScript the page still shows the charts as of its loading.
+            browser.call("Emulation.setScriptExecutionDisabled", value=True)
+            browser.call("Page.navigate", url=relay.url + "/")
+            static = wait_for(
+                lambda: (
+                    browser.evaluate("document.readyState") == "complete"
+                    and not browser.evaluate("window.__injected")
+                    and state(browser)
+                ),
+                20,
+                "the page without JavaScript",
+            )
+            png = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+            (ARTIFACTS / "status-charts-nojs.png").write_bytes(base64.b64decode(png["data"]))
     assert load.sent > 20
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000  # charts drawn, not an empty page
@@ -144,4 +159,7 @@ def test_status_charts_render_live_under_the_csp(tmp_path: Path) -> None:
     assert lines["appends"]["now"].endswith("/s") and lines["appends"]["now"] != "0.0/s"
     assert lines["client_errors"]["now"].endswith("/s")
     assert injected is True
+    assert static["asof"].startswith("The last")  # the server's text: no script ran
+    for name in ("appends", "reads", "publish_p99"):
+        assert static["lines"][name]["points"] >= 8, (name, static["lines"][name])
     assert refused[0]["directive"].startswith("script-src")
