@@ -653,7 +653,7 @@ def register_status_series(relay: Relay) -> None:
         sampler.register_series(
             "stored",
             lambda: budgeted.charged_now()[0],
-            label="Memory budget used",
+            label="Memory budget",
             unit="bytes",
             limit=lambda: relay.settings.max_bytes,
         )

@@ -204,12 +204,12 @@ def test_the_page_draws_the_charts_on_the_server() -> None:
     with make_client() as c:
         relay = c.app.state.relay  # type: ignore[attr-defined]
         sampler = relay.sampler
-        for n in range(3):
+        for _ in range(3):
             for _ in range(5):
                 assert c.post(f"/v1/workspaces/{SECRET_WS}/envelopes", content=b"{}").is_success
                 assert c.get(f"/v1/workspaces/{SECRET_WS}/envelopes").is_success
             c.get("/nope")  # a 404: the 4xx chart
-            sampler.sample(now=1000.0 + 5 * n)
+            sampler.sample()
         page = c.get("/").text
     paths = line_paths(page)
     assert set(paths) >= {
@@ -311,9 +311,15 @@ def test_samples_streams_have_their_own_small_cap(relay: RelayProcess) -> None:
             )
             with c.stream("GET", "/v1/workspaces/w/events") as device:
                 assert device.status_code == 200
-        # Closed streams give their slots back.
-        with connect_sse(c, "GET", "/v1/status/samples") as source:
-            assert next(source.iter_sse()).event == "buffer"
+        # Closed streams give their slots back (once the relay has seen them go).
+        deadline = time.monotonic() + 10
+        while True:
+            with connect_sse(c, "GET", "/v1/status/samples") as source:
+                if source.response.status_code == 200:
+                    assert next(source.iter_sse()).event == "buffer"
+                    break
+            assert time.monotonic() < deadline, "the slots were not given back"
+            time.sleep(0.05)
 
 
 def test_the_relay_wide_cap_on_samples_streams() -> None:
@@ -384,3 +390,43 @@ def test_redis_round_trip_is_charted(tmp_path: Any) -> None:
                     server.resume()
             assert None in down, down
             assert line_paths(c.get("/").text)["redis_rtt"][1] >= 3
+
+
+def test_a_reader_that_fell_behind_gets_the_whole_buffer_again() -> None:
+    with make_client() as c:  # a running relay (its hub not closed)
+        relay = c.app.state.relay  # type: ignore[attr-defined]
+        chunks = run_stream(relay)
+    kinds = [re.findall(rb"^event: (\w+)", chunk, re.M) for chunk in chunks]
+    assert kinds[:3] == [[b"buffer"], [b"buffer"], [b"sample"]]
+    resent = json.loads(chunks[1].split(b"data: ", 1)[1])
+    assert resent["count"] == 4 and len(resent["t"]) == 4
+    assert chunks[-1] == b""  # closed: the answer ends
+
+
+def run_stream(relay: Any) -> list[bytes]:
+    from relay.api.status import SamplesStream
+
+    sampler = Sampler(60.0)  # samples only when the test takes them
+    sampler.register_series("a", lambda: 1.0, label="A")
+    sampler.sample()
+    chunks: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        body = message.get("body")
+        if body is None:
+            return
+        chunks.append(body)
+        if len(chunks) == 1:  # while this send is stuck, three samples go by
+            for _ in range(3):
+                sampler.sample()
+        elif len(chunks) == 2:
+            sampler.sample()  # then one more, on time
+        elif len(chunks) == 3:
+            sampler.close()
+
+    async def main() -> None:
+        with anyio.fail_after(10):
+            await SamplesStream(relay, "test")._stream(sampler, send)  # type: ignore[arg-type]
+
+    anyio.run(main)
+    return chunks

@@ -41,7 +41,8 @@ p{color:#555;margin-top:0}
 table{border-collapse:collapse;width:100%;max-width:40rem} th,td{text-align:left;
 padding:.45rem .6rem;border-bottom:1px solid #ddd} th{width:45%;font-weight:600}
 .charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(18rem,1fr));gap:1rem}
-figure{margin:0} figcaption{font-size:.9rem;display:flex;gap:.5rem;align-items:baseline}
+figure{margin:0} figcaption{font-size:.9rem;display:flex;gap:.5rem;align-items:baseline;
+white-space:nowrap}
 figcaption .now{margin-left:auto} figcaption small{color:#777}
 svg{display:block;width:100%;height:5rem;background:#f7f8fa;border:1px solid #ddd}
 .line{fill:none;stroke:#1f5fbf;stroke-width:1.5;vector-effect:non-scaling-stroke}
@@ -76,17 +77,20 @@ SCRIPT = """
     for (const m of [1, 2, 5]) if (top <= m * mag * 1.000001) return m * mag;
     return 10 * mag;
   };
+  const pct = (v, limit) => " (" + ((100 * v) / limit).toFixed(1) + " %)";
+  const ago = (secs) => (secs < 120 ? Math.round(secs) + " s" : Math.round(secs / 60) + " min");
   const clock = (t) => new Date(t * 1000).toISOString().slice(11, 19) + " UTC";
   function draw() {
-    const span = meta.capacity * meta.interval;
     const now = times.length ? times[times.length - 1] : 0;
+    const span = times.length > 1 ? Math.max(now - times[0], meta.interval) : meta.interval;
     for (const s of meta.series) {
       const fig = document.getElementById("chart-" + s.name);
       if (!fig) continue;
       const vs = values[s.name] || [];
-      let top = s.limit === null ? 0 : s.limit;
+      let top = 0;
       for (const v of vs) if (v !== null && v > top) top = v;
-      top = nice(top, s.unit);
+      // Against a limit (the memory budget) the scale is the limit itself.
+      top = s.limit === null ? nice(top, s.unit) : Math.max(top, s.limit);
       let d = "", pen = false, points = 0;
       vs.forEach((v, i) => {
         const x = W - ((now - times[i]) / span) * W;
@@ -103,10 +107,13 @@ SCRIPT = """
         const y = (H - (s.limit / top) * H).toFixed(1);
         fig.querySelector(".limit").setAttribute("d", "M0 " + y + " L" + W + " " + y);
       }
-      fig.querySelector(".now").textContent = fmt(vs.length ? vs[vs.length - 1] : null, s.unit);
+      const last = vs.length ? vs[vs.length - 1] : null;
+      fig.querySelector(".now").textContent =
+        fmt(last, s.unit) + (s.limit !== null && last !== null ? pct(last, s.limit) : "");
       fig.querySelector(".top").textContent = "scale " + fmt(top, s.unit);
     }
-    asof.textContent = "Live: last 15 minutes, updated " + clock(now) + ".";
+    asof.textContent = "Live: the last " + ago(span) + " (up to 15 minutes), updated " +
+      clock(now) + ".";
     root.dataset.samples = String(meta.count);
   }
   const es = new EventSource("v1/status/samples");
@@ -180,6 +187,19 @@ def nice_top(top: float, unit: str) -> float:
     return 10 * mag
 
 
+def pct(value: float, limit: float) -> str:
+    return f" ({100 * value / limit:.1f} %)"
+
+
+def ago(secs: float) -> str:
+    return f"{round(secs)} s" if secs < 120 else f"{round(secs / 60)} min"
+
+
+def held_span(times: Sequence[float], interval: float) -> float:
+    """The x axis: the time the rings hold (15 minutes once full), oldest at the left."""
+    return max(times[-1] - times[0], interval) if len(times) > 1 else interval
+
+
 def chart_path(
     times: Sequence[float], values: Sequence[float | None], now: float, span: float, top: float
 ) -> tuple[str, int]:
@@ -200,23 +220,28 @@ def chart_path(
 def _chart(series: Series, times: list[float], now: float, span: float) -> str:
     values = series.ring.values()
     limit = series.limit() if series.limit is not None else None
-    top = max([v for v in values if v is not None] + [limit or 0.0])
-    top = nice_top(top, series.unit)
+    top = max([v for v in values if v is not None] + [0.0])
+    # Against a limit (the memory budget) the scale is the limit itself.
+    top = nice_top(top, series.unit) if limit is None else max(top, limit)
     d, points = chart_path(times, values, now, span, top)
     limit_d = ""
     if limit is not None:
         y = f"{H - limit / top * H:.1f}"
         limit_d = f"M0 {y} L{W} {y}"
     label = html.escape(series.label)
+    last = values[-1] if values else None
+    now_text = fmt(last, series.unit)
+    if limit is not None and last is not None:
+        now_text += pct(last, limit)
     per = {"/s": " per second", "s": "", "bytes": " in bytes", "": ""}[series.unit]
     return (
         f'<figure class="chart" id="chart-{series.name}">'
         f"<figcaption><span>{label}</span>"
         f'<small class="top">scale {html.escape(fmt(top, series.unit))}</small>'
-        f'<b class="now">{html.escape(fmt(values[-1] if values else None, series.unit))}</b>'
+        f'<b class="now">{html.escape(now_text)}</b>'
         "</figcaption>"
         f'<svg viewBox="0 0 {W} {H}" preserveAspectRatio="none" role="img" '
-        f'aria-label="{label}{per}, last 15 minutes">'
+        f'aria-label="{label}{per}, up to the last 15 minutes">'
         f'<path class="limit" d="{limit_d}"/>'
         f'<path class="line" d="{d}" data-points="{points}"/></svg></figure>'
     )
@@ -225,12 +250,13 @@ def _chart(series: Series, times: list[float], now: float, span: float) -> str:
 def charts_html(sampler: Sampler) -> str:
     times = sampler.times.values()
     now = times[-1] if times else time.time()
-    span = sampler.capacity * sampler.interval
+    span = held_span(times, sampler.interval)
     figures = "\n".join(_chart(s, times, now, span) for s in sampler.series.values())
     when = time.strftime("%H:%M:%S UTC", time.gmtime(now))
     every = f"{sampler.interval:g}"
     return (
-        f'<p id="asof">Last 15 minutes as of {when} (one sample every {every} s).</p>\n'
+        f'<p id="asof">The last {ago(span)} (up to 15 minutes) as of {when}, '
+        f"one sample every {every} s.</p>\n"
         f'<section class="charts" id="charts" data-samples="{sampler.count}">\n'
         f"{figures}\n</section>"
     )

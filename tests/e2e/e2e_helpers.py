@@ -366,3 +366,89 @@ def run_chromium(
     if proc.returncode != 0:
         raise AssertionError(f"chromium exited {proc.returncode}:\n{err.decode(errors='replace')}")
     return out.decode(errors="replace")
+
+
+# ------------------------------------------------------- DevTools protocol
+class DevTools:
+    """A headless Chromium driven over the DevTools protocol (one page target).
+
+    Chromium picks its own debugging port (`--remote-debugging-port=0`) and writes
+    it to DevToolsActivePort in the profile; the page's WebSocket is found through
+    /json/list. `call` sends one command and returns its result; the events that
+    arrive meanwhile are kept in `events` (console messages, log entries).
+    """
+
+    def __init__(self, binary: str, profile: Path, extra: Sequence[str] = ()) -> None:
+        from websockets.sync.client import connect
+
+        profile.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            binary,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "--remote-debugging-address=127.0.0.1",
+            *extra,
+            "about:blank",
+        ]
+        self.proc = Proc(cmd, env=clean_env(), log_path=profile.parent / "chromium.log")
+        try:
+            active = profile / "DevToolsActivePort"
+            wait_for(lambda: active.exists() and active.read_text().strip(), 30, "DevTools port")
+            port = int(active.read_text().split()[0])
+            pages = wait_for(
+                lambda: [
+                    t
+                    for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+                    if t.get("type") == "page"
+                ],
+                15,
+                "a page target",
+            )
+            self._stack = contextlib.ExitStack()
+            self.ws = self._stack.enter_context(
+                connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024)
+            )
+        except BaseException:
+            self.proc.stop(timeout=5)
+            raise
+        self.events: list[dict[str, Any]] = []
+        self._next = 0
+
+    def call(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
+        import json
+
+        self._next += 1
+        ident = self._next
+        self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"DevTools {method} did not answer within {timeout} s")
+            message = json.loads(self.ws.recv(timeout=left))
+            if message.get("id") == ident:
+                if "error" in message:
+                    raise AssertionError(f"DevTools {method}: {message['error']}")
+                result: dict[str, Any] = message.get("result", {})
+                return result
+            if "method" in message:
+                self.events.append(message)
+
+    def evaluate(self, expression: str) -> Any:
+        """The JSON value of a JavaScript expression in the page."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stack.close()
+        self.proc.stop(timeout=5)
+
+    def __enter__(self) -> DevTools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
