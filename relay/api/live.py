@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from relay.access import Denied, bearer_token
-from relay.api.common import authorize, header, int_param, workspace_id
+from relay.api.common import authorize, denied_error, header, int_param, workspace_id
 from relay.api.envelopes import KEY_RULE, dedup_key, read_headers
 from relay.errors import RelayError, error_response, store_error_response
 from relay.hub import Subscriber, Wake, nudge_frame, sse_row_frame, ws_env_frame
@@ -180,11 +180,9 @@ class SSEStream(Response):
                     if expiry is not None:
                         expiry.cancel()
             if self.denied is not None and not self.started:
+                refusal = denied_error(self.denied)
                 await error_response(
-                    self.denied.status,
-                    self.denied.code,
-                    self.denied.message,
-                    {"www-authenticate": "Bearer"},
+                    refusal.status, refusal.code, refusal.message, refusal.headers
                 )(scope, receive, send)
             elif self.denied is not None:
                 LOG.info("ended an SSE stream: a reload no longer accepts its token")
