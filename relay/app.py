@@ -501,7 +501,10 @@ async def _check_tls_forever(tls: CertReloader) -> None:
     # A stat of two files every few seconds; the load, when they changed, off the loop.
     while True:
         await anyio.sleep(CHECK_INTERVAL)
-        await anyio.to_thread.run_sync(tls.check)
+        try:
+            await anyio.to_thread.run_sync(tls.check)
+        except Exception:  # never let a reload take the relay down; the old pair stays
+            LOG.exception("TLS certificate check failed; still serving the previous pair")
 
 
 async def _sweep_forever(relay: Relay) -> None:
