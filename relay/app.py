@@ -632,7 +632,10 @@ class _TlsChecks:
             with anyio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = anyio.Event()
-            await anyio.to_thread.run_sync(self.tls.check)
+            try:
+                await anyio.to_thread.run_sync(self.tls.check)
+            except Exception:  # never let a reload take the relay down; the old pair stays
+                LOG.exception("TLS certificate check failed; still serving the previous pair")
 
 
 def register_status_series(relay: Relay) -> None:

@@ -113,11 +113,15 @@ def load_pair(cert_path: str, key_path: str) -> tuple[ssl.SSLContext, Certificat
     context = server_context()
     try:
         _load_chain_from_bytes(context, cert_pem, key_pem)
-    except (ssl.SSLError, _EncryptedKey) as exc:  # the chain after the first certificate
-        reason = getattr(exc, "reason", None) or "unreadable"
+    except ssl.SSLError as exc:  # the key and first certificate parsed: the rest of the chain
+        reason = exc.reason or "a certificate after the first is damaged"
         raise CertificateError(
             f"certificate {cert_path}: chain cannot be loaded ({reason})"
         ) from None
+    except _EncryptedKey:  # parsed as unencrypted above; OpenSSL thinks otherwise
+        raise CertificateError(f"key {key_path}: encrypted with a passphrase") from None
+    except OSError as exc:  # no descriptor for the in-memory copies (EMFILE, …)
+        raise CertificateError(f"certificate {cert_path}: cannot load: {exc.strerror}") from None
     return context, info
 
 

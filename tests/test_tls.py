@@ -322,7 +322,16 @@ def test_sighup_reloads_the_certificate_when_polling_is_off(pair: Pair, ca: Test
 
 
 @pytest.mark.parametrize(
-    "spoil", [_garbage, _half_written, _key_mismatch, _expired, _key_gone], ids=lambda f: f.__name__
+    "spoil",
+    [
+        _garbage,
+        _half_written,
+        _key_mismatch,
+        # The same path as the others past the load; tests/test_tls_reloader.py too.
+        pytest.param(_expired, marks=pytest.mark.slow),
+        pytest.param(_key_gone, marks=pytest.mark.slow),
+    ],
+    ids=lambda f: f.__name__,
 )
 def test_bad_replacement_keeps_the_old_certificate(
     relay: RelayProcess, pair: Pair, ca: TestCA, spoil: Callable[[Pair], str]
