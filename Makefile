@@ -39,8 +39,9 @@ test: lint typecheck unit
 test-fast: lint typecheck
 	$(PY) -m pytest -q -m 'not slow and not e2e' $(PYTEST_ARGS)
 
+# `make bench BENCH_ARGS=--quick` for one short round (see docs/benchmarks.md).
 bench: $(VENV)/.dev-installed
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -377,7 +377,9 @@ def herd(
     procs: int,
     relay_pid: int,
     profile: str | None = None,
+    drain: float = 15.0,
 ) -> dict:
+    """Run the herd; `drain`: seconds after the last publish for the rows to arrive."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     ws = f"herd-{mode}-{time.time_ns()}"
@@ -412,7 +414,7 @@ def herd(
         seqs = publish(url, ws, rate, seconds)
         publish_wall = time.monotonic() - wall0
         for _, pipe in workers:
-            pipe.send((len(seqs), sum(seqs), 15.0))
+            pipe.send((len(seqs), sum(seqs), drain))
         results = [pipe.recv() for _, pipe in workers]
         wall = time.monotonic() - wall0
         relay_cpu = cpu_seconds(relay_pid) - relay0
@@ -501,9 +503,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--procs", type=int, default=0, help="generator processes (0: one per 64)")
     p.add_argument("--py-spy", default=None, help="write a py-spy raw profile of the relay here")
+    p.add_argument(
+        "--drain", type=float, default=15.0, help="seconds after the last publish to wait for rows"
+    )
     a = p.parse_args()
     procs = a.procs or min(16, max(2, math.ceil(a.followers / 64)))
-    out = herd(a.url, a.followers, a.mode, a.rate, a.seconds, procs, a.relay_pid, a.py_spy)
+    out = herd(a.url, a.followers, a.mode, a.rate, a.seconds, procs, a.relay_pid, a.py_spy, a.drain)
     print(json.dumps(out))
 
 

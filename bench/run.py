@@ -476,7 +476,7 @@ HERD_HEADER = (
     "relay CPU s",
     "busiest generator CPU s",
     "each generator below the relay",
-    "every envelope to every follower once",
+    "every envelope to every follower once (within 15 s of the last publish)",
     "target (issue 13)",
 )
 
