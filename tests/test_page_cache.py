@@ -350,3 +350,17 @@ def test_a_catch_up_page_from_a_real_relay_is_the_same_cached_or_not() -> None:
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == first.headers["content-length"]
     assert_quiet_log(proc.logs())
+
+
+def test_metrics_show_what_the_page_cache_holds(client: TestClient) -> None:
+    def gauge() -> float:
+        text = client.get("/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("hive_relay_page_cache_bytes "))
+        return float(line.split()[1])
+
+    assert gauge() == 0
+    push(client, WS, b"1")
+    warm(client, WS, "after=0")
+    assert gauge() == store_of(client).page_cache_used > 0
+    push(client, WS, b"2")
+    assert gauge() == 0
