@@ -364,3 +364,17 @@ def test_metrics_show_what_the_page_cache_holds(client: TestClient) -> None:
     assert gauge() == store_of(client).page_cache_used > 0
     push(client, WS, b"2")
     assert gauge() == 0
+
+
+def test_a_cached_read_gets_cors_headers_without_changing_the_cached_answer() -> None:
+    origin = "https://app.example"
+    with make_client(cors_origins=origin) as c:
+        push(c, WS, b"1")
+        plain = warm(c, WS, "after=0")
+        assert not any(k.startswith("access-control-") for k, _ in plain[1])
+        for _ in range(3):
+            hit = get(c, WS, "after=0", Origin=origin)
+            assert hit[0] == 200 and hit[2] == plain[2]
+            assert ("access-control-allow-origin", origin) in hit[1]
+            assert any(k == "access-control-expose-headers" for k, _ in hit[1])
+        assert get(c, WS, "after=0") == plain  # the cached header list was not edited
