@@ -326,7 +326,8 @@ class Front:
             ):
                 headers, body = hit
                 try:
-                    # CORSMiddleware edits the header list it is given: a copy then.
+                    # Behind CORSMiddleware, which adds headers (Starlette 1.x to a copy of
+                    # the list; not relied on), the cached list is handed over as a copy.
                     await send(
                         {
                             "type": "http.response.start",
