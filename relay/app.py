@@ -342,7 +342,8 @@ class Front:
             ):
                 headers, body = hit
                 try:
-                    # CORSMiddleware edits the header list it is given: a copy then.
+                    # Behind CORSMiddleware, which adds headers (Starlette 1.x to a copy of
+                    # the list; not relied on), the cached list is handed over as a copy.
                     await send(
                         {
                             "type": "http.response.start",
@@ -537,6 +538,11 @@ def build_relay(settings: Settings, store: Store | None = None) -> Relay:
             out["hive_relay_envelopes_retained"] = ("Envelopes retained", stats.envelopes)
             out["hive_relay_stored_bytes"] = ("Stored row bytes", stats.stored_bytes)
             out["hive_relay_pairings"] = ("Pairing codes held", stats.pairings)
+        if relay.pages is not None:
+            out["hive_relay_page_cache_bytes"] = (
+                "Read answers cached until their workspace changes (on top of the budget)",
+                relay.pages.page_cache_used,
+            )
         if budgeted is not None:
             pool, side = budgeted.charged_now()
             out["hive_relay_budget_bytes"] = (

@@ -350,3 +350,31 @@ def test_a_catch_up_page_from_a_real_relay_is_the_same_cached_or_not() -> None:
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == first.headers["content-length"]
     assert_quiet_log(proc.logs())
+
+
+def test_metrics_show_what_the_page_cache_holds(client: TestClient) -> None:
+    def gauge() -> float:
+        text = client.get("/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("hive_relay_page_cache_bytes "))
+        return float(line.split()[1])
+
+    assert gauge() == 0
+    push(client, WS, b"1")
+    warm(client, WS, "after=0")
+    assert gauge() == store_of(client).page_cache_used > 0
+    push(client, WS, b"2")
+    assert gauge() == 0
+
+
+def test_a_cached_read_gets_cors_headers_without_changing_the_cached_answer() -> None:
+    origin = "https://app.example"
+    with make_client(cors_origins=origin) as c:
+        push(c, WS, b"1")
+        plain = warm(c, WS, "after=0")
+        assert not any(k.startswith("access-control-") for k, _ in plain[1])
+        for _ in range(3):
+            hit = get(c, WS, "after=0", Origin=origin)
+            assert hit[0] == 200 and hit[2] == plain[2]
+            assert ("access-control-allow-origin", origin) in hit[1]
+            assert any(k == "access-control-expose-headers" for k, _ in hit[1])
+        assert get(c, WS, "after=0") == plain  # the cached header list was not edited

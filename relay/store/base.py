@@ -271,3 +271,8 @@ class PageCachingStore(Protocol):
     def cache_page(self, ws: str, key: Any, page: Any, size: int) -> None:
         """Keep `page` for `key` until `ws` changes; call with no await since the read."""
         ...
+
+    @property
+    def page_cache_used(self) -> int:
+        """Bytes the cached answers hold."""
+        ...
