@@ -43,10 +43,14 @@ def _server_cmd(kind: str, port: int) -> list[str]:
 ACCESS_LOG = "false"  # --access-log: the default configuration, one line per request
 
 
-def _run(kind: str, case: str, n: int) -> tuple[int, int]:
+def _run(kind: str, case: str, n: int, fsync: str = "") -> tuple[int, int]:
     port = free_port()
     out = Path(tempfile.mkdtemp()) / "cg.out"  # kept for _crypto(); removed there
     env = relay_env({"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_ACCESS_LOG": ACCESS_LOG})
+    if fsync:  # a journal in a fresh data directory beside the callgrind output
+        env["HIVE_RELAY_DATA_DIR"] = str(out.parent / "data")
+        env["HIVE_RELAY_FSYNC"] = fsync
+        env["HIVE_RELAY_SNAPSHOT_INTERVAL"] = "86400"  # the journal's cost alone
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *_server_cmd(kind, port)],
         cwd=REPO,
@@ -133,10 +137,12 @@ def _crypto(out: Path) -> int:
     return total
 
 
-def per_request(kind: str, case: str, base: int, extra: int) -> tuple[float, float]:
+def per_request(
+    kind: str, case: str, base: int, extra: int, fsync: str = ""
+) -> tuple[float, float]:
     """Instructions per request, and the libcrypto part of them."""
-    long_total, long_crypto = _run(kind, case, base + extra)
-    short_total, short_crypto = _run(kind, case, base)
+    long_total, long_crypto = _run(kind, case, base + extra, fsync)
+    short_total, short_crypto = _run(kind, case, base, fsync)
     return (long_total - short_total) / extra, (long_crypto - short_crypto) / extra
 
 
@@ -148,12 +154,34 @@ def main() -> int:
     p.add_argument(
         "--access-log", action="store_true", help="the relay with its access log on (default)"
     )
+    p.add_argument(
+        "--journal",
+        action="store_true",
+        help="publish only: the relay memory-only and with its journal (fsync always, "
+        "everysec), one client: the journal's instructions per publish",
+    )
     a = p.parse_args()
     global ACCESS_LOG
     ACCESS_LOG = "true" if a.access_log else "false"
     if shutil.which("valgrind") is None:
         print("needs valgrind (apt-get install -y valgrind)", file=sys.stderr)
         return 2
+    if a.journal:
+        base_instr, _ = per_request("relay", "publish", a.base, a.extra)
+        for fsync in ("always", "everysec"):
+            instr, _ = per_request("relay", "publish", a.base, a.extra, fsync)
+            print(
+                json.dumps(
+                    {
+                        "case": f"publish, journal fsync {fsync}",
+                        "memory_only_instr": round(base_instr),
+                        "journal_instr": round(instr),
+                        "journal_extra_instr": round(instr - base_instr),
+                        "ratio": round(base_instr / instr, 3),
+                    }
+                )
+            )
+        return 0
     cases = ["publish", "read"] if a.case == "all" else [a.case]
     for case in cases:
         ceiling, ceiling_crypto = per_request("ceiling", case, a.base, a.extra)

@@ -500,3 +500,35 @@ def test_bulk_replay_rebuilds_the_live_state_under_every_bound(tmp_path: Path) -
     assert store.export_state() == state
     assert (store.stats_now(), store.charged_now()) == counts
     assert snap.replayed > 600
+
+
+def test_publishers_waiting_on_one_round_share_one_future(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Group commit on the loop side too: while one fsync runs, the records that
+    # queue for the next one wait on a single future, not one each.
+    held = HeldSync(monkeypatch)
+
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        await store.start()
+        assert snap.journal is not None
+        first = asyncio.ensure_future(store.append("w", b"0", b"k0"))
+        await asyncio.to_thread(held.entered.wait, 10)
+        rest = [
+            asyncio.ensure_future(store.append("w", b"%d" % i, b"k%d" % i)) for i in range(1, 11)
+        ]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not any(t.done() for t in rest)
+        assert len(snap.journal._waiters) == 2  # the round being synced, and the next
+        held.release.set()
+        seqs = [s for s, _ in await asyncio.gather(first, *rest)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 11
+        assert not snap.journal._waiters
+        assert len(rows(store, "w")) == 11
+        await crash(store, snap)
+
+    run(go())
+    store, _ = open_dir(tmp_path)
+    assert len(rows(store, "w")) == 11

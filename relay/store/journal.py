@@ -299,7 +299,11 @@ class Journal:
         self.total_bytes = existing_bytes  # all live segments on disk (and queued)
         self.segment_sizes: dict[int, int] = {}
         self.on_durable: Any = None  # callable(lsn), set by the store
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # One future per group (the records the writer takes in one round), not per
+        # record: [highest lsn waited for, future]; the last is open while records
+        # still join the group the writer has not taken yet.
+        self._waiters: list[list[Any]] = []
+        self._group_open = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Shared with the thread, under _cond.
         self._cond = threading.Condition(threading.Lock())
@@ -366,7 +370,8 @@ class Journal:
         with cond:
             self._buf.append(data)
             self._buf_lsn = self.lsn
-            if len(self._buf) == 1:
+            if len(self._buf) == 1:  # the writer took the last round: a new group
+                self._group_open = False
                 cond.notify()
         if self.segment_fill >= self.segment_bytes:
             self.rotate()
@@ -384,6 +389,8 @@ class Journal:
         with self._cond:
             self._buf.append(_Rotate(self.segment, header))
             self._buf_lsn = self.lsn
+            if len(self._buf) == 1:
+                self._group_open = False
             self._cond.notify()
         return self.segment
 
@@ -402,8 +409,15 @@ class Journal:
             return None
         if self.failed is not None:
             self.check()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((lsn, fut))
+        waiters = self._waiters
+        if self._group_open and waiters:
+            group = waiters[-1]
+            group[0] = max(group[0], lsn)
+            fut: asyncio.Future[None] = group[1]
+            return fut
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append([lsn, fut])
+        self._group_open = True
         return fut
 
     async def wait_all(self) -> None:
@@ -426,6 +440,8 @@ class Journal:
             i += 1
         if i:
             del waiters[:i]
+            if not waiters:
+                self._group_open = False
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:
@@ -436,6 +452,7 @@ class Journal:
                 reason,
             )
         waiters, self._waiters = self._waiters, []
+        self._group_open = False
         for _, fut in waiters:
             if not fut.done():
                 fut.set_exception(
