@@ -120,8 +120,15 @@ async def test_min_replicas_without_replicas_answers_503_and_the_retry_is_single
             with pytest.raises(StoreUnavailable) as refused:
                 await store.append(ws, b'{"x":1}', b"key")
             assert refused.value.retry_after >= 1
+        # Stored once on the slot's primary, but never shown: no WAIT succeeded
+        # (notify-after-WAIT, docs/scaling.md).
         page = await store.read(ws, 0, 10, BIG)
-        assert len(page.rows) == 1
+        assert page.rows == [] and page.head == 0
+        node = redis_cluster.node_for(f"relay:{{{ws}}}:log").client()
+        try:
+            assert node.xlen(f"relay:{{{ws}}}:log") == 1
+        finally:
+            node.close()
         with pytest.raises(StoreUnavailable):
             await store.keyring_append(ws, b"k")
 
