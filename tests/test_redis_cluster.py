@@ -257,3 +257,64 @@ async def test_two_relays_deliver_sse_websocket_and_long_poll_on_every_shard(
         for ws in names:
             assert [row["seq"] for row in sse[ws]] == sent[ws]
             assert [row["body"]["n"] for row in sse[ws]] == [1, 2]
+
+
+@pytest.mark.slow
+async def test_a_shard_without_primary_answers_503_and_the_others_keep_working() -> None:
+    """One primary of three (no replicas) is killed: its workspaces answer 503 with
+    Retry-After, the other shards' workspaces keep working, health stays 200; once
+    it is back (AOF), writes and a live stream opened before resume without restart."""
+    with RedisCluster(primaries=3, aof=True) as cluster:
+        per_shard = cluster.workspaces_per_shard(1, "down")
+        victim = cluster.primary_nodes()[0]
+        dead_ws = per_shard[victim.port][0]
+        alive_ws = [ns[0] for port, ns in per_shard.items() if port != victim.port]
+        with (
+            RelayProcess(env=relay_env(cluster.url)) as a,
+            RelayProcess(env=relay_env(cluster.url)) as b,
+        ):
+            async with (
+                httpx.AsyncClient(base_url=a.url, timeout=WAIT) as ca,
+                httpx.AsyncClient(base_url=b.url, timeout=WAIT) as cb,
+            ):
+                acked = [await push(ca, dead_ws, {"n": i}) for i in range(3)]
+                got: list[Any] = []
+                live = asyncio.Event()
+                stream = asyncio.create_task(sse_rows(cb, dead_ws, acked[-1], 1, got, live))
+                await asyncio.wait_for(live.wait(), WAIT)
+                victim.kill()
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        r = await ca.post(f"/v1/workspaces/{dead_ws}/envelopes", json={"x": 1})
+                        if r.status_code == 503:
+                            break
+                        assert r.status_code == 200, r.text  # before the kill was noticed
+                        acked.append(int(r.json()["seq"]))
+                assert int(r.headers["retry-after"]) > 0
+                assert r.json()["error"] == "store_unavailable"
+                r = await cb.get(f"/v1/workspaces/{dead_ws}/envelopes")
+                assert r.status_code == 503
+                assert int(r.headers["retry-after"]) > 0
+                for ws in alive_ws:
+                    seq = await push(ca, ws, {"ok": ws})
+                    r = await cb.get(f"/v1/workspaces/{ws}/envelopes")
+                    assert r.status_code == 200, r.text
+                    assert r.json() == [{"seq": seq, "body": {"ok": ws}}]
+                assert (await ca.get("/v1/health")).status_code == 200
+                victim.start()  # same port, directory and nodes.conf: it takes its slots back
+                cluster.wait_ok()
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        r = await ca.post(f"/v1/workspaces/{dead_ws}/envelopes", json={"n": "b"})
+                        if r.status_code == 200:
+                            break
+                        assert r.status_code == 503, r.text
+                        await asyncio.sleep(0.1)
+                back = int(r.json()["seq"])
+                await asyncio.wait_for(stream, WAIT)
+                assert got == [{"seq": back, "body": {"n": "b"}}]
+                r = await cb.get(f"/v1/workspaces/{dead_ws}/envelopes")
+                assert [row["seq"] for row in r.json()] == [*acked, back]
+            for relay in (a, b):
+                assert " 500 " not in relay.logs()
+                assert "Traceback" not in relay.logs()
