@@ -39,9 +39,10 @@ Redis Cluster slot and every Lua script touches one slot only:
 Appends are one Lua script (atomic, all or nothing for a batch): dedup by key, seq by
 the rule of relay.store.base.next_seq with Redis TIME, XADD, trim by count and age
 (forgetting the dedup keys of dropped rows and recording the dropped horizon), and
-PUBLISH (SPUBLISH on a Cluster) on the workspace's channel `relay:{ws}:n`. The message is `<prev head> <new
-head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so a listening relay
-usually delivers without reading the stream back (watch.py).
+PUBLISH (SPUBLISH on a Cluster) on the workspace's channel `relay:{ws}:n`. The
+message is `<prev head> <new head> [<seq>:<len> …]\\n<rows…>`: the rows ride along
+when small, so a listening relay usually delivers without reading the stream back
+(watch.py).
 
 Every read fetches the epoch in the same round trip, and a background task checks it
 each second (epoch.py).
