@@ -318,3 +318,59 @@ async def test_a_shard_without_primary_answers_503_and_the_others_keep_working()
             for relay in (a, b):
                 assert " 500 " not in relay.logs()
                 assert "Traceback" not in relay.logs()
+
+
+# ------------------------------------------------------------------ error mapping
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("unable to perform operation on <TCPTransport closed=True>"),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        pytest.param("SlotNotCoveredError", id="slot-not-covered"),
+        pytest.param("ClusterDownError", id="clusterdown"),
+        pytest.param("TryAgainError", id="tryagain"),
+        pytest.param("MovedError", id="moved"),
+        pytest.param("AskError", id="ask"),
+        pytest.param("RedisClusterException", id="cluster-exception"),
+    ],
+)
+async def test_what_redis_py_raises_while_a_node_dies_is_503_not_500(exc: Any) -> None:
+    from redis import exceptions as rx
+
+    from relay.errors import store_error_status
+    from relay.store.redis.errors import redis_errors
+
+    if isinstance(exc, str):
+        cls = getattr(rx, exc)
+        exc = cls("3999 127.0.0.1:7000") if cls in (rx.MovedError, rx.AskError) else cls("x")
+    with pytest.raises(StoreUnavailable) as mapped:
+        with redis_errors():
+            raise exc
+    assert mapped.value.retry_after >= 1
+    assert store_error_status(mapped.value) == 503
+
+
+async def test_a_command_that_failed_before_it_was_sent_is_tried_once_more() -> None:
+    from redis import exceptions as rx
+
+    from relay.store.redis.errors import retry_unsent
+
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the handler is closed")
+        return "ok"
+
+    assert await retry_unsent(flaky) == "ok"
+    assert len(calls) == 2
+
+    async def refused() -> str:  # may have been sent: not retried here
+        calls.append(1)
+        raise rx.ConnectionError("refused")
+
+    calls.clear()
+    with pytest.raises(rx.ConnectionError):
+        await retry_unsent(refused)
+    assert len(calls) == 1
