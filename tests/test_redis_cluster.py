@@ -25,6 +25,7 @@ from tests.test_redis_relays import push, relay_env, sse_rows
 
 pytest.importorskip("redis", reason="the redis extra is not installed")
 
+# Every test here but the two error-mapping ones starts or uses a private Cluster.
 pytestmark = pytest.mark.anyio
 WAIT = 15.0  # upper bound for any single wait; tests never assert on durations
 BIG = 1 << 40
@@ -52,6 +53,7 @@ async def stores(redis_cluster: RedisCluster) -> AsyncIterator[list[Any]]:
         await store.close()
 
 
+@pytest.mark.slow
 async def test_workspaces_on_every_shard_keep_their_keys_in_one_slot(
     redis_cluster: RedisCluster, stores: list[Any]
 ) -> None:
@@ -89,6 +91,7 @@ async def test_workspaces_on_every_shard_keep_their_keys_in_one_slot(
     assert await store.ping()
 
 
+@pytest.mark.slow
 async def test_live_delivery_follows_every_shard(
     redis_cluster: RedisCluster, stores: list[Any]
 ) -> None:
@@ -110,6 +113,7 @@ async def test_live_delivery_follows_every_shard(
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_min_replicas_without_replicas_answers_503_and_the_retry_is_single(
     redis_cluster: RedisCluster, stores: list[Any]
 ) -> None:
@@ -133,6 +137,7 @@ def replicated() -> Iterator[RedisCluster]:
         yield cluster
 
 
+@pytest.mark.slow
 async def test_min_replicas_on_a_cluster_waits_on_the_slots_node(
     replicated: RedisCluster,
 ) -> None:
@@ -159,6 +164,7 @@ async def test_min_replicas_on_a_cluster_waits_on_the_slots_node(
         await store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("acked", [0, 1])
 async def test_a_slot_moved_under_a_live_watch_loses_nothing(
     replicated: RedisCluster, acked: int
