@@ -43,7 +43,7 @@ ENV = {
 }
 
 
-RETRIES: list[bytes] = []  # 503 answers to subscribers (retried), reported with the rows
+RETRIES: list[bytes] = []  # 503s to subscribers (retried) and ended streams, reported
 
 
 class Row(msgspec.Struct):
@@ -142,6 +142,9 @@ async def subscriber(url: str, ws: str, lat: list[float], ready: asyncio.Barrier
     try:
         while got < n:
             line = await reader.readline()
+            if not line:
+                RETRIES.append(b"the relay ended the stream")  # counted as not delivered
+                return
             i = line.find(b"data: {")
             if i < 0:
                 continue
@@ -224,7 +227,7 @@ async def measure(
     RETRIES.clear()
     fan = await fanout(pub, sub, a.subscribers, a.events, a.rate)
     if RETRIES:
-        print(f"{len(RETRIES)} subscriber connects answered 503: {RETRIES[0]!r}", file=sys.stderr)
+        print(f"{len(RETRIES)} subscriber 503s or ended streams: {RETRIES[0]!r}", file=sys.stderr)
     return [
         f"{rate:,.0f}" if rate else "–",
         f"{fan['p50']:.1f}",
@@ -236,7 +239,11 @@ async def measure(
 def two_relays(url: str, extra: dict[str, str], a: argparse.Namespace) -> list[str]:
     env = {**ENV, "HIVE_RELAY_STORE": url, **extra}
     with RelayProcess(env=env) as one, RelayProcess(env=env) as two:
-        return asyncio.run(measure(one.url, two.url, a, True, spread=True))
+        row = asyncio.run(measure(one.url, two.url, a, True, spread=True))
+        if row[-1] != "yes":
+            ended = [ln for ln in two.logs().splitlines() if "SSE" in ln or "Redis" in ln]
+            print("\n".join(ended[-5:]), file=sys.stderr)
+        return row
 
 
 def shared_rows(a: argparse.Namespace) -> list[list[str]]:

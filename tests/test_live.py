@@ -1,5 +1,6 @@
 """Live delivery against a real relay process: SSE (nudges and bodies), long-poll,
-WebSocket, stream caps and slow-consumer eviction."""
+WebSocket, stream caps and slow-consumer eviction — on the memory store and on a
+Redis Cluster (sharded push)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 WAIT = 10.0  # upper bound for any single wait; tests never assert on durations
 
 
-@pytest.fixture(scope="module")
-def relay():
-    with RelayProcess(env={"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_KEEPALIVE_SECS": "0.3"}) as r:
+@pytest.fixture(scope="module", params=["memory", "cluster"])
+def relay(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """One relay on the memory store, and one on a private 3-primary Redis Cluster."""
+    env = {"HIVE_RELAY_PUSH_RATE": "0", "HIVE_RELAY_KEEPALIVE_SECS": "0.3"}
+    if request.param == "cluster":
+        pytest.importorskip("redis", reason="the redis extra is not installed")
+        env["HIVE_RELAY_STORE"] = request.getfixturevalue("redis_cluster").url
+    with RelayProcess(env=env) as r:
         yield r
 
 

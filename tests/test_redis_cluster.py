@@ -25,6 +25,7 @@ from tests.test_redis_relays import push, relay_env, sse_rows
 
 pytest.importorskip("redis", reason="the redis extra is not installed")
 
+# Every test here but the two error-mapping ones starts or uses a private Cluster.
 pytestmark = pytest.mark.anyio
 WAIT = 15.0  # upper bound for any single wait; tests never assert on durations
 BIG = 1 << 40
@@ -52,6 +53,7 @@ async def stores(redis_cluster: RedisCluster) -> AsyncIterator[list[Any]]:
         await store.close()
 
 
+@pytest.mark.slow
 async def test_workspaces_on_every_shard_keep_their_keys_in_one_slot(
     redis_cluster: RedisCluster, stores: list[Any]
 ) -> None:
@@ -89,6 +91,7 @@ async def test_workspaces_on_every_shard_keep_their_keys_in_one_slot(
     assert await store.ping()
 
 
+@pytest.mark.slow
 async def test_live_delivery_follows_every_shard(
     redis_cluster: RedisCluster, stores: list[Any]
 ) -> None:
@@ -110,6 +113,7 @@ async def test_live_delivery_follows_every_shard(
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_min_replicas_without_replicas_answers_503_and_the_retry_is_single(
     redis_cluster: RedisCluster, stores: list[Any]
 ) -> None:
@@ -120,8 +124,15 @@ async def test_min_replicas_without_replicas_answers_503_and_the_retry_is_single
             with pytest.raises(StoreUnavailable) as refused:
                 await store.append(ws, b'{"x":1}', b"key")
             assert refused.value.retry_after >= 1
+        # Stored once on the slot's primary, but never shown: no WAIT succeeded
+        # (notify-after-WAIT, docs/scaling.md).
         page = await store.read(ws, 0, 10, BIG)
-        assert len(page.rows) == 1
+        assert page.rows == [] and page.head == 0
+        node = redis_cluster.node_for(f"relay:{{{ws}}}:log").client()
+        try:
+            assert node.xlen(f"relay:{{{ws}}}:log") == 1
+        finally:
+            node.close()
         with pytest.raises(StoreUnavailable):
             await store.keyring_append(ws, b"k")
 
@@ -133,6 +144,7 @@ def replicated() -> Iterator[RedisCluster]:
         yield cluster
 
 
+@pytest.mark.slow
 async def test_min_replicas_on_a_cluster_waits_on_the_slots_node(
     replicated: RedisCluster,
 ) -> None:
@@ -159,6 +171,7 @@ async def test_min_replicas_on_a_cluster_waits_on_the_slots_node(
         await store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("acked", [0, 1])
 async def test_a_slot_moved_under_a_live_watch_loses_nothing(
     replicated: RedisCluster, acked: int
@@ -257,3 +270,120 @@ async def test_two_relays_deliver_sse_websocket_and_long_poll_on_every_shard(
         for ws in names:
             assert [row["seq"] for row in sse[ws]] == sent[ws]
             assert [row["body"]["n"] for row in sse[ws]] == [1, 2]
+
+
+@pytest.mark.slow
+async def test_a_shard_without_primary_answers_503_and_the_others_keep_working() -> None:
+    """One primary of three (no replicas) is killed: its workspaces answer 503 with
+    Retry-After, the other shards' workspaces keep working, health stays 200; once
+    it is back (AOF), writes and a live stream opened before resume without restart."""
+    with RedisCluster(primaries=3, aof=True) as cluster:
+        per_shard = cluster.workspaces_per_shard(1, "down")
+        victim = cluster.primary_nodes()[0]
+        dead_ws = per_shard[victim.port][0]
+        alive_ws = [ns[0] for port, ns in per_shard.items() if port != victim.port]
+        with (
+            RelayProcess(env=relay_env(cluster.url)) as a,
+            RelayProcess(env=relay_env(cluster.url)) as b,
+        ):
+            async with (
+                httpx.AsyncClient(base_url=a.url, timeout=WAIT) as ca,
+                httpx.AsyncClient(base_url=b.url, timeout=WAIT) as cb,
+            ):
+                acked = [await push(ca, dead_ws, {"n": i}) for i in range(3)]
+                got: list[Any] = []
+                live = asyncio.Event()
+                stream = asyncio.create_task(sse_rows(cb, dead_ws, acked[-1], 1, got, live))
+                await asyncio.wait_for(live.wait(), WAIT)
+                victim.kill()
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        r = await ca.post(f"/v1/workspaces/{dead_ws}/envelopes", json={"x": 1})
+                        if r.status_code == 503:
+                            break
+                        assert r.status_code == 200, r.text  # before the kill was noticed
+                        acked.append(int(r.json()["seq"]))
+                assert int(r.headers["retry-after"]) > 0
+                assert r.json()["error"] == "store_unavailable"
+                r = await cb.get(f"/v1/workspaces/{dead_ws}/envelopes")
+                assert r.status_code == 503
+                assert int(r.headers["retry-after"]) > 0
+                for ws in alive_ws:
+                    seq = await push(ca, ws, {"ok": ws})
+                    r = await cb.get(f"/v1/workspaces/{ws}/envelopes")
+                    assert r.status_code == 200, r.text
+                    assert r.json() == [{"seq": seq, "body": {"ok": ws}}]
+                assert (await ca.get("/v1/health")).status_code == 200
+                victim.start()  # same port, directory and nodes.conf: it takes its slots back
+                cluster.wait_ok()
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        r = await ca.post(f"/v1/workspaces/{dead_ws}/envelopes", json={"n": "b"})
+                        if r.status_code == 200:
+                            break
+                        assert r.status_code == 503, r.text
+                        await asyncio.sleep(0.1)
+                back = int(r.json()["seq"])
+                await asyncio.wait_for(stream, WAIT)
+                assert got == [{"seq": back, "body": {"n": "b"}}]
+                r = await cb.get(f"/v1/workspaces/{dead_ws}/envelopes")
+                assert [row["seq"] for row in r.json()] == [*acked, back]
+            for relay in (a, b):
+                assert " 500 " not in relay.logs()
+                assert "Traceback" not in relay.logs()
+
+
+# ------------------------------------------------------------------ error mapping
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("unable to perform operation on <TCPTransport closed=True>"),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        pytest.param("SlotNotCoveredError", id="slot-not-covered"),
+        pytest.param("ClusterDownError", id="clusterdown"),
+        pytest.param("TryAgainError", id="tryagain"),
+        pytest.param("MovedError", id="moved"),
+        pytest.param("AskError", id="ask"),
+        pytest.param("RedisClusterException", id="cluster-exception"),
+    ],
+)
+async def test_what_redis_py_raises_while_a_node_dies_is_503_not_500(exc: Any) -> None:
+    from redis import exceptions as rx
+
+    from relay.errors import store_error_status
+    from relay.store.redis.errors import redis_errors
+
+    if isinstance(exc, str):
+        cls = getattr(rx, exc)
+        exc = cls("3999 127.0.0.1:7000") if cls in (rx.MovedError, rx.AskError) else cls("x")
+    with pytest.raises(StoreUnavailable) as mapped:
+        with redis_errors():
+            raise exc
+    assert mapped.value.retry_after >= 1
+    assert store_error_status(mapped.value) == 503
+
+
+async def test_a_command_that_failed_before_it_was_sent_is_tried_once_more() -> None:
+    from redis import exceptions as rx
+
+    from relay.store.redis.errors import retry_unsent
+
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the handler is closed")
+        return "ok"
+
+    assert await retry_unsent(flaky) == "ok"
+    assert len(calls) == 2
+
+    async def refused() -> str:  # may have been sent: not retried here
+        calls.append(1)
+        raise rx.ConnectionError("refused")
+
+    calls.clear()
+    with pytest.raises(rx.ConnectionError):
+        await retry_unsent(refused)
+    assert len(calls) == 1

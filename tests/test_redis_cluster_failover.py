@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redisproc import RedisCluster, RedisServer, own_server_required
+from tests.redisproc import RedisCluster, own_server_required
 from tests.relayproc import RelayProcess
 from tests.test_redis_replicas import SseRecorder
 
@@ -51,21 +51,9 @@ def env(url: str, min_replicas: int) -> dict[str, str]:
     }
 
 
-def spread(cluster: RedisCluster, count: int) -> list[str]:
-    """`count` workspace names per primary, so every shard carries load."""
-    owners = sorted(cluster.slot_owners().items())
-    names: list[str] = []
-    per: dict[int, int] = {}
-    i = 0
-    while len(names) < count * len(set(p for _, p in owners)):
-        ws = f"w{i}"
-        i += 1
-        slot = key_slot(ws.encode())
-        port = next(p for start, p in reversed(owners) if start <= slot)
-        if per.get(port, 0) < count:
-            per[port] = per.get(port, 0) + 1
-            names.append(ws)
-    return names
+def spread(cluster: RedisCluster) -> list[str]:
+    """One workspace per primary, so every shard carries load."""
+    return [names[0] for names in cluster.workspaces_per_shard(1, prefix="w").values()]
 
 
 @dataclass
@@ -171,7 +159,7 @@ async def failover_run(min_replicas: int) -> tuple[int, int, dict[int, int]]:
     """(acknowledged, lost, answers by status) for one failover under load."""
     own_server_required()
     with RedisCluster(primaries=3, replicas=1, node_timeout=1000) as cluster:
-        workspaces = spread(cluster, 1)
+        workspaces = spread(cluster)
         victim = cluster.node_for(f"relay:{{{workspaces[0]}}}:log")
         heir = cluster.replica_of(victim)
         assert heir, "the victim primary has no replica"
@@ -261,15 +249,6 @@ async def test_failover_with_min_replicas_0_reports_what_it_lost() -> None:
     print(f"\nMIN_REPLICAS=0: {total} acknowledged, {lost} lost in the failover; {statuses}")
 
 
-def node_id(node: RedisServer) -> str:
-    client = node.client()
-    try:
-        value = client.execute_command("CLUSTER", "MYID")
-    finally:
-        client.close()
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def test_resharding_a_live_workspace_loses_nothing_and_interrupts_no_stream() -> None:
     own_server_required()
     with RedisCluster(primaries=3, replicas=0, node_timeout=1000) as cluster:
@@ -307,9 +286,9 @@ async def test_resharding_a_live_workspace_loses_nothing_and_interrupts_no_strea
                         "reshard",
                         f"127.0.0.1:{source.port}",
                         "--cluster-from",
-                        node_id(source),
+                        cluster.node_id(source),
                         "--cluster-to",
-                        node_id(target),
+                        cluster.node_id(target),
                         "--cluster-slots",
                         "1",
                         "--cluster-yes",
@@ -344,7 +323,7 @@ async def test_cluster_shows_no_row_before_its_wait_succeeded() -> None:
     """Notify-after-WAIT in a Cluster: SPUBLISH only after WAIT on the slot primary."""
     own_server_required()
     with RedisCluster(primaries=3, replicas=1, node_timeout=1000) as cluster:
-        ws = spread(cluster, 1)[1]
+        ws = spread(cluster)[1]
         replica = cluster.replica_of(cluster.node_for(f"relay:{{{ws}}}:log"))[0]
         with (
             RelayProcess(env=env(cluster.url, 1)) as one,

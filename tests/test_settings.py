@@ -412,6 +412,40 @@ def test_a_malformed_sentinel_url_is_refused_at_start(url: str, why: str) -> Non
         load({"HIVE_RELAY_STORE": url})
 
 
+# -------------------------------------------------------------- Cluster URLs
+def test_cluster_urls_name_the_startup_nodes() -> None:
+    from relay.store.redis_url import parse_redis_url
+
+    url = "rediss+cluster://u:p%40ss@n1:7000,[::1]:7001,n3"
+    assert load({"HIVE_RELAY_STORE": url}).store_kind == "redis"
+    t = parse_redis_url(url)
+    assert (t.kind, t.tls, t.db) == ("cluster", True, 0)
+    assert t.hosts == (("n1", 7000), ("::1", 7001), ("n3", 6379))
+    assert (t.username, t.password) == ("u", "p@ss")
+    plain = parse_redis_url("redis+cluster://h:1/0")
+    assert (plain.kind, plain.tls, plain.username, plain.password) == (
+        "cluster",
+        False,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis+cluster://", "no Cluster node address"),
+        ("redis+cluster://h:x", "no valid port"),
+        ("redis+cluster://h:1,:2", "has no host"),
+        ("redis+cluster://h:1/3", "only database 0"),
+        ("redis+clusterx://h:1", "unknown store"),
+    ],
+)
+def test_a_malformed_cluster_url_is_refused_at_start(url: str, why: str) -> None:
+    with pytest.raises(SettingsError, match=f"HIVE_RELAY_STORE: .*{why}"):
+        load({"HIVE_RELAY_STORE": url})
+
+
 def test_replica_acknowledgement_settings_are_bounded() -> None:
     s = load()
     assert (s.redis_min_replicas, s.redis_wait_ms) == (0, 500)

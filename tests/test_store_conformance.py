@@ -47,7 +47,9 @@ def redis_session_url() -> Any:
         yield url
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+# The cluster cases start a 3-primary Redis Cluster once per session: slow, so
+# `make test-fast` leaves them to `make test`.
+@pytest.fixture(params=["memory", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     """make(bounds) -> a started store; make(bounds, peer=s) -> another instance
     sharing s's data (the same object for the memory store, a second client for Redis)."""

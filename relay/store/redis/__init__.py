@@ -1,8 +1,9 @@
 """The Redis Streams store: history that survives relay restarts, shared by many relays.
 
-Selected by `HIVE_RELAY_STORE=redis://…` or `rediss://…` (TLS), or
-`redis+sentinel://host:port[,…]/service` (relay/store/redis_url.py); needs the `redis`
-extra and Redis 6.2 or newer. Every instance behind a load balancer talks to the
+Selected by `HIVE_RELAY_STORE=redis://…` or `rediss://…` (TLS),
+`redis+sentinel://host:port[,…]/service`, or `redis+cluster://host:port[,…]`
+(relay/store/redis_url.py); needs the `redis` extra and Redis 6.2 or newer (7 for
+a Cluster: sharded pub/sub). Every instance behind a load balancer talks to the
 same Redis, so any instance can serve any request (no sticky sessions).
 
 One job per module:
@@ -10,10 +11,12 @@ One job per module:
     store.py    RedisStore, the Store protocol on top of the modules below
     scripts.py  the Lua scripts (relay/store/lua/*.lua, package data), run by SHA
     errors.py   what redis-py raises, as StoreBusy / StoreUnavailable
-    connect.py  clients for one Redis or a Sentinel-managed primary
+    connect.py  clients for one Redis, a Sentinel-managed primary, or a Cluster
     replicas.py WAIT for HIVE_RELAY_REDIS_MIN_REPLICAS on the write's own connection
     keys.py     key and channel names
-    watch.py    live delivery: the watch state machine on one pub/sub connection
+    watch.py    live delivery: the watch state machine, on one pub/sub connection
+                (or, on a Cluster, one SSUBSCRIBE connection per shard primary)
+    slots.py    the Cluster's slot map, for the sharded links and WAIT writes
     stats.py    approximate relay-wide counters
     epoch.py    the name of the dataset's history
 
@@ -27,6 +30,8 @@ Redis Cluster slot and every Lua script touches one slot only:
     relay:{ws}:keyring    List  of blobs
     relay:{ws}:presence   Hash  device -> data     (and relay:{ws}:presence:t, a sorted set
     relay:{ws}:candidates Hash  device -> data      device -> last write time, for the TTL)
+    relay:{ws}:w          String, 1 s TTL: a Cluster's WAIT probe after an all-duplicate
+                          append (replicas.py)
     relay:{pair}:c:<CODE> String payload, with the pairing TTL as Redis expiry
     relay:{pair}:idx      Sorted set code -> expiry (ms), to bound the number of codes
     relay:epoch           String: names this Redis dataset's history
@@ -35,13 +40,14 @@ Redis Cluster slot and every Lua script touches one slot only:
 Appends are one Lua script (atomic, all or nothing for a batch): dedup by key, seq by
 the rule of relay.store.base.next_seq with Redis TIME, XADD, trim by count and age
 (forgetting the dedup keys of dropped rows and recording the dropped horizon), and
-PUBLISH on the workspace's channel `relay:{ws}:n`. With replica-acknowledged writes
-(HIVE_RELAY_REDIS_MIN_REPLICAS > 0) the script publishes nothing: once WAIT counted
-the replicas, commit.lua raises the confirmed head (meta field c) and publishes.
-Reads, and the watches of live delivery, see rows up to the confirmed head only,
-so no relay shows a row before its WAIT succeeded (docs/scaling.md). The message is
-`<prev head> <new head> [<seq>:<len> …]\\n<rows…>`: the rows ride along when small, so
-a listening relay usually delivers without reading the stream back (watch.py).
+PUBLISH (SPUBLISH on a Cluster) on the workspace's channel `relay:{ws}:n`. With
+replica-acknowledged writes (HIVE_RELAY_REDIS_MIN_REPLICAS > 0) the script publishes
+nothing: once WAIT counted the replicas, commit.lua raises the confirmed head (meta
+field c) and publishes. Reads, and the watches of live delivery, see rows up to the
+confirmed head only, so no relay shows a row before its WAIT succeeded
+(docs/scaling.md). The message is `<prev head> <new head> [<seq>:<len> …]\\n<rows…>`:
+the rows ride along when small, so a listening relay usually delivers without
+reading the stream back (watch.py).
 
 Every read fetches the epoch in the same round trip, and a background task checks it
 each second (epoch.py).

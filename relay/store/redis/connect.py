@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as rx
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -45,6 +46,7 @@ class Clients:
     cluster: bool = False
     node_options: dict[str, Any] | None = None  # cluster: for node_client()
     timeouts: Timeouts | None = None
+    startup: tuple[tuple[str, int], ...] = ()  # cluster: the nodes the URL names
 
     def node_client(self, host: str, port: int, **options: Any) -> Redis:
         """A plain client for one Cluster node (its credentials and TLS, these options)."""
@@ -120,6 +122,21 @@ def _sentinel_clients(target: RedisTarget, t: Timeouts) -> Clients:
     return Clients(redis, pubsub, f"sentinel {hosts} service {target.service}", sentinel)
 
 
+class _CommandsOnce(AsyncCommandsParser):
+    """redis-py's key parser for RedisCluster, asking COMMAND only once.
+
+    RedisCluster re-initialises after any connection error, and that re-asks
+    COMMAND of its default node before the command at hand: with the default
+    node dead (a shard down), every command to every shard would fail. COMMAND's
+    answer does not change while the relay runs, so the first one is kept.
+    """
+
+    async def initialize(self, node: Any = None) -> None:
+        if self.commands:
+            return
+        await super().initialize(node)
+
+
 CLUSTER_RETRIES = 2  # a command is tried this often more after a node failure (slot map refreshed)
 
 
@@ -140,6 +157,15 @@ def _cluster_clients(target: RedisTarget, t: Timeouts) -> Clients:
         retry=Retry(NoBackoff(), CLUSTER_RETRIES),
         **node,
     )
+    redis.commands_parser = _CommandsOnce()
     options = {**node, "socket_timeout": t.socket, "socket_connect_timeout": t.connect}
     hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
-    return Clients(redis, None, f"cluster {hosts}", cluster=True, node_options=options, timeouts=t)
+    return Clients(
+        redis,
+        None,
+        f"cluster {hosts}",
+        cluster=True,
+        node_options=options,
+        timeouts=t,
+        startup=target.hosts,
+    )

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 from redis import exceptions as rx
 
 from relay.store.base import StoreBusy, StoreError, StoreUnavailable
 
 LOG = logging.getLogger("relay.store.redis")
+
+T = TypeVar("T")
 
 BUSY_RETRY_AFTER = 30  # seconds a client waits after Redis refused a write (maxmemory)
 
@@ -61,3 +64,19 @@ def redis_errors() -> Iterator[None]:
         # ("'NoneType' object has no attribute 'writelines'"). Logged, not hidden.
         LOG.warning("Redis connection failed under a command: %r", exc)
         raise StoreUnavailable() from None
+
+
+async def retry_unsent(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, once more if it failed before its command left.
+
+    While RedisCluster refreshes its slot map (after a node failed) it recycles
+    the pooled connections of every node, and a command that picks one up as it
+    closes fails on sending: RuntimeError from a closed (uvloop) transport, or
+    AttributeError from a connection whose writer is gone. Nothing was sent, so
+    a second try is safe for any command, and it takes a fresh connection.
+    """
+    try:
+        return await call()
+    except (RuntimeError, AttributeError) as exc:
+        LOG.debug("Redis command not sent (%r); trying once more", exc)
+        return await call()

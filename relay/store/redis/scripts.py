@@ -12,6 +12,8 @@ from typing import Any
 
 from redis import exceptions as rx
 
+from relay.store.redis.errors import retry_unsent
+
 NAMES = ("append", "read", "commit", "keyring", "device_put", "device_map", "pair_create")
 _WITH_COMMON = frozenset({"append", "read", "commit"})
 
@@ -38,7 +40,7 @@ async def load_all(redis: Any) -> None:
 async def run(redis: Any, name: str, keys: list[str], args: list[Any]) -> Any:
     """EVALSHA the script, loading it first if Redis lost it (a restart, SCRIPT FLUSH)."""
     try:
-        return await redis.evalsha(SHAS[name], len(keys), *keys, *args)
+        return await retry_unsent(lambda: redis.evalsha(SHAS[name], len(keys), *keys, *args))
     except rx.NoScriptError:
         await redis.script_load(SCRIPTS[name])
         return await redis.evalsha(SHAS[name], len(keys), *keys, *args)

@@ -31,7 +31,7 @@ from relay.store.base import (
 from relay.store.redis import scripts
 from relay.store.redis.connect import Timeouts, open_clients
 from relay.store.redis.epoch import Epoch
-from relay.store.redis.errors import redis_errors
+from relay.store.redis.errors import redis_errors, retry_unsent
 from relay.store.redis.keys import (
     EPOCH_KEY,
     PAIR_INDEX,
@@ -46,6 +46,7 @@ from relay.store.redis.keys import (
     ws_keys,
 )
 from relay.store.redis.replicas import ReplicaAck, run_acked, wait_after_probe
+from relay.store.redis.slots import SlotMap
 from relay.store.redis.stats import StatsCounter
 from relay.store.redis.watch import ClusterFollower, Follower
 
@@ -58,6 +59,7 @@ POOL_SIZE = 64  # connections per relay process (shared by all requests)
 POOL_WAIT = 2.0  # waiting for a free pooled connection
 START_TIMEOUT = 3.0  # start() gives up on an unreachable Redis (and keeps retrying)
 MAINT_EVERY = 1.0  # epoch check, stats flush
+PING_EACH = 0.5  # Cluster health: how long one primary may take to answer PING
 INLINE_BYTES = 64 * 1024  # rows up to this size ride along in the notification
 PAIR_TRIES = 20  # codes drawn before giving up when every one drawn is taken
 REDIRECTS = 3  # MOVED/ASK followed by a write sent to a slot's node (Cluster, WAIT)
@@ -89,8 +91,9 @@ class RedisStore:
         self._follower: Follower
         head_field = "c" if min_replicas else "h"
         if self._cluster:
+            self._slots = SlotMap(self._clients)
             self._follower = ClusterFollower(
-                self._clients, self._redis, self._read_page, head_field
+                self._clients, self._redis, self._read_page, self._slots, head_field
             )
         else:
             self._follower = Follower(
@@ -123,6 +126,7 @@ class RedisStore:
             asyncio.create_task(self._follower.run_forever(), name="redis-pubsub"),
             asyncio.create_task(self._maintain_forever(), name="redis-maintenance"),
         ]
+
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 with redis_errors():
@@ -205,12 +209,14 @@ class RedisStore:
     async def _ping_cluster(self) -> bool:
         """Healthy while some shard primary answers: one shard failing over leaves the
         other shards' workspaces working, so the relay stays in its load balancer."""
-        await self._redis.initialize()
-        nodes = self._redis.get_primaries()
-        got = await asyncio.gather(
-            *(self._node(n.host, n.port).ping() for n in nodes), return_exceptions=True
-        )
-        return any(item is True for item in got)
+        if not self._slots.known:
+            await self._slots.refresh()
+        for host, port in sorted(self._slots.primaries()):
+            with contextlib.suppress(rx.RedisError, OSError, TimeoutError, RuntimeError):
+                async with asyncio.timeout(PING_EACH):
+                    if await self._node(host, port).ping():
+                        return True
+        return False
 
     async def _maintain_forever(self) -> None:
         while not self._closed:
@@ -248,14 +254,18 @@ class RedisStore:
         write goes to a plain client of the slot's node rather than through
         RedisCluster (whose pipeline takes no scripts).
         """
-        await self._redis.initialize()
-        node = self._redis.get_node_from_key(key)  # SlotNotCoveredError: 503
-        host, port, asking = node.host, node.port, False
+        addr = self._slots.addr_of(key)
+        if addr is None and await self._slots.refresh():
+            addr = self._slots.addr_of(key)
+        if addr is None:  # no primary serves the slot (now)
+            raise StoreUnavailable(retry_after=1)
+        (host, port), asking = addr, False
         for _ in range(REDIRECTS):
             try:
                 return await run(self._node(host, port), asking)
             except rx.MovedError as exc:  # the slot lives elsewhere now
                 host, port, asking = exc.host, int(exc.port), False
+                self._slots.moved(key, (host, port))
                 self._follower.refresh_soon()
             except rx.AskError as exc:  # the slot is migrating; this key already moved
                 host, port, asking = exc.host, int(exc.port), True
@@ -384,14 +394,19 @@ class RedisStore:
                 # are asked at once (a ClusterPipeline does not take EVALSHA).
                 got: tuple[Any, ...] = await asyncio.gather(
                     scripts.run(self._redis, "read", [log, meta], args),
-                    self._redis.get(EPOCH_KEY),
+                    retry_unsent(lambda: self._redis.get(EPOCH_KEY)),
                     return_exceptions=True,
                 )
-                for item in got:
-                    if isinstance(item, BaseException):
-                        raise item
                 res, epoch = got
-                await self._epoch.check(self._redis, epoch, known=True)
+                if isinstance(res, BaseException):
+                    raise res
+                if not isinstance(epoch, BaseException):
+                    await self._epoch.check(self._redis, epoch, known=True)
+                elif not self._epoch.value:
+                    raise epoch
+                # else: the epoch's shard is down, this workspace's is not: the epoch
+                # known (checked each second while reachable) answers, so one shard
+                # failing over does not stop reads on the others.
             elif with_epoch:
                 # The epoch rides in the same round trip, so every read notices a
                 # Redis that lost its dataset.
@@ -442,7 +457,7 @@ class RedisStore:
 
     async def keyring_list(self, ws: str) -> list[bytes]:
         with redis_errors():
-            return list(await self._redis.lrange(keyring_key(ws), 0, -1))
+            return list(await retry_unsent(lambda: self._redis.lrange(keyring_key(ws), 0, -1)))
 
     @staticmethod
     def _device_keys(channel: str, ws: str) -> list[str]:
@@ -486,7 +501,7 @@ class RedisStore:
 
     async def pair_resolve(self, code: str) -> str | None:
         with redis_errors():
-            value = await self._redis.get(pair_key(code))
+            value = await retry_unsent(lambda: self._redis.get(pair_key(code)))
         return None if value is None else text(value)
 
     # ------------------------------------------------------------------ stats

@@ -40,6 +40,7 @@ from relay.store.base import AppendListener, Page, StoreError, StoreUnavailable,
 from relay.store.redis.connect import Clients, pubsub_options
 from relay.store.redis.errors import redis_errors
 from relay.store.redis.keys import CONTROL_CHANNEL, channel, channel_ws, ws_keys
+from relay.store.redis.slots import Addr, SlotMap
 
 LOG = logging.getLogger("relay.store.redis")
 
@@ -439,10 +440,13 @@ class _Link:
 class ClusterFollower(Follower):
     """One sharded pub/sub link per shard primary, following the Cluster's slot map."""
 
-    def __init__(self, clients: Clients, redis: Any, read: ReadFn, head_field: str = "h") -> None:
+    def __init__(
+        self, clients: Clients, redis: Any, read: ReadFn, slots: SlotMap, head_field: str = "h"
+    ) -> None:
         super().__init__(None, redis, read, head_field)
         self._clients = clients
-        self._by_node: dict[str, tuple[_Link, asyncio.Task[None], Any]] = {}
+        self.slots = slots
+        self._by_node: dict[Addr, tuple[_Link, asyncio.Task[None], Any]] = {}
         self._refresh = asyncio.Event()
 
     def refresh_soon(self) -> None:
@@ -451,37 +455,22 @@ class ClusterFollower(Follower):
     def link_failed(self, link: _Link) -> None:
         self._refresh.set()  # the node may have failed over: read the slot map again
 
-    def node_of(self, ws: str) -> str | None:
-        """The name (host:port) of the primary serving ws's slot, per the map known."""
-        try:
-            node = self._redis.get_node_from_key(channel(ws))
-        except (rx.RedisClusterException, rx.RedisError, KeyError):
-            return None
-        return None if node is None else str(node.name)
-
     def owns(self, link: _Link, ws: str) -> bool:
-        return self.node_of(ws) == link.name
+        addr = self.slots.addr_of(channel(ws))
+        return addr is not None and f"{addr[0]}:{addr[1]}" == link.name
 
     def _trouble(self) -> bool:
         if any(not link.up for link in self._links):
             return True
-        return any(self.node_of(ws) not in self._by_node for ws in self._watches)
+        return any(self.slots.addr_of(channel(ws)) not in self._by_node for ws in self._watches)
 
     async def run_forever(self) -> None:
         self._closed = False
-        first = True
         try:
             while not self._closed:
                 self._refresh.clear()
-                try:
-                    with redis_errors():
-                        await self._redis.initialize()
-                        if not first:
-                            await self._redis.nodes_manager.initialize()
-                    first = False
-                except StoreError as exc:
-                    LOG.debug("Redis Cluster slot map not read: %r", exc)
-                self._reconcile()
+                if await self.slots.refresh():
+                    self._reconcile()
                 wait = MAP_TROUBLE_EVERY if self._trouble() else MAP_EVERY
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -489,36 +478,32 @@ class ClusterFollower(Follower):
                 if self._refresh.is_set():
                     await asyncio.sleep(0.05)  # gather a burst of triggers into one refresh
         finally:
-            for name in list(self._by_node):
-                await self._stop_link(name)
+            for addr in list(self._by_node):
+                await self._stop_link(addr)
 
     def _reconcile(self) -> None:
         """A link for every primary in the slot map, none for other nodes."""
-        try:
-            primaries = {str(n.name): n for n in self._redis.get_primaries()}
-        except (rx.RedisClusterException, AttributeError):
-            primaries = {}
-        if not primaries:
-            return  # not known yet: keep the links there are
-        for name in list(self._by_node):
-            if name not in primaries:
-                self._spawn(self._close_link(self._by_node.pop(name)))
+        primaries = self.slots.primaries()
+        for addr in list(self._by_node):
+            if addr not in primaries:
+                self._spawn(self._close_link(self._by_node.pop(addr)))
         assert self._clients.timeouts is not None
         options = pubsub_options(self._clients.timeouts)
-        for name, node in primaries.items():
-            if name in self._by_node:
+        for addr in sorted(primaries):
+            if addr in self._by_node:
                 continue
-            client = self._clients.node_client(node.host, node.port, **options)
+            client = self._clients.node_client(addr[0], addr[1], **options)
+            name = f"{addr[0]}:{addr[1]}"
             link = _Link(self, client.pubsub, sharded=True, name=name)
             task = asyncio.get_running_loop().create_task(
                 link.run_forever(), name=f"redis-spubsub-{name}"
             )
-            self._by_node[name] = (link, task, client)
+            self._by_node[addr] = (link, task, client)
         self._links = [entry[0] for entry in self._by_node.values()]
         self._wake_links()
 
-    async def _stop_link(self, name: str) -> None:
-        entry = self._by_node.pop(name, None)
+    async def _stop_link(self, addr: Addr) -> None:
+        entry = self._by_node.pop(addr, None)
         self._links = [e[0] for e in self._by_node.values()]
         if entry is not None:
             await self._close_link(entry)
@@ -532,3 +517,7 @@ class ClusterFollower(Follower):
         with contextlib.suppress(Exception):
             await client.aclose()
         self._wake_links()  # the workspaces it had go to their new owners
+
+    async def close(self) -> None:
+        await super().close()
+        await self.slots.aclose()
