@@ -67,7 +67,28 @@ def _check_data_dir(settings: Settings) -> list[str]:
     return [] if existing == path else [f"HIVE_RELAY_DATA_DIR: {str(path)!r} will be created"]
 
 
-CHECKS: list[Check] = [_check_access, _check_data_dir]
+def _check_tls(settings: Settings) -> list[str]:
+    """The certificate pair as start-up loads it (relay.app.open_tls), and HSTS."""
+    if not settings.tls_cert:
+        if settings.hsts:
+            return [
+                "HIVE_RELAY_HSTS is ignored: it is sent only when the relay serves TLS itself "
+                "(HIVE_RELAY_TLS_CERT)"
+            ]
+        return []
+    import time
+
+    from relay.app import open_tls
+
+    certificate = open_tls(settings).certificate
+    notes = [f"TLS: serving {certificate.describe()}"]
+    days = (certificate.not_after - time.time()) / 86400
+    if days < 14:
+        notes.append(f"TLS: the certificate expires in {days:.1f} days; renew it")
+    return notes
+
+
+CHECKS: list[Check] = [_check_access, _check_data_dir, _check_tls]
 
 
 def _sources(argv: Sequence[str], environ: dict[str, str]) -> dict[str, str]:

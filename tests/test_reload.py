@@ -647,6 +647,11 @@ def test_check_config_accepts_a_good_configuration_and_shows_no_secrets(tmp_path
         ({"HIVE_RELAY_MAX_SSE": "lots"}, "HIVE_RELAY_MAX_SSE: cannot parse"),
         ({"HIVE_RELAY_RELOAD_INTERVAL": "-1"}, "below the minimum"),
         ({"HIVE_RELAY_DATA_DIR": "{tmp}/empty/sub"}, "is not a writable directory"),
+        (
+            {"HIVE_RELAY_TLS_CERT": "{tmp}/badrev", "HIVE_RELAY_TLS_KEY": "{tmp}/badrev"},
+            "HIVE_RELAY_TLS_CERT:",
+        ),
+        ({"HIVE_RELAY_TLS_CERT": "{tmp}/badrev"}, "HIVE_RELAY_TLS_KEY"),
     ],
 )
 def test_check_config_refuses_what_start_up_refuses_with_the_same_line(
@@ -663,3 +668,18 @@ def test_check_config_refuses_what_start_up_refuses_with_the_same_line(
     assert message in checked.stderr, checked.stderr
     assert started.returncode in (1, 2), started
     assert checked.stderr.strip().splitlines()[-1] in started.stderr + started.stdout
+
+
+@pytest.mark.slow
+def test_check_config_loads_the_tls_pair_and_names_the_certificate(tmp_path: Path) -> None:
+    from tests.certs import TestCA
+
+    TestCA().issue("relay.example.test").write(tmp_path / "cert.pem", tmp_path / "key.pem")
+    env = {
+        "HIVE_RELAY_TLS_CERT": str(tmp_path / "cert.pem"),
+        "HIVE_RELAY_TLS_KEY": str(tmp_path / "key.pem"),
+    }
+    out = cli("check-config", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "TLS: serving relay.example.test, expires" in out.stdout + out.stderr
+    assert "configuration OK" in out.stderr
