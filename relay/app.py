@@ -705,6 +705,7 @@ def register_status_series(relay: Relay) -> None:
 
         trip = RoundTrip(ping)
         sampler.add_probe(trip.probe)
+        relay.metrics.add_collector(trip.collect)
         sampler.register_series("redis_rtt", trip.read, label="Redis round trip", unit="s")
 
 

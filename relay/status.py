@@ -20,9 +20,13 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from relay.metrics import _Histogram
 
 LOG = logging.getLogger("relay.status")
 WINDOW_SECS = 15 * 60.0
@@ -248,12 +252,33 @@ class RoundTrip:
     def __init__(self, call: Callable[[], Awaitable[Any]]) -> None:
         self._call = call
         self.value: float | None = None
+        # Every probe's outcome, for /metrics (hive_relay_redis_ping_seconds).
+        self.seconds = _Histogram()
+        self.failures = 0
 
     async def probe(self) -> None:
         self.value = None  # failed or timed out: a gap
         started = time.perf_counter()
-        await self._call()
+        try:
+            await self._call()
+        except BaseException:  # an error, or the sampler's timeout cancelling it
+            self.failures += 1
+            raise
         self.value = time.perf_counter() - started
+        self.seconds.observe(self.value)
+
+    def collect(self) -> Iterator[Metric]:
+        hist = HistogramMetricFamily(
+            "hive_relay_redis_ping_seconds",
+            "Round trip of the status sampler's PING on the store's own connection pool",
+        )
+        hist.add_metric([], self.seconds.buckets(), self.seconds.total)
+        yield hist
+        yield CounterMetricFamily(
+            "hive_relay_redis_ping_failures",
+            "Status-sampler PINGs that failed or took longer than 2 s",
+            value=self.failures,
+        )
 
     def read(self) -> float | None:
         value, self.value = self.value, None

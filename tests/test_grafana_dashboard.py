@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certs import TestCA
+from tests.redisproc import RedisServer
 from tests.relayproc import REPO, RelayProcess
 
 DASHBOARD = REPO / "deploy" / "grafana" / "hive-relay.json"
@@ -187,8 +189,26 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
             assert held.status_code == 200
             assert c.get("/v1/workspaces/dash/events").status_code == 503  # a 5xx
         text = c.get("/metrics").text
+    # The Redis-only families (the status sampler's PING) from a relay on a private
+    # redis-server, once it has sampled.
+    with (
+        RedisServer() as server,
+        RelayProcess(
+            env={"HIVE_RELAY_STORE": server.url, "HIVE_RELAY_STATUS_SAMPLE_SECS": "1"}
+        ) as on_redis,
+    ):
+        deadline = time.monotonic() + 20
+        while True:
+            redis_text = httpx.get(on_redis.url + "/metrics", timeout=5).text
+            if re.search(r"^hive_relay_redis_ping_seconds_count [1-9]", redis_text, re.M):
+                break
+            assert time.monotonic() < deadline, "the status sampler never PINGed Redis"
+            time.sleep(0.2)
     samples: dict[str, list[dict[str, str]]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in [
+        *text_string_to_metric_families(text),
+        *text_string_to_metric_families(redis_text),
+    ]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(dict(sample.labels))
     return samples
