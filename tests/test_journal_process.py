@@ -159,7 +159,16 @@ async def write_then_kill(
         asyncio.create_task(ws_writer(relay.port, led, f"w{round_}", stop)),
         asyncio.create_task(side_writer(relay.url, led, f"s{round_}", stop)),
     ]
-    await asyncio.sleep(0.3 + rng.random() * 0.9)
+    # The kill lands at a random moment after this round's writers are under way:
+    # some acknowledged writes of every kind first (a loaded machine may take a
+    # while to answer the first ones), so each round tests something.
+    acked, keyring = len(led.acked), len(led.keyring)
+    deadline = asyncio.get_running_loop().time() + 30
+    while (
+        len(led.acked) < acked + 10 or len(led.keyring) <= keyring or not led.presence
+    ) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(rng.random() * 0.9)
     relay.send_signal(signal.SIGKILL)  # mid-flight: answers on the way are never read
     await asyncio.sleep(0.2)
     stop.set()

@@ -1033,7 +1033,7 @@ class MemoryStore:
             flush(w, pending)
             touched[w] = None
         for w in touched:
-            if w.name in ws_map:
+            if ws_map.get(w.name) is w:  # not freed (and perhaps made anew) since
                 self._after_append(w, 0)
         self.version += 1
         return n
