@@ -532,3 +532,36 @@ def test_publishers_waiting_on_one_round_share_one_future(
     run(go())
     store, _ = open_dir(tmp_path)
     assert len(rows(store, "w")) == 11
+
+
+def test_a_cancelled_publisher_does_not_cancel_the_others_of_its_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Publishers of one group-commit round wait on one shared future. A client that
+    # goes away (its task cancelled) must not cancel that future for the rest: they
+    # still get their answers, and a clean shutdown's wait for the journal does too.
+    held = HeldSync(monkeypatch)
+
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        await store.start()
+        assert snap.journal is not None
+        first = asyncio.ensure_future(store.append("w", b"0", b"k0"))
+        await asyncio.to_thread(held.entered.wait, 10)
+        gone = asyncio.ensure_future(store.append("w", b"1", b"k1"))
+        stays = asyncio.ensure_future(store.append("w", b"2", b"k2"))
+        flush = asyncio.ensure_future(snap.journal.wait_all())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        gone.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        held.release.set()
+        await asyncio.wait_for(asyncio.gather(first, stays, flush), 10)
+        assert gone.cancelled()
+        assert stays.result()[0] > first.result()[0]
+        await crash(store, snap)
+
+    run(go())
+    store, _ = open_dir(tmp_path)
+    assert len(rows(store, "w")) == 3  # the cancelled publisher's record is kept too

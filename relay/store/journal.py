@@ -423,7 +423,7 @@ class Journal:
     async def wait_all(self) -> None:
         fut = self.wait(self.lsn)
         if fut is not None:
-            await fut
+            await asyncio.shield(fut)  # shared with publishers; see MemoryStore._durable
 
     def _advance(self, lsn: int) -> None:
         if lsn <= self.durable_lsn:

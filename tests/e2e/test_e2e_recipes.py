@@ -7,6 +7,7 @@ file, and the environment file example is fed to the relay itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -349,9 +350,22 @@ def test_operations_doc_covers_every_setting_and_metric(tmp_path: Path) -> None:
 
     from relay.app import create_app
 
-    # With a data directory, so that the journal's metrics are there too.
-    app = create_app(Settings(data_dir=str(tmp_path / "data")))
-    exported = generate_latest(app.state.relay.metrics.registry).decode()
+    # With a data directory and direct TLS, so that the journal's and the
+    # certificate's metrics are there too; and the Redis store's PING families.
+    from relay.status import RoundTrip
+    from tests.certs import TestCA
+
+    TestCA().issue("recipes").write(tmp_path / "cert.pem", tmp_path / "key.pem")
+    app = create_app(
+        Settings(
+            data_dir=str(tmp_path / "data"),
+            tls_cert=str(tmp_path / "cert.pem"),
+            tls_key=str(tmp_path / "key.pem"),
+        )
+    )
+    relay = app.state.relay
+    relay.metrics.add_collector(RoundTrip(asyncio.sleep).collect)
+    exported = generate_latest(relay.metrics.registry).decode()
     names = set(re.findall(r"^(hive_relay_\w+)", exported, re.M))
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
     for name, kind in re.findall(r"^# TYPE (hive_relay_\w+) (\w+)", exported, re.M):
