@@ -243,7 +243,7 @@ class RedisStore:
     def _node(self, host: str, port: int) -> Any:
         client = self._nodes.get((host, port))
         if client is None:
-            client = self._clients.node_client(host, port, max_connections=POOL_SIZE)
+            client = self._clients.node_pool_client(host, port)
             self._nodes[(host, port)] = client
         return client
 
