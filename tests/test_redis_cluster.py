@@ -491,3 +491,24 @@ async def test_a_cluster_request_waits_for_a_place_bounded_and_never_twice() -> 
     freed.set()
     await holder
     assert await asyncio.wait_for(waiter, WAIT)  # got the freed place
+
+
+@pytest.mark.slow
+async def test_sse_clients_that_leave_mid_replay_end_quietly(redis_cluster: RedisCluster) -> None:
+    """A stream whose client hangs up while its replay reads the Cluster is cancelled
+    and ends without an error (it used to log a CancelledError traceback each time)."""
+    redis_cluster.flush()
+    with RelayProcess(env=relay_env(redis_cluster.url)) as relay:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=WAIT) as c:
+            rows = [{"i": i, "pad": "x" * 900} for i in range(150)]
+            r = await c.post("/v1/workspaces/leavers/envelopes/batch", json=rows)
+            assert r.status_code == 200, r.text
+            sse = b"GET /v1/workspaces/leavers/events?bodies=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            for _ in range(3):
+                heads = await asyncio.gather(*(_status_of(relay.port, sse) for _ in range(60)))
+                assert heads == [b"HTTP/1.1 200 OK"] * 60
+        async with asyncio.timeout(WAIT):  # every stream has ended (its access line)
+            while relay.logs().count("route=/v1/workspaces/{ws}/events") < 180:
+                await asyncio.sleep(0.05)
+        logs = relay.logs()
+        assert "Traceback" not in logs and "CancelledError" not in logs
