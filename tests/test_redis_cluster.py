@@ -387,3 +387,128 @@ async def test_a_command_that_failed_before_it_was_sent_is_tried_once_more() -> 
     with pytest.raises(rx.ConnectionError):
         await retry_unsent(refused)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------- more requests than connections
+CROWD = 150  # concurrent publishes, more than the relay's POOL_SIZE (64) Redis connections
+STREAMS = 90  # concurrent SSE opens besides: more than POOL_SIZE, under the 100 per client
+
+
+async def _status_of(port: int, request: bytes, hold: asyncio.Event | None = None) -> bytes:
+    """Send one raw HTTP request; its status line (an SSE stream stays open until `hold`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if hold is not None and head.startswith(b"HTTP/1.1 200"):
+            seen = b""
+            while b": keep-alive" not in seen:  # the replay is over, the stream is live
+                chunk = await reader.read(65536)
+                assert chunk, "the stream ended"
+                seen = seen[-64:] + chunk
+            await hold.wait()
+        return head.split(b"\r\n")[0]
+    finally:
+        writer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("acked", [0, 1])
+async def test_more_concurrent_requests_than_pooled_connections_all_succeed(
+    request: pytest.FixtureRequest, acked: int
+) -> None:
+    """Past POOL_SIZE requests in flight a request waits for a Cluster connection (as
+    the standalone pool does) instead of answering 503 (redis-py's MaxConnectionsError;
+    with MIN_REPLICAS, the slot node's pool's "Too many connections")."""
+    cluster: RedisCluster = request.getfixturevalue("replicated" if acked else "redis_cluster")
+    cluster.flush()
+    env = {**relay_env(cluster.url), "HIVE_RELAY_REDIS_MIN_REPLICAS": str(acked)}
+    if acked:
+        env["HIVE_RELAY_REDIS_WAIT_MS"] = "5000"
+    with RelayProcess(env=env) as relay:
+        ws = f"crowd{acked}"
+        opened = asyncio.Event()
+        sse = f"GET /v1/workspaces/{ws}/events?bodies=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        streams = [asyncio.create_task(_status_of(relay.port, sse, opened)) for _ in range(STREAMS)]
+
+        def post(i: int) -> bytes:
+            body = json.dumps({"n": i}).encode()
+            return (
+                f"POST /v1/workspaces/{ws}/envelopes HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode() + body
+
+        async with asyncio.timeout(WAIT * 4):
+            posts = await asyncio.gather(*(_status_of(relay.port, post(i)) for i in range(CROWD)))
+            opened.set()
+            heads = await asyncio.gather(*streams)
+        assert posts == [b"HTTP/1.1 200 OK"] * CROWD
+        assert heads == [b"HTTP/1.1 200 OK"] * STREAMS
+        async with httpx.AsyncClient(base_url=relay.url, timeout=WAIT) as c:
+            r = await c.get(f"/v1/workspaces/{ws}/envelopes", params={"limit": CROWD + 10})
+        assert r.status_code == 200, r.text
+        assert sorted(row["body"]["n"] for row in r.json()) == list(range(CROWD))
+        assert "MaxConnectionsError" not in relay.logs()
+        assert "Traceback" not in relay.logs()
+
+
+async def test_a_cluster_request_waits_for_a_place_bounded_and_never_twice() -> None:
+    """The Cluster client's wait for a connection: a request past the limit waits,
+    gets the place once one is free, fails as 503 after the bound (as the standalone
+    pool's "No connection available"), and redis-py's nested calls take no second place."""
+    from redis import exceptions as rx
+    from redis.asyncio.cluster import ClusterNode
+
+    from relay.store.redis.connect import _WaitingCluster
+    from relay.store.redis.errors import redis_errors
+
+    client = _WaitingCluster(startup_nodes=[ClusterNode("127.0.0.1", 1)], limit=1, wait=0.2)
+    freed = asyncio.Event()
+
+    async def hold() -> None:
+        async with client.place():
+            async with client.place():  # nested (a retry inside a command): no deadlock
+                await freed.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    with pytest.raises(StoreUnavailable):
+        with redis_errors():
+            async with client.place():
+                pass
+    with pytest.raises(rx.ConnectionError, match="No connection available"):
+        async with client.place():
+            pass
+
+    async def wait_one() -> bool:
+        async with client.place():
+            return True
+
+    waiter = asyncio.create_task(wait_one())
+    await asyncio.sleep(0)
+    assert not waiter.done()  # waiting, not refused
+    freed.set()
+    await holder
+    assert await asyncio.wait_for(waiter, WAIT)  # got the freed place
+
+
+@pytest.mark.slow
+async def test_sse_clients_that_leave_mid_replay_end_quietly(redis_cluster: RedisCluster) -> None:
+    """A stream whose client hangs up while its replay reads the Cluster is cancelled
+    and ends without an error (it used to log a CancelledError traceback each time)."""
+    redis_cluster.flush()
+    with RelayProcess(env=relay_env(redis_cluster.url)) as relay:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=WAIT) as c:
+            rows = [{"i": i, "pad": "x" * 900} for i in range(150)]
+            r = await c.post("/v1/workspaces/leavers/envelopes/batch", json=rows)
+            assert r.status_code == 200, r.text
+            sse = b"GET /v1/workspaces/leavers/events?bodies=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            for _ in range(3):
+                heads = await asyncio.gather(*(_status_of(relay.port, sse) for _ in range(60)))
+                assert heads == [b"HTTP/1.1 200 OK"] * 60
+        async with asyncio.timeout(WAIT):  # every stream has ended (its access line)
+            while relay.logs().count("route=/v1/workspaces/{ws}/events") < 180:
+                await asyncio.sleep(0.05)
+        logs = relay.logs()
+        assert "Traceback" not in logs and "CancelledError" not in logs

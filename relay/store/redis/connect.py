@@ -15,13 +15,18 @@ primary) and the writes that must WAIT on the connection that made them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as rx
 from redis._parsers import AsyncCommandsParser
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -34,7 +39,7 @@ class Timeouts:
     socket: float  # a command's reply
     connect: float  # opening a connection
     pool_size: int  # connections per relay process
-    pool_wait: float  # waiting for a free pooled connection (one Redis only)
+    pool_wait: float  # waiting for a free pooled connection
 
 
 @dataclass(slots=True)
@@ -51,6 +56,25 @@ class Clients:
     def node_client(self, host: str, port: int, **options: Any) -> Redis:
         """A plain client for one Cluster node (its credentials and TLS, these options)."""
         return Redis(host=host, port=port, **{**(self.node_options or {}), **options})
+
+    def node_pool_client(self, host: str, port: int) -> Redis:
+        """A pooled client for one Cluster node whose requests wait for a free connection.
+
+        Like the standalone pool: at most `pool_size` connections, and a request
+        past them waits up to `pool_wait` seconds (then 503) instead of failing.
+        """
+        assert self.timeouts is not None
+        options = dict(self.node_options or {})
+        tls = bool(options.pop("ssl", False))
+        pool = BlockingConnectionPool(
+            connection_class=SSLConnection if tls else Connection,
+            max_connections=self.timeouts.pool_size,
+            timeout=self.timeouts.pool_wait,
+            host=host,
+            port=port,
+            **options,
+        )
+        return Redis(connection_pool=pool)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -137,6 +161,63 @@ class _CommandsOnce(AsyncCommandsParser):
         await super().initialize(node)
 
 
+# The task's claim on a Cluster connection, so that a pipeline or a command that
+# redis-py runs inside another one (its retries, a slot-map refresh) takes no second one.
+_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("holding", default=False)
+
+
+class _WaitingCluster(RedisCluster):
+    """RedisCluster whose commands wait for a free connection instead of failing.
+
+    redis-py's Cluster nodes keep a fixed number of connections and raise
+    MaxConnectionsError at once when all are busy (the standalone relay uses a
+    BlockingConnectionPool, which waits). Here every command and pipeline first
+    takes one of `limit` places, waiting up to `wait` seconds; past that it fails
+    as the standalone pool does ("No connection available", 503). One place
+    covers one connection on each node the command or pipeline touches, so with
+    at most `limit` places taken no node's pool is ever exhausted.
+    """
+
+    def __init__(self, *args: Any, limit: int, wait: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._places = asyncio.Semaphore(limit)
+        self._place_wait = wait
+
+    @contextlib.asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        if _HOLDING.get():
+            yield
+            return
+        try:
+            async with asyncio.timeout(self._place_wait):
+                await self._places.acquire()
+        except TimeoutError:
+            raise rx.ConnectionError("No connection available.") from None
+        token = _HOLDING.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING.reset(token)
+            self._places.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.place():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # redis-py's refusal
+        return _WaitingPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _WaitingPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self.cluster_client
+        assert isinstance(client, _WaitingCluster)
+        async with client.place():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
 CLUSTER_RETRIES = 2  # a command is tried this often more after a node failure (slot map refreshed)
 
 
@@ -146,12 +227,17 @@ def _cluster_clients(target: RedisTarget, t: Timeouts) -> Clients:
         node["username"] = target.username
     if target.password is not None:
         node["password"] = target.password
-    redis = RedisCluster(
+    redis = _WaitingCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
+        # At most pool_size commands in flight (waiting up to pool_wait for a place);
+        # the nodes' own cap is twice that, room for connections redis-py is still
+        # closing in the background after a node failure (they count until closed).
+        limit=t.pool_size,
+        wait=t.pool_wait,
         # A shard without a primary must not stop the others: their slots keep working,
         # the uncovered ones answer 503 (SlotNotCoveredError, errors.py).
         require_full_coverage=False,
-        max_connections=t.pool_size,
+        max_connections=2 * t.pool_size,
         socket_timeout=t.socket,
         socket_connect_timeout=t.connect,
         retry=Retry(NoBackoff(), CLUSTER_RETRIES),

@@ -243,7 +243,7 @@ class RedisStore:
     def _node(self, host: str, port: int) -> Any:
         client = self._nodes.get((host, port))
         if client is None:
-            client = self._clients.node_client(host, port, max_connections=POOL_SIZE)
+            client = self._clients.node_pool_client(host, port)
             self._nodes[(host, port)] = client
         return client
 
@@ -392,14 +392,24 @@ class RedisStore:
             if with_epoch and self._cluster:
                 # The epoch key lives in another slot (another node, perhaps): both
                 # are asked at once (a ClusterPipeline does not take EVALSHA).
-                got: tuple[Any, ...] = await asyncio.gather(
-                    scripts.run(self._redis, "read", [log, meta], args),
-                    retry_unsent(lambda: self._redis.get(EPOCH_KEY)),
-                    return_exceptions=True,
+                # Not asyncio.gather: a stream whose client left is cancelled by its
+                # anyio cancel scope, and a cancellation that came back out of gather's
+                # children lost the scope's mark, so it escaped as an error (a logged
+                # traceback per disconnect mid-replay). The read is awaited here, the
+                # epoch's task only through asyncio.wait, which passes the cancel on as is.
+                epoch_task = asyncio.get_running_loop().create_task(
+                    retry_unsent(lambda: self._redis.get(EPOCH_KEY))
                 )
-                res, epoch = got
-                if isinstance(res, BaseException):
-                    raise res
+                try:
+                    res = await scripts.run(self._redis, "read", [log, meta], args)
+                    await asyncio.wait([epoch_task])
+                finally:
+                    if not epoch_task.done():
+                        epoch_task.cancel()
+                    elif not epoch_task.cancelled():
+                        epoch_task.exception()  # retrieved: no "never retrieved" warning
+                failed = epoch_task.exception()
+                epoch: Any = failed if failed is not None else epoch_task.result()
                 if not isinstance(epoch, BaseException):
                     await self._epoch.check(self._redis, epoch, known=True)
                 elif not self._epoch.value:
