@@ -182,29 +182,36 @@ async def test_a_slot_moved_under_a_live_watch_loses_nothing(
     writer = await started(replicated.url, min_replicas=acked, wait_ms=2000)
     watcher = await started(replicated.url)
     try:
-        ws = f"moving{acked}"
-        got: list[int] = []
-        watcher.set_listener(lambda w, rows: got.extend(s for s, _ in rows) if w == ws else None)
-        watcher.watch(ws)
-        await watcher.read(ws, 0, 1, BIG)
-        sent = [(await writer.append(ws, b"0", b"k0"))[0]]
-        slot = replicated.keyslot(keys_of(ws)[0])
-        src = replicated.node_for_slot(slot)
-        dst = next(n for n in replicated.primary_nodes() if n is not src)
-        replicated.begin_move(slot, dst)
-        sent.append((await writer.append(ws, b"1", b"k1"))[0])  # ASK
-        replicated.finish_move(slot, dst)
-        for i in range(2, 6):
-            sent.append((await writer.append(ws, b"%d" % i, b"k%d" % i))[0])  # MOVED, then new map
-        async with asyncio.timeout(WAIT):
-            while got != sent:
-                assert len(got) <= len(sent) and got == sent[: len(got)], (got, sent)
-                await asyncio.sleep(0.02)
-        page = await watcher.read(ws, 0, 100, BIG)
-        assert [int(json.loads(r)["seq"]) for r in page.rows] == sent
+        async with asyncio.timeout(WAIT * 6):  # a hang is a failure, not a stalled run
+            await _move_under_watch(replicated, writer, watcher, acked)
     finally:
         await writer.close()
         await watcher.close()
+
+
+async def _move_under_watch(
+    replicated: RedisCluster, writer: Any, watcher: Any, acked: int
+) -> None:
+    ws = f"moving{acked}"
+    got: list[int] = []
+    watcher.set_listener(lambda w, rows: got.extend(s for s, _ in rows) if w == ws else None)
+    watcher.watch(ws)
+    await watcher.read(ws, 0, 1, BIG)
+    sent = [(await writer.append(ws, b"0", b"k0"))[0]]
+    slot = replicated.keyslot(keys_of(ws)[0])
+    src = replicated.node_for_slot(slot)
+    dst = next(n for n in replicated.primary_nodes() if n is not src)
+    replicated.begin_move(slot, dst)
+    sent.append((await writer.append(ws, b"1", b"k1"))[0])  # ASK
+    replicated.finish_move(slot, dst)
+    for i in range(2, 6):
+        sent.append((await writer.append(ws, b"%d" % i, b"k%d" % i))[0])  # MOVED, then new map
+    async with asyncio.timeout(WAIT):
+        while got != sent:
+            assert len(got) <= len(sent) and got == sent[: len(got)], (got, sent)
+            await asyncio.sleep(0.02)
+    page = await watcher.read(ws, 0, 100, BIG)
+    assert [int(json.loads(r)["seq"]) for r in page.rows] == sent
 
 
 # ------------------------------------------------------------ two relays, every shard

@@ -48,7 +48,7 @@ from relay.store.redis.keys import (
 from relay.store.redis.replicas import ReplicaAck, run_acked, wait_after_probe
 from relay.store.redis.slots import SlotMap
 from relay.store.redis.stats import StatsCounter
-from relay.store.redis.watch import ClusterFollower, Follower
+from relay.store.redis.watch import ClusterFollower, Follower, reap
 
 LOG = logging.getLogger("relay.store.redis")
 
@@ -177,12 +177,7 @@ class RedisStore:
     async def close(self) -> None:
         self._closed = True
         tasks = self._background
-        tasks = [*tasks, *self._tasks]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await reap([*tasks, *self._tasks])
         self._background = []
         self._tasks.clear()
         self._confirming.clear()

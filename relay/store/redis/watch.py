@@ -44,6 +44,31 @@ from relay.store.redis.slots import Addr, SlotMap
 
 LOG = logging.getLogger("relay.store.redis")
 
+# How long a cancelled background task may take to finish when the store closes.
+REAP_SECONDS = 5.0
+
+
+async def reap(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them, at most REAP_SECONDS in all: closing the
+    store (shutdown, a test's teardown) must end even if a task inside the Redis
+    client swallows its cancellation and keeps retrying."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=REAP_SECONDS)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: a task that failed while stopping is not news
+    if pending:
+        LOG.warning(
+            "closing the Redis store: %d background task(s) did not stop within %.0f s: %s",
+            len(pending),
+            REAP_SECONDS,
+            ", ".join(sorted(t.get_name() for t in pending)),
+        )
+
+
 READY_TIMEOUT = 3.0  # a read of a newly watched workspace waits for its subscription
 # Keep-alive, dead-peer detection, reconnect backoff.
 PING_EVERY = 3.0
@@ -138,12 +163,7 @@ class Follower:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await reap(list(self._tasks))
         self._tasks.clear()
         for w in self._watches.values():
             w.ready.set()
@@ -511,9 +531,7 @@ class ClusterFollower(Follower):
     async def _close_link(self, entry: tuple[_Link, asyncio.Task[None], Any]) -> None:
         link, task, client = entry
         link.closed = True
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await reap([task])
         with contextlib.suppress(Exception):
             await client.aclose()
         self._wake_links()  # the workspaces it had go to their new owners
