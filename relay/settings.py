@@ -368,7 +368,7 @@ class Settings:
     )
     reload_interval: float = setting(
         2.0,
-        "seconds between checks of the access files for a change (0 = only on SIGHUP)",
+        "seconds between checks of the access files and TLS pair for changes (0 = SIGHUP only)",
         0,
         3600,
     )

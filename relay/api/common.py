@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Scope
 
 from relay.access import Denied, Grant, bearer_token
 from relay.errors import RelayError, bad_request
@@ -40,7 +41,11 @@ def header(request: Request, name: bytes) -> str | None:
     that are usually absent. A dict of the raw headers, made once per request,
     answers each in one lookup.
     """
-    scope = request.scope
+    return scope_header(request.scope, name)
+
+
+def scope_header(scope: Scope, name: bytes) -> str | None:
+    """`header` for code that has the ASGI scope and no Request (the front lane)."""
     raw = scope.get("relay.headers")
     if raw is None:
         raw = scope["relay.headers"] = dict(scope["headers"])
@@ -50,8 +55,14 @@ def header(request: Request, name: bytes) -> str | None:
 
 def authorize(relay: Relay, request: Request, ws: str | None) -> Grant:
     """The caller's grant, or a 401/403 RelayError. `ws=None` checks the token only."""
+    return authorize_scope(relay, request.scope, ws)
+
+
+def authorize_scope(relay: Relay, scope: Scope, ws: str | None) -> Grant:
+    """`authorize` from the ASGI scope: the one access check, for the endpoints and
+    for the front lane's cached reads alike."""
     try:
-        grant = relay.policy.authenticate(bearer_token(header(request, b"authorization")))
+        grant = relay.policy.authenticate(bearer_token(scope_header(scope, b"authorization")))
     except Denied as exc:
         raise denied_error(exc) from None
     if ws is not None and not grant.allows(ws):

@@ -281,11 +281,9 @@ class MemoryStore:
             return
         elif len(pages) >= PAGE_CACHE_ENTRIES:
             # Cache-busting query strings must not grow it: the oldest entry goes.
-            del pages[next(iter(pages))]
-            # Its size is not tracked per entry: count the workspace's pages afresh.
-            self._page_bytes -= w.page_bytes
-            w.page_bytes = sum(e[1] for e in pages.values())
-            self._page_bytes += w.page_bytes
+            _, gone = pages.pop(next(iter(pages)))
+            w.page_bytes -= gone
+            self._page_bytes -= gone
         while self._page_bytes + size > cap and self._paged:
             oldest = next(iter(self._paged))
             if oldest is w:
