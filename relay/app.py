@@ -55,6 +55,7 @@ from relay.store.base import (
     WatchingStore,
 )
 from relay.tls import CertificateError, CertReloader
+from relay.wire import Buffers, vectored
 
 LOG = logging.getLogger("relay")
 SWEEP_INTERVAL = 30.0
@@ -327,6 +328,8 @@ class Front:
                 and self._admits(scope, ws)
             ):
                 headers, body = hit
+                if type(body) is Buffers and not vectored(scope):
+                    body = body.join()  # another ASGI server: one bytes body
                 try:
                     # Behind CORSMiddleware, which adds headers (Starlette 1.x to a copy of
                     # the list; not relied on), the cached list is handed over as a copy.

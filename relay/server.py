@@ -13,7 +13,8 @@
   transport's high-water mark plus one read's replies, and a socket closed with
   output its peer never takes is aborted after `close_grace` seconds instead of
   holding that output for ever.
-* An answer's head leaves with its body in one send, not two (`_HeadWithBody`).
+* An answer's head leaves with its body in one send, not two (`_HeadWithBody`),
+  and a body given as several buffers (relay.wire) is written as they are.
 * An answer given before its request's body has all arrived (a 413, 401, 400…)
   never lets the rest of that body be read as a request: the rest of a short
   body (at most `drain_limit` bytes by Content-Length) is read and discarded and
@@ -38,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from relay.errors import SECURITY_HEADERS, headers_too_large
+from relay.wire import VECTORED, Buffers
 
 _SECURITY = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items())
 
@@ -175,7 +177,15 @@ class _HeadWithBody:
         self._held: bytes | None = None
         self._started = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | Buffers) -> None:
+        if type(data) is Buffers:  # a body as its pieces (relay.wire): no join
+            if self._held is not None:
+                held, self._held = self._held, None
+                self._transport.writelines((held, *data.parts))
+            else:
+                self._transport.writelines(data.parts)
+            return
+        assert isinstance(data, bytes)
         if self._held is not None:
             held, self._held = self._held, None
             self._transport.writelines((held, data))
@@ -435,6 +445,8 @@ class RelayHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle is not previous:  # a new request (not an upgrade)
             cycle.transport = _HeadWithBody(self.transport, self)  # type: ignore[assignment]
+            # Its write takes a body as several buffers (relay.wire).
+            cycle.scope.setdefault("extensions", {})[VECTORED] = {}
 
     def on_body(self, body: bytes) -> None:
         if self._deadline is not None:

@@ -25,6 +25,7 @@ from relay.api.common import (
 from relay.errors import add_security_headers, bad_request
 from relay.runtime import Relay
 from relay.store.base import MAX_U64, Page
+from relay.wire import Buffers, vectored
 
 MAX_KEY_LEN = 200
 MAX_BATCH = 1000
@@ -88,10 +89,10 @@ class JSONBytes(Response):
 
     media_type = "application/json"
 
-    def __init__(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, body: bytes | Buffers, headers: dict[str, str] | None = None) -> None:
         self.status_code = 200
         self.background = None
-        self.body = body
+        self.body = body  # type: ignore[assignment]  # Buffers: relay.wire
         raw = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
         if headers:
             raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
@@ -181,12 +182,15 @@ async def get_envelopes(request: Request) -> Response:
     max_page = relay.settings.max_page_bytes
     store = relay.store
     page = await store.read(ws, after, limit, max_page)
-    if not page.rows and wait:
+    # A big page leaves as slices of the store's row chunks when the server can
+    # write them as they are (relay.wire), else as one joined body.
+    whole = vectored(request.scope)
+    if wait and page.empty:
         if not relay.hub.closing:
             page = await _long_poll(relay, request, ws, after, limit, wait, checked)
         # An empty answer to a long-poll depends on when it ended: never cached.
-        return JSONBytes(page.json(), read_headers(page, after, store.epoch))
-    response = JSONBytes(page.json(), read_headers(page, after, store.epoch))
+        return JSONBytes(page.body(whole), read_headers(page, after, store.epoch))
+    response = JSONBytes(page.body(whole), read_headers(page, after, store.epoch))
     pages = relay.pages
     if pages is not None:
         # No await since the read: the answer shows the workspace as it is now.
@@ -240,13 +244,13 @@ async def _long_poll(
                     # Read first: a row may have landed between the caller's read
                     # and the subscription.
                     page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
-                    if page.rows or waiter.closed:
+                    if not page.empty or waiter.closed:
                         break
                     await waiter.wait(None)
             tg.cancel_scope.cancel()
     if denials:
         raise denied_error(denials[0])
-    if page is None or (not page.rows):
+    if page is None or page.empty:
         page = await relay.store.read(ws, after, limit, relay.settings.max_page_bytes)
     return page
 

@@ -11,10 +11,13 @@ at append time, so a read is a join of byte strings and never re-encodes a body.
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from relay.wire import Buffer, Buffers
 
 # A listener is told, synchronously and in seq order, of every row appended to a
 # workspace: (workspace, [(seq, row_bytes), ...]).
@@ -88,27 +91,98 @@ class StoreUnavailable(StoreError):
         super().__init__(message, retry_after)
 
 
-@dataclass(slots=True)
 class Page:
-    """One answer to a cursor read."""
+    """One answer to a cursor read.
 
-    rows: list[bytes]  # encoded rows, oldest first
-    head: int  # highest seq ever assigned in the workspace (0 if none)
-    oldest: int  # lowest retained seq (0 if none)
-    dropped: int  # highest seq the relay dropped (0 if none)
-    more: bool  # rows past this page remain
+    A store gives either the rows (`rows`) or, for the memory store, the page's
+    JSON body as a few buffers (`parts`: slices of its row chunks, the brackets
+    included) and the rows' end offsets (`bounds`, cumulative row bytes, the
+    first being where the page starts), from which `rows` is built when asked.
+    """
+
+    __slots__ = ("_bounds", "_parts", "_rows", "dropped", "head", "more", "oldest")
+
+    def __init__(
+        self,
+        rows: list[bytes] | None,
+        head: int,
+        oldest: int,
+        dropped: int,
+        more: bool,
+        parts: list[Buffer] | None = None,
+        bounds: Sequence[int] | None = None,
+    ) -> None:
+        self._rows = rows
+        self.head = head  # highest seq ever assigned in the workspace (0 if none)
+        self.oldest = oldest  # lowest retained seq (0 if none)
+        self.dropped = dropped  # highest seq the relay dropped (0 if none)
+        self.more = more  # rows past this page remain
+        self._parts = parts
+        self._bounds = bounds
+
+    @property
+    def rows(self) -> list[bytes]:
+        """The encoded rows, oldest first."""
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = self._split()
+        return rows
+
+    @property
+    def empty(self) -> bool:
+        if self._rows is not None:
+            return not self._rows
+        return self._bounds is None or len(self._bounds) < 2
+
+    def _split(self) -> list[bytes]:
+        bounds = self._bounds
+        if bounds is None or len(bounds) < 2:
+            return []
+        body = self.json()
+        out = []
+        pos = 1
+        prev = bounds[0]
+        for end in itertools.islice(bounds, 1, None):
+            n = end - prev
+            out.append(body[pos : pos + n])
+            pos += n + 1
+            prev = end
+        return out
 
     def gap(self, after: int) -> bool:
         """True when the caller's cursor is below what retention already dropped."""
         return after < self.dropped
 
     def json(self) -> bytes:
+        parts = self._parts
+        if parts is not None:
+            return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[return-value]
         rows = self.rows
         if len(rows) <= 1:
             return b"[" + rows[0] + b"]" if rows else b"[]"
         # One join, no concatenation of the big result: for a multi-megabyte page,
         # b"[" + joined + b"]" costs twenty times the join itself.
         return b",".join([b"[" + rows[0], *rows[1:-1], rows[-1] + b"]"])
+
+    def body(self, vectored: bool) -> bytes | Buffers:
+        """The JSON body; as its pieces when the server writes them itself (relay.wire)."""
+        parts = self._parts
+        if vectored and parts is not None and len(parts) > 1:
+            return Buffers(parts)
+        return self.json()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Page):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _key(self) -> tuple[list[bytes], int, int, int, bool]:
+        return (self.rows, self.head, self.oldest, self.dropped, self.more)
+
+    def __repr__(self) -> str:
+        return "Page(rows=%r, head=%d, oldest=%d, dropped=%d, more=%r)" % self._key()
 
 
 # What the memory store charges against HIVE_RELAY_MAX_BYTES for each item it holds,

@@ -1,11 +1,22 @@
 """The in-memory store: the default, one process, no locks (one event loop).
 
-Per workspace the log is four parallel sequences indexed from `start`:
+Per workspace the log is three parallel sequences indexed from `start`:
 `seqs` and `cum` (cumulative row bytes) are compact `array('q')`s so a cursor
-read is two binary searches (O(log n + k)); `rows` holds each row encoded once
-at append; `keys` holds each row's dedup key so pruning can forget it. Pruning
-only advances `start` and clears the slot; the dead prefix is cut off once it is
-half the log, so append stays amortized O(1) even at the retention cap.
+read is two binary searches (O(log n + k)); `keys` holds each row's dedup key so
+pruning can forget it. Pruning only advances `start` and clears the key; the dead
+prefix is cut off once it is half the log, so append stays amortized O(1) even at
+the retention cap.
+
+The rows themselves, each encoded once at append, live in `chunks`: the
+workspace's rows laid end to end, each followed by a comma, as one stream cut
+into chunks of at most CHUNK_MAX bytes (`bases` holds where each starts in the
+stream). The last chunk is a bytearray that appends grow; a full one is sealed
+as bytes. A page of rows is then one contiguous range of the stream: the JSON
+array is "[" + the range + "]", a few slices (memoryviews of the sealed chunks,
+a copy of the live one's part) that the relay's server writes with one vectored
+send (relay.wire), with no join of thousands of row objects. A chunk whose rows
+are all dropped is freed; the first chunk is cut down once a quarter of it is
+dead, so dropped rows hold at most about a quarter of a chunk.
 
 Durability gate: with a journal attached (relay.store.journal, with
 HIVE_RELAY_DATA_DIR), every change is also handed to the journal as a record,
@@ -45,9 +56,9 @@ import itertools
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from relay.store.base import (
     BLOB_OVERHEAD,
@@ -71,6 +82,10 @@ if TYPE_CHECKING:
     from relay.store.journal import Journal
 
 _COMPACT_MIN = 1024
+# Row chunks (module docstring): a chunk is sealed when it would pass an eighth of
+# the workspace's retained row bytes, within these bounds.
+CHUNK_MIN = 16 << 10
+CHUNK_MAX = 256 << 10
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
 # app yields to the event loop between steps, so a sweep never stalls it.
 SWEEP_STEP = 2000
@@ -90,8 +105,12 @@ def now_us() -> int:
 
 class _Workspace:
     __slots__ = (
+        "bases",
         "candidates",
+        "chunks",
         "cum",
+        "cum0",
+        "cut",
         "dedup",
         "dropped",
         "durable",
@@ -103,7 +122,6 @@ class _Workspace:
         "page_bytes",
         "pages",
         "presence",
-        "rows",
         "seqs",
         "stale",
         "start",
@@ -114,7 +132,11 @@ class _Workspace:
         self.name = name
         self.seqs: array[int] = array("q")
         self.cum: array[int] = array("q")
-        self.rows: list[bytes | None] = []
+        self.cum0 = 0  # cum before index 0: the row bytes of the rows cut off
+        self.cut = 0  # how many rows were cut off the front of seqs, cum and keys
+        # The row stream (module docstring): chunk k starts at stream offset bases[k].
+        self.chunks: list[bytes | bytearray] = []
+        self.bases: list[int] = []
         self.keys: list[bytes | None] = []
         self.dedup: dict[bytes, int] = {}
         self.start = 0
@@ -133,7 +155,7 @@ class _Workspace:
 
     @property
     def count(self) -> int:
-        return len(self.rows) - self.start
+        return len(self.seqs) - self.start
 
     @property
     def oldest(self) -> int:
@@ -145,11 +167,100 @@ class _Workspace:
     def has_side(self) -> bool:
         return bool(self.keyring or self.presence or self.candidates)
 
+    # A row k occupies the stream from start_of(k) to end_of(k), followed by a comma:
+    # every row before it takes its bytes and one comma.
+    def start_of(self, k: int) -> int:
+        return (self.cum[k - 1] if k else self.cum0) + k + self.cut
+
+    def end_of(self, k: int) -> int:
+        return self.cum[k] + k + self.cut
+
+    def put_row(self, row: bytes) -> None:
+        """Lay `row` and its comma at the end of the stream (seqs and cum not yet)."""
+        chunks = self.chunks
+        need = len(row) + 1
+        if not chunks:
+            chunks.append(bytearray())
+            cum = self.cum
+            self.bases.append((cum[-1] if cum else self.cum0) + len(cum) + self.cut)
+        live = chunks[-1]
+        used = len(live)
+        if used and used + need > CHUNK_MAX:
+            self._seal()
+            live = chunks[-1]
+        elif used and used + need > CHUNK_MIN:
+            cum = self.cum
+            retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
+            if used + need > retained >> 3:
+                self._seal()
+                live = chunks[-1]
+        live += row
+        live += b","
+
+    def _seal(self) -> None:
+        chunks = self.chunks
+        live = chunks[-1]
+        chunks[-1] = bytes(live)
+        self.bases.append(self.bases[-1] + len(live))
+        chunks.append(bytearray())
+
+    def row(self, k: int) -> bytes:
+        """Row k's bytes (a copy; reads take slices of the stream instead)."""
+        start = self.start_of(k)
+        c = bisect.bisect_right(self.bases, start) - 1
+        base = self.bases[c]
+        return bytes(self.chunks[c][start - base : self.end_of(k) - base])
+
+    @property
+    def rows(self) -> list[bytes | None]:
+        """Every slot's row, None for those dropped (for tests and debugging)."""
+        return [None] * self.start + [self.row(k) for k in range(self.start, len(self.seqs))]
+
+    def pieces(self, i: int, j: int) -> list[bytes | memoryview]:
+        """Rows i to j-1 as a JSON array: "[", slices of the stream, "]".
+
+        Sealed chunks are immutable and lent as memoryviews (or whole); the live
+        chunk's part is copied, since an append may grow (move) it while the page
+        is still being sent. A page inside one chunk comes back as one bytes.
+        """
+        a = self.start_of(i)
+        b = self.end_of(j - 1)
+        bases, chunks = self.bases, self.chunks
+        c = bisect.bisect_right(bases, a) - 1
+        base = bases[c]
+        chunk = chunks[c]
+        if b <= base + len(chunk):
+            return [b"".join((b"[", memoryview(chunk)[a - base : b - base], b"]"))]
+        out: list[bytes | memoryview] = [b"["]
+        while a < b:
+            chunk = chunks[c]
+            base = bases[c]
+            x = a - base
+            y = min(b - base, len(chunk))
+            if type(chunk) is bytearray:
+                out.append(memoryview(chunk)[x:y].tobytes())
+            elif x == 0 and y == len(chunk):
+                out.append(chunk)  # type: ignore[arg-type]
+            else:
+                out.append(memoryview(chunk)[x:y])
+            a = base + y
+            c += 1
+        out.append(b"]")
+        return out
+
+    def bounds(self, i: int, j: int) -> array[int]:
+        """cum before row i, then each row's cum up to j-1 (Page's `bounds`)."""
+        if i:
+            return self.cum[i - 1 : j]
+        out = array("q", (self.cum0,))
+        out.extend(self.cum[0:j])
+        return out
+
     def append_row(self, seq: int, row: bytes, key: bytes) -> None:
+        self.put_row(row)
         self.seqs.append(seq)
-        prev = self.cum[-1] if self.cum else 0
+        prev = self.cum[-1] if self.cum else self.cum0
         self.cum.append(prev + len(row))
-        self.rows.append(row)
         self.keys.append(key)
         self.dedup[key] = seq
         self.head = seq
@@ -158,27 +269,89 @@ class _Workspace:
         """Forget the n oldest retained rows; returns their row and key bytes."""
         i = self.start
         j = i + n
-        rows, keys, seqs, dedup = self.rows, self.keys, self.seqs, self.dedup
-        first = rows[i]
-        assert first is not None and j <= len(rows)
-        size = self.cum[j - 1] - (self.cum[i] - len(first))
+        keys, seqs, dedup, cum = self.keys, self.seqs, self.dedup, self.cum
+        assert i < j <= len(seqs)
+        size = cum[j - 1] - (cum[i - 1] if i else self.cum0)
         key_bytes = 0
         for k in range(i, j):
             key = keys[k]
             key_bytes += len(key)  # type: ignore[arg-type]
             if dedup.get(key) == seqs[k]:  # type: ignore[arg-type]
                 del dedup[key]  # type: ignore[arg-type]
-            rows[k] = None
             keys[k] = None
         self.dropped = seqs[j - 1]
         self.start = j
-        if j >= _COMPACT_MIN and j * 2 >= len(rows):
-            del self.seqs[:j]
-            del self.cum[:j]
-            del rows[:j]
+        self._free_chunks(j)
+        if j >= _COMPACT_MIN and j * 2 >= len(seqs):
+            self.cum0 = cum[j - 1]
+            self.cut += j
+            del seqs[:j]
+            del cum[:j]
             del keys[:j]
             self.start = 0
         return size, key_bytes
+
+    def _free_chunks(self, j: int) -> None:
+        """Free the chunks before row j; cut the first down once a quarter is dead."""
+        chunks, bases = self.chunks, self.bases
+        if j >= len(self.seqs):  # nothing retained: the stream starts afresh
+            chunks.clear()
+            bases.clear()
+            return
+        pos = self.start_of(j)
+        c = bisect.bisect_right(bases, pos) - 1
+        if c:
+            del chunks[:c]
+            del bases[:c]
+        first = chunks[0]
+        dead = pos - bases[0]
+        if dead and dead * 4 > len(first):
+            chunks[0] = first[dead:]  # bytes stay bytes, the live bytearray a bytearray
+            bases[0] = pos
+
+
+class _Rows(Sequence[bytes]):
+    """A workspace's retained rows as they are now, read later (snapshots).
+
+    Taken on the event loop for the cost of copying the row offsets and the live
+    chunk (at most CHUNK_MAX bytes); the sealed chunks are immutable, so a worker
+    thread can slice rows out of them while the store keeps changing.
+    """
+
+    def __init__(self, w: _Workspace) -> None:
+        self._chunks: list[bytes] = [c if type(c) is bytes else bytes(c) for c in w.chunks]
+        self._bases = list(w.bases)
+        self._bounds = w.bounds(w.start, len(w.seqs)) if w.count else array("q")
+        self._first = w.start_of(w.start) if w.count else 0
+
+    def __len__(self) -> int:
+        return max(0, len(self._bounds) - 1)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @overload
+    def __getitem__(self, k: int) -> bytes: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[bytes]: ...
+    def __getitem__(self, k: int | slice) -> bytes | list[bytes]:
+        if isinstance(k, slice):
+            return [self._row(i) for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return self._row(k % len(self))
+
+    def _row(self, i: int) -> bytes:
+        b = self._bounds
+        # Each row before i takes its bytes and a comma.
+        start = self._first + (b[i] - b[0]) + i
+        c = bisect.bisect_right(self._bases, start) - 1
+        base = self._bases[c]
+        return self._chunks[c][start - base : start - base + b[i + 1] - b[i]]
 
 
 @dataclass(slots=True)
@@ -189,7 +362,7 @@ class WorkspaceState:
     head: int
     dropped: int
     seqs: list[int]
-    rows: list[bytes]
+    rows: Sequence[bytes]
     keys: list[bytes]
     keyring: list[bytes]
     presence: list[tuple[str, bytes, float]]
@@ -524,8 +697,9 @@ class MemoryStore:
             j.check()
         w = self._get(ws)
         dedup = w.dedup
-        seqs, cum, rows, row_keys = w.seqs, w.cum, w.rows, w.keys
-        total = cum[-1] if cum else 0
+        seqs, cum, row_keys = w.seqs, w.cum, w.keys
+        put_row = w.put_row
+        total = cum[-1] if cum else w.cum0
         before = total
         head = w.head
         now = now_us()
@@ -544,9 +718,9 @@ class MemoryStore:
             row = encode_row(head, body)
             total += len(row)
             key_bytes += len(key)
+            put_row(row)  # before cum grows: an empty stream starts where cum ends
             seqs.append(head)
             cum.append(total)
-            rows.append(row)
             row_keys.append(key)
             dedup[key] = head
             out.append((head, False))
@@ -649,11 +823,11 @@ class MemoryStore:
         i = bisect.bisect_right(w.seqs, after, w.start, end)
         if i >= end:
             return Page([], head, oldest, w.dropped, False)
-        base = w.cum[i] - len(w.rows[i] or b"")
-        j = bisect.bisect_right(w.cum, base + max_bytes, i, min(end, i + limit))
+        cum = w.cum
+        base = cum[i - 1] if i else w.cum0
+        j = bisect.bisect_right(cum, base + max_bytes, i, min(end, i + limit))
         j = max(j, i + 1)
-        rows = w.rows[i:j]
-        return Page(rows, head, oldest, w.dropped, j < end)  # type: ignore[arg-type]
+        return Page(None, head, oldest, w.dropped, j < end, w.pieces(i, j), w.bounds(i, j))
 
     # ---------------------------------------------------------- side channels
     def _check_side(self, size: int, charge: int, replaces: int = 0) -> None:
@@ -873,7 +1047,7 @@ class MemoryStore:
                     head=w.head,
                     dropped=w.dropped,
                     seqs=w.seqs[w.start :].tolist(),
-                    rows=w.rows[w.start :],  # type: ignore[arg-type]
+                    rows=_Rows(w),
                     keys=w.keys[w.start :],  # type: ignore[arg-type]
                     keyring=list(w.keyring),
                     presence=[(d, v, t) for d, (v, t) in w.presence.items()],
@@ -1044,13 +1218,15 @@ class MemoryStore:
         seqs, keys, rows, horizon, _ = pending
         if rows:
             cum = w.cum
-            total = cum[-1] if cum else 0
+            total = cum[-1] if cum else w.cum0
             size = sum(map(len, rows))
+            put_row = w.put_row
+            for row in rows:  # before cum grows: an empty stream starts where cum ends
+                put_row(row)
             running = itertools.accumulate(map(len, rows), initial=total)
             next(running)  # the initial value: the last row's, already there
             cum.extend(running)
             w.seqs.extend(seqs)
-            w.rows.extend(rows)
             w.keys.extend(keys)
             w.dedup.update(zip(keys, seqs, strict=True))
             w.head = seqs[-1]
