@@ -7,16 +7,17 @@ pruning can forget it. Pruning only advances `start` and clears the key; the dea
 prefix is cut off once it is half the log, so append stays amortized O(1) even at
 the retention cap.
 
-The rows themselves, each encoded once at append, live in `chunks`: the
-workspace's rows laid end to end, each followed by a comma, as one stream cut
-into chunks of at most CHUNK_MAX bytes (`bases` holds where each starts in the
-stream). The last chunk is a bytearray that appends grow; a full one is sealed
-as bytes. A page of rows is then one contiguous range of the stream: the JSON
-array is "[" + the range + "]", a few slices (memoryviews of the sealed chunks,
-a copy of the live one's part) that the relay's server writes with one vectored
-send (relay.wire), with no join of thousands of row objects. A chunk whose rows
-are all dropped is freed; the first chunk is cut down once a quarter of it is
-dead, so dropped rows hold at most about a quarter of a chunk.
+The rows themselves, each encoded once at append, form one stream per
+workspace: the rows end to end, each followed by a comma. Its older part is
+sealed `chunks` (immutable bytes of whole rows, `bases` holding where each
+starts in the stream); its newest rows are `live`, a list, sealed into a chunk
+once they pass an eighth of the workspace's retained row bytes (at least
+CHUNK_MIN, at most CHUNK_MAX). A page of rows is one contiguous range of the
+stream, so its JSON array is "[", memoryviews of a few chunks, the live rows
+joined, "]": pieces the relay's server writes with one vectored send
+(relay.wire), with no join of thousands of row objects. A chunk whose rows are
+all dropped is freed, and the first is cut down once a quarter of it is dead, so
+dropped rows hold at most about a quarter of a chunk; dropped live rows go at once.
 
 Durability gate: with a journal attached (relay.store.journal, with
 HIVE_RELAY_DATA_DIR), every change is also handed to the journal as a record,
@@ -82,9 +83,9 @@ if TYPE_CHECKING:
     from relay.store.journal import Journal
 
 _COMPACT_MIN = 1024
-# Row chunks (module docstring): a chunk is sealed when it would pass an eighth of
-# the workspace's retained row bytes, within these bounds.
-CHUNK_MIN = 16 << 10
+# Row chunks (module docstring): the live rows are sealed into a chunk when they
+# would pass an eighth of the workspace's retained row bytes, within these bounds.
+CHUNK_MIN = 64 << 10
 CHUNK_MAX = 256 << 10
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
 # app yields to the event loop between steps, so a sweep never stalls it.
@@ -118,6 +119,9 @@ class _Workspace:
         "keyring",
         "keyring_bytes",
         "keys",
+        "live",
+        "live_at",
+        "live_bytes",
         "name",
         "page_bytes",
         "pages",
@@ -134,9 +138,14 @@ class _Workspace:
         self.cum: array[int] = array("q")
         self.cum0 = 0  # cum before index 0: the row bytes of the rows cut off
         self.cut = 0  # how many rows were cut off the front of seqs, cum and keys
-        # The row stream (module docstring): chunk k starts at stream offset bases[k].
-        self.chunks: list[bytes | bytearray] = []
+        # The row stream (module docstring): sealed chunk k starts at stream offset
+        # bases[k]; then the live rows, the first of them row live_at (counting
+        # the rows cut off), taking live_bytes of the stream.
+        self.chunks: list[bytes] = []
         self.bases: list[int] = []
+        self.live: list[bytes] = []
+        self.live_at = 0
+        self.live_bytes = 0
         self.keys: list[bytes | None] = []
         self.dedup: dict[bytes, int] = {}
         self.start = 0
@@ -176,40 +185,39 @@ class _Workspace:
         return self.cum[k] + k + self.cut
 
     def put_row(self, row: bytes) -> None:
-        """Lay `row` and its comma at the end of the stream (seqs and cum not yet)."""
-        chunks = self.chunks
-        need = len(row) + 1
-        if not chunks:
-            chunks.append(bytearray())
-            cum = self.cum
-            self.bases.append((cum[-1] if cum else self.cum0) + len(cum) + self.cut)
-        live = chunks[-1]
-        used = len(live)
-        if used and used + need > CHUNK_MAX:
-            self._seal()
-            live = chunks[-1]
-        elif used and used + need > CHUNK_MIN:
-            cum = self.cum
-            retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
-            if used + need > retained >> 3:
-                self._seal()
-                live = chunks[-1]
-        live += row
-        live += b","
+        """Add `row` at the end of the stream (call before seqs and cum grow)."""
+        live = self.live
+        if not live:
+            self.live_at = len(self.seqs) + self.cut
+        else:
+            need = self.live_bytes + len(row) + 1
+            if need > CHUNK_MIN:
+                cum = self.cum
+                retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
+                if need > CHUNK_MAX or need > retained >> 3:
+                    self._seal()
+                    self.live_at = len(self.seqs) + self.cut
+        self.live.append(row)
+        self.live_bytes += len(row) + 1
 
     def _seal(self) -> None:
-        chunks = self.chunks
-        live = chunks[-1]
-        chunks[-1] = bytes(live)
-        self.bases.append(self.bases[-1] + len(live))
-        chunks.append(bytearray())
+        """The live rows become one immutable chunk, each row followed by its comma."""
+        live = self.live
+        self.bases.append(self.start_of(self.live_at - self.cut))
+        live.append(b"")
+        self.chunks.append(b",".join(live))
+        self.live = []
+        self.live_bytes = 0
 
     def row(self, k: int) -> bytes:
-        """Row k's bytes (a copy; reads take slices of the stream instead)."""
+        """Row k's bytes (a slice of its chunk, or the live row itself)."""
+        first = self.live_at - self.cut
+        if k >= first and self.live:
+            return self.live[k - first]
         start = self.start_of(k)
         c = bisect.bisect_right(self.bases, start) - 1
         base = self.bases[c]
-        return bytes(self.chunks[c][start - base : self.end_of(k) - base])
+        return self.chunks[c][start - base : self.end_of(k) - base]
 
     @property
     def rows(self) -> list[bytes | None]:
@@ -220,16 +228,25 @@ class _Workspace:
         """Rows i to j-1 as a JSON array: "[", slices of the stream, "]".
 
         Sealed chunks are immutable and lent as memoryviews (or whole); the live
-        chunk's part is copied, since an append may grow (move) it while the page
-        is still being sent. A page inside one chunk comes back as one bytes.
+        rows in the page are joined (at most about CHUNK_MAX bytes). A page
+        inside one chunk, or among the live rows, comes back as one bytes.
         """
+        live = self.live
+        first = self.live_at - self.cut if live else j
+        if i >= first:  # only live rows: one join, as rows always were
+            x, y = i - first, j - first
+            if y - x == 1:
+                return [b"[" + live[x] + b"]"]
+            return [b",".join([b"[" + live[x], *live[x + 1 : y - 1], live[y - 1] + b"]"])]
         a = self.start_of(i)
-        b = self.end_of(j - 1)
+        # The end of the page's sealed part: its last row, or with the comma after
+        # it when live rows follow.
+        b = self.end_of(j - 1) if j <= first else self.start_of(first)
         bases, chunks = self.bases, self.chunks
         c = bisect.bisect_right(bases, a) - 1
         base = bases[c]
         chunk = chunks[c]
-        if b <= base + len(chunk):
+        if j <= first and b <= base + len(chunk):
             return [b"".join((b"[", memoryview(chunk)[a - base : b - base], b"]"))]
         out: list[bytes | memoryview] = [b"["]
         while a < b:
@@ -237,15 +254,16 @@ class _Workspace:
             base = bases[c]
             x = a - base
             y = min(b - base, len(chunk))
-            if type(chunk) is bytearray:
-                out.append(memoryview(chunk)[x:y].tobytes())
-            elif x == 0 and y == len(chunk):
-                out.append(chunk)  # type: ignore[arg-type]
+            if x == 0 and y == len(chunk):
+                out.append(chunk)
             else:
                 out.append(memoryview(chunk)[x:y])
             a = base + y
             c += 1
-        out.append(b"]")
+        if j > first:
+            out.append(b",".join([*live[: j - first - 1], live[j - first - 1] + b"]"]))
+        else:
+            out.append(b"]")
         return out
 
     def bounds(self, i: int, j: int) -> array[int]:
@@ -292,37 +310,47 @@ class _Workspace:
         return size, key_bytes
 
     def _free_chunks(self, j: int) -> None:
-        """Free the chunks before row j; cut the first down once a quarter is dead."""
+        """Forget the rows before j from the stream: chunks they fill wholly go,
+        the first is cut down once a quarter of it is dead, live rows are let go."""
         chunks, bases = self.chunks, self.bases
-        if j >= len(self.seqs):  # nothing retained: the stream starts afresh
+        first = self.live_at - self.cut
+        if j >= first:  # every sealed row is dead; so are the live ones before j
             chunks.clear()
             bases.clear()
+            if j > first and self.live:
+                n = min(j - first, len(self.live))
+                self.live_bytes -= self.start_of(first + n) - self.start_of(first)
+                del self.live[:n]
+                self.live_at += n
             return
         pos = self.start_of(j)
         c = bisect.bisect_right(bases, pos) - 1
         if c:
             del chunks[:c]
             del bases[:c]
-        first = chunks[0]
+        chunk = chunks[0]
         dead = pos - bases[0]
-        if dead and dead * 4 > len(first):
-            chunks[0] = first[dead:]  # bytes stay bytes, the live bytearray a bytearray
+        if dead * 4 > len(chunk):
+            chunks[0] = chunk[dead:]
             bases[0] = pos
 
 
 class _Rows(Sequence[bytes]):
     """A workspace's retained rows as they are now, read later (snapshots).
 
-    Taken on the event loop for the cost of copying the row offsets and the live
-    chunk (at most CHUNK_MAX bytes); the sealed chunks are immutable, so a worker
-    thread can slice rows out of them while the store keeps changing.
+    Taken on the event loop for the cost of copying the row offsets and the list
+    of chunks and live rows (references); chunks and rows are immutable, so a
+    worker thread can slice rows out of them while the store keeps changing.
     """
 
     def __init__(self, w: _Workspace) -> None:
-        self._chunks: list[bytes] = [c if type(c) is bytes else bytes(c) for c in w.chunks]
+        self._chunks = list(w.chunks)
         self._bases = list(w.bases)
+        self._live = list(w.live)
         self._bounds = w.bounds(w.start, len(w.seqs)) if w.count else array("q")
         self._first = w.start_of(w.start) if w.count else 0
+        # Where the live rows begin, counted from the first retained row.
+        self._live_from = len(self) - len(self._live)
 
     def __len__(self) -> int:
         return max(0, len(self._bounds) - 1)
@@ -346,6 +374,8 @@ class _Rows(Sequence[bytes]):
         return self._row(k % len(self))
 
     def _row(self, i: int) -> bytes:
+        if i >= self._live_from:
+            return self._live[i - self._live_from]
         b = self._bounds
         # Each row before i takes its bytes and a comma.
         start = self._first + (b[i] - b[0]) + i
@@ -1217,16 +1247,15 @@ class MemoryStore:
         """Apply one workspace's gathered appends, then its gathered drop horizon."""
         seqs, keys, rows, horizon, _ = pending
         if rows:
-            cum = w.cum
+            cum, w_seqs = w.cum, w.seqs
             total = cum[-1] if cum else w.cum0
             size = sum(map(len, rows))
             put_row = w.put_row
-            for row in rows:  # before cum grows: an empty stream starts where cum ends
-                put_row(row)
-            running = itertools.accumulate(map(len, rows), initial=total)
-            next(running)  # the initial value: the last row's, already there
-            cum.extend(running)
-            w.seqs.extend(seqs)
+            for seq, row in zip(seqs, rows, strict=True):
+                put_row(row)  # before seqs and cum grow (it reads them)
+                w_seqs.append(seq)
+                total += len(row)
+                cum.append(total)
             w.keys.extend(keys)
             w.dedup.update(zip(keys, seqs, strict=True))
             w.head = seqs[-1]
