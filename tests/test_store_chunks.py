@@ -142,9 +142,11 @@ def test_dropped_rows_free_their_chunks_and_the_snapshot_copy_stays(small_chunks
     assert list(state.rows) == before  # taken before: unchanged by later appends and drops
 
 
-def test_replay_and_snapshot_load_lay_rows_out_as_appends_do(small_chunks: None) -> None:
-    # Journal replay applies gathered appends in bulk and a snapshot load row by
-    # row: either way the rows (spanning many chunks) must read back whole.
+def test_replayed_and_loaded_rows_read_whole_and_are_sealed_by_later_appends(
+    small_chunks: None,
+) -> None:
+    # Journal replay and a snapshot load add rows in bulk, as live rows (no copy
+    # at start-up); later appends seal them into chunks, one chunk per append.
     seqs = list(range(1, 301))
     rows = [encode_row(s, b'"%s"' % (b"r" * (s % 97))) for s in seqs]
     keys = [b"k%d" % s for s in seqs]
@@ -165,6 +167,17 @@ def test_replay_and_snapshot_load_lay_rows_out_as_appends_do(small_chunks: None)
     for store in (replayed, loaded):
         w = store._ws["w"]
         check_stream(w)
-        assert len(w.chunks) > 3
         assert store.read_now("w", 0, 10**6, 1 << 30).rows == rows
         assert store.read_now("w", 77, 100, 1 << 30).rows == rows[77:177]
+        assert store.read_now("w", 300, 1, 1).empty
+        more = [b'"m%d"' % i for i in range(40)]
+
+        async def go(store: MemoryStore = store, more: list[bytes] = more) -> list[int]:
+            return [(await store.append("w", b, b))[0] for b in more]
+
+        new = asyncio.run(go())
+        check_stream(w)
+        assert len(w.chunks) > 10
+        want = rows + [encode_row(s, b) for s, b in zip(new, more, strict=True)]
+        assert store.read_now("w", 0, 10**6, 1 << 30).rows == want
+        assert store.read_now("w", 0, 10**6, 1 << 30).json() == expected(want)

@@ -185,29 +185,63 @@ class _Workspace:
         return self.cum[k] + k + self.cut
 
     def put_row(self, row: bytes) -> None:
-        """Add `row` at the end of the stream (call before seqs and cum grow)."""
+        """Add `row` at the end of the stream (call before seqs and cum grow).
+
+        Live rows past an eighth of the retained row bytes (CHUNK_MIN to
+        CHUNK_MAX) are sealed into a chunk first, at most one chunk per call:
+        after a replay left thousands of rows live, appends seal them a chunk at
+        a time rather than all at once.
+        """
         live = self.live
+        need = self.live_bytes + len(row) + 1
         if not live:
             self.live_at = len(self.seqs) + self.cut
-        else:
-            need = self.live_bytes + len(row) + 1
-            if need > CHUNK_MIN:
-                cum = self.cum
-                retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
-                if need > CHUNK_MAX or need > retained >> 3:
-                    self._seal()
+        elif need > CHUNK_MIN:
+            cum = self.cum
+            retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
+            limit = min(CHUNK_MAX, max(CHUNK_MIN, retained >> 3))
+            if need > limit:
+                self._seal(limit)
+                live = self.live
+                need = self.live_bytes + len(row) + 1
+                if not live:
                     self.live_at = len(self.seqs) + self.cut
-        self.live.append(row)
-        self.live_bytes += len(row) + 1
+        live.append(row)
+        self.live_bytes = need
 
-    def _seal(self) -> None:
-        """The live rows become one immutable chunk, each row followed by its comma."""
-        live = self.live
-        self.bases.append(self.start_of(self.live_at - self.cut))
-        live.append(b"")
-        self.chunks.append(b",".join(live))
-        self.live = []
-        self.live_bytes = 0
+    def extend_rows(self, seqs: list[int], rows: list[bytes]) -> int:
+        """Append rows with their seqs to seqs, cum and the live rows, in bulk (replay,
+        snapshot load); returns their row bytes. Nothing is copied: later appends
+        seal the live rows into chunks (put_row)."""
+        w_seqs, cum = self.seqs, self.cum
+        before = cum[-1] if cum else self.cum0
+        if not self.live:
+            self.live_at = len(w_seqs) + self.cut
+        w_seqs.extend(seqs)
+        running = itertools.accumulate(map(len, rows), initial=before)
+        next(running)  # the initial value: the last row's, already there
+        cum.extend(running)
+        size = cum[-1] - before
+        self.live.extend(rows)
+        self.live_bytes += size + len(rows)
+        return size
+
+    def _seal(self, limit: int) -> None:
+        """The oldest live rows, at most `limit` bytes of stream (one row at least),
+        become one immutable chunk, each row followed by its comma."""
+        live, cum, cut = self.live, self.cum, self.cut
+        first = self.live_at - cut  # the row index of live[0]
+        start = self.start_of(first)
+
+        def after(q: int) -> int:  # the stream offset just past live[q - 1]'s comma
+            return cum[first + q - 1] + first + q + cut
+
+        q = max(1, bisect.bisect_right(range(1, len(live) + 1), start + limit, key=after))
+        self.bases.append(start)
+        self.chunks.append(b",".join([*live[:q], b""]))
+        self.live_bytes -= after(q) - start
+        self.live = live[q:]
+        self.live_at += q
 
     def row(self, k: int) -> bytes:
         """Row k's bytes (a slice of its chunk, or the live row itself)."""
@@ -323,13 +357,16 @@ class _Workspace:
                 del self.live[:n]
                 self.live_at += n
             return
-        pos = self.start_of(j)
-        c = bisect.bisect_right(bases, pos) - 1
-        if c:
+        pos = self.cum[j - 1] + j + self.cut  # start_of(j); j >= 1 here
+        chunk = chunks[0]
+        base = bases[0]
+        if pos >= base + len(chunk):  # the first chunk (and perhaps more) is all dead
+            c = bisect.bisect_right(bases, pos) - 1
             del chunks[:c]
             del bases[:c]
-        chunk = chunks[0]
-        dead = pos - bases[0]
+            chunk = chunks[0]
+            base = bases[0]
+        dead = pos - base
         if dead * 4 > len(chunk):
             chunks[0] = chunk[dead:]
             bases[0] = pos
@@ -1096,11 +1133,15 @@ class MemoryStore:
         for st in workspaces:
             w = self._get(st.name, loading=True)
             loaded.append(w)
-            for seq, row, key in zip(st.seqs, st.rows, st.keys, strict=True):
-                w.append_row(seq, row, key)
-                self._stored_bytes += len(row)
-                self._pool += len(row) + len(key) + ENVELOPE_OVERHEAD
-                self._envelopes += 1
+            if st.seqs:
+                rows = list(st.rows)
+                size = w.extend_rows(st.seqs, rows)
+                w.keys.extend(st.keys)
+                w.dedup.update(zip(st.keys, st.seqs, strict=True))
+                w.head = st.seqs[-1]
+                self._stored_bytes += size
+                self._pool += size + sum(map(len, st.keys)) + len(rows) * ENVELOPE_OVERHEAD
+                self._envelopes += len(rows)
             w.head = max(w.head, st.head)
             w.dropped = st.dropped
             for blob in st.keyring:
@@ -1247,15 +1288,7 @@ class MemoryStore:
         """Apply one workspace's gathered appends, then its gathered drop horizon."""
         seqs, keys, rows, horizon, _ = pending
         if rows:
-            cum, w_seqs = w.cum, w.seqs
-            total = cum[-1] if cum else w.cum0
-            size = sum(map(len, rows))
-            put_row = w.put_row
-            for seq, row in zip(seqs, rows, strict=True):
-                put_row(row)  # before seqs and cum grow (it reads them)
-                w_seqs.append(seq)
-                total += len(row)
-                cum.append(total)
+            size = w.extend_rows(seqs, rows)
             w.keys.extend(keys)
             w.dedup.update(zip(keys, seqs, strict=True))
             w.head = seqs[-1]
