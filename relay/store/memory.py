@@ -126,6 +126,7 @@ class _Workspace:
         "page_bytes",
         "pages",
         "presence",
+        "seal_at",
         "seqs",
         "stale",
         "start",
@@ -146,6 +147,7 @@ class _Workspace:
         self.live: list[bytes] = []
         self.live_at = 0
         self.live_bytes = 0
+        self.seal_at = 0  # live rows up to this many bytes take no seal check (put_row)
         self.keys: list[bytes | None] = []
         self.dedup: dict[bytes, int] = {}
         self.start = 0
@@ -194,18 +196,23 @@ class _Workspace:
         """
         live = self.live
         need = self.live_bytes + len(row) + 1
+        if live and need <= self.seal_at:  # the common case (also inlined in append_row)
+            live.append(row)
+            self.live_bytes = need
+            return
         if not live:
             self.live_at = len(self.seqs) + self.cut
-        elif need > CHUNK_MIN:
-            cum = self.cum
-            retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
-            limit = min(CHUNK_MAX, max(CHUNK_MIN, retained >> 3))
-            if need > limit:
-                self._seal(limit)
-                live = self.live
-                need = self.live_bytes + len(row) + 1
-                if not live:
-                    self.live_at = len(self.seqs) + self.cut
+        cum = self.cum
+        retained = (cum[-1] if cum else self.cum0) - (
+            cum[self.start - 1] if self.start else self.cum0
+        )
+        limit = self.seal_at = min(CHUNK_MAX, max(CHUNK_MIN, retained >> 3))
+        if live and need > limit:
+            self._seal(limit)
+            live = self.live
+            need = self.live_bytes + len(row) + 1
+            if not live:
+                self.live_at = len(self.seqs) + self.cut
         live.append(row)
         self.live_bytes = need
 
@@ -309,7 +316,13 @@ class _Workspace:
         return out
 
     def append_row(self, seq: int, row: bytes, key: bytes) -> None:
-        self.put_row(row)
+        live = self.live
+        need = self.live_bytes + len(row) + 1
+        if live and need <= self.seal_at:  # put_row's common case, without the call
+            live.append(row)
+            self.live_bytes = need
+        else:
+            self.put_row(row)
         self.seqs.append(seq)
         prev = self.cum[-1] if self.cum else self.cum0
         self.cum.append(prev + len(row))
@@ -333,7 +346,16 @@ class _Workspace:
             keys[k] = None
         self.dropped = seqs[j - 1]
         self.start = j
-        self._free_chunks(j)
+        chunks = self.chunks
+        if chunks and j < self.live_at - self.cut:
+            # _free_chunks's common case, without the call: row j is in the first
+            # chunk, which is less than a quarter dead.
+            base, size = self.bases[0], len(chunks[0])
+            dead = cum[j - 1] + j + self.cut - base
+            if dead >= size or dead * 4 > size:
+                self._free_chunks(j)
+        else:
+            self._free_chunks(j)
         if j >= _COMPACT_MIN and j * 2 >= len(seqs):
             self.cum0 = cum[j - 1]
             self.cut += j
