@@ -146,7 +146,8 @@ def test_replayed_and_loaded_rows_read_whole_and_are_sealed_by_later_appends(
     small_chunks: None,
 ) -> None:
     # Journal replay and a snapshot load add rows in bulk, as live rows (no copy
-    # at start-up); later appends seal them into chunks, one chunk per append.
+    # at start-up); a big read seals those it sends, later appends the rest, one
+    # chunk per append.
     seqs = list(range(1, 301))
     rows = [encode_row(s, b'"%s"' % (b"r" * (s % 97))) for s in seqs]
     keys = [b"k%d" % s for s in seqs]
@@ -167,8 +168,11 @@ def test_replayed_and_loaded_rows_read_whole_and_are_sealed_by_later_appends(
     for store in (replayed, loaded):
         w = store._ws["w"]
         check_stream(w)
-        assert store.read_now("w", 0, 10**6, 1 << 30).rows == rows
+        assert not w.chunks  # all live after start-up
         assert store.read_now("w", 77, 100, 1 << 30).rows == rows[77:177]
+        assert len(w.chunks) > 3  # a read of many live rows seals them first
+        check_stream(w)
+        assert store.read_now("w", 0, 10**6, 1 << 30).rows == rows
         assert store.read_now("w", 300, 1, 1).empty
         more = [b'"m%d"' % i for i in range(40)]
 

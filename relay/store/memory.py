@@ -250,6 +250,31 @@ class _Workspace:
         self.live = live[q:]
         self.live_at += q
 
+    def seal_before(self, j: int) -> None:
+        """Seal the live rows before row j into chunks: a read about to send more than
+        CHUNK_MAX bytes of live rows (rows a replay or snapshot load left live)
+        copies them once into chunks instead of joining them for itself alone."""
+        live, cum, cut = self.live, self.cum, self.cut
+        first = self.live_at - cut
+        retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
+        limit = min(CHUNK_MAX, max(CHUNK_MIN, retained >> 3))
+
+        def after(q: int) -> int:  # the stream offset just past live[q - 1]'s comma
+            return cum[first + q - 1] + first + q + cut
+
+        p, n = 0, j - first
+        start = self.start_of(first)
+        while p < n:
+            q = p + max(1, bisect.bisect_right(range(p + 1, n + 1), start + limit, key=after))
+            self.bases.append(start)
+            self.chunks.append(b",".join([*live[p:q], b""]))
+            end = after(q)
+            self.live_bytes -= end - start
+            start = end
+            p = q
+        self.live = live[p:]
+        self.live_at += p
+
     def row(self, k: int) -> bytes:
         """Row k's bytes (a slice of its chunk, or the live row itself)."""
         first = self.live_at - self.cut
@@ -916,6 +941,10 @@ class MemoryStore:
         base = cum[i - 1] if i else w.cum0
         j = bisect.bisect_right(cum, base + max_bytes, i, min(end, i + limit))
         j = max(j, i + 1)
+        if w.live_bytes > CHUNK_MAX:
+            first = w.live_at - w.cut
+            if j > first and w.end_of(j - 1) - w.start_of(max(i, first)) > CHUNK_MAX:
+                w.seal_before(j)
         return Page(None, head, oldest, w.dropped, j < end, w.pieces(i, j), w.bounds(i, j))
 
     # ---------------------------------------------------------- side channels
