@@ -118,7 +118,7 @@ def test_a_big_page_is_slices_of_sealed_chunks_not_a_copy(small_chunks: None) ->
 
 
 def test_dropped_rows_free_their_chunks_and_the_snapshot_copy_stays(small_chunks: None) -> None:
-    store = MemoryStore(Bounds(max_envelopes=20))
+    store = MemoryStore(Bounds(max_envelopes=100))
     bodies = [b'"%s"' % (b"z" * 50) for _ in range(400)]
 
     async def go() -> None:
@@ -128,9 +128,12 @@ def test_dropped_rows_free_their_chunks_and_the_snapshot_copy_stays(small_chunks
     asyncio.run(go())
     w = store._ws["w"]
     check_stream(w)
-    # 20 rows of about 80 bytes retained: the stream holds little more than them.
+    assert w.chunks
+    # 100 rows of about 80 bytes retained: the stream holds little more than them
+    # (dropped rows: at most a quarter of the first chunk, an eighth of the rows).
+    retained = w.end_of(len(w.seqs) - 1) - w.start_of(w.start) + 1
     held = sum(map(len, w.chunks)) + w.live_bytes
-    assert held <= 2 * (w.end_of(len(w.seqs) - 1) - w.start_of(w.start) + 1)
+    assert held <= retained + retained // 32 + 1
     state = store.export_state()[0][0]
     before = list(state.rows)
 
@@ -185,3 +188,18 @@ def test_replayed_and_loaded_rows_read_whole_and_are_sealed_by_later_appends(
         want = rows + [encode_row(s, b) for s, b in zip(new, more, strict=True)]
         assert store.read_now("w", 0, 10**6, 1 << 30).rows == want
         assert store.read_now("w", 0, 10**6, 1 << 30).json() == expected(want)
+
+
+def test_a_small_workspace_keeps_its_rows_as_row_objects(small_chunks: None) -> None:
+    # Below 8 x CHUNK_MIN of rows nothing is sealed: no chunk can be more than an
+    # eighth of what its workspace holds.
+    store = MemoryStore(Bounds(max_envelopes=20))
+
+    async def go() -> None:
+        for i in range(200):
+            await store.append("w", b'"%s"' % (b"s" * 60), b"k%d" % i)
+
+    asyncio.run(go())
+    w = store._ws["w"]
+    assert not w.chunks and len(w.live) == 20
+    check_stream(w)

@@ -11,13 +11,19 @@ The rows themselves, each encoded once at append, form one stream per
 workspace: the rows end to end, each followed by a comma. Its older part is
 sealed `chunks` (immutable bytes of whole rows, `bases` holding where each
 starts in the stream); its newest rows are `live`, a list, sealed into a chunk
-once they pass an eighth of the workspace's retained row bytes (at least
-CHUNK_MIN, at most CHUNK_MAX). A page of rows is one contiguous range of the
+once they pass an eighth of the workspace's retained row bytes (at most
+CHUNK_MAX; a workspace whose eighth is below CHUNK_MIN keeps every row live, as
+rows always were, so a chunk is never more than an eighth of what its workspace
+holds). A page of rows is one contiguous range of the
 stream, so its JSON array is "[", memoryviews of a few chunks, the live rows
 joined, "]": pieces the relay's server writes with one vectored send
 (relay.wire), with no join of thousands of row objects. A chunk whose rows are
 all dropped is freed, and the first is cut down once a quarter of it is dead, so
-dropped rows hold at most about a quarter of a chunk; dropped live rows go at once.
+dropped rows hold at most a quarter of a chunk, 1/32 of the workspace's rows
+(a sealed row saves the ~57 bytes of its own object, which covers that for rows
+up to about 1.8 KB); dropped live rows go at once. Replay and snapshot load add
+rows live (no copy at start-up); appends seal them a chunk at a time, and a read
+of more than CHUNK_MAX bytes of live rows seals those first.
 
 Durability gate: with a journal attached (relay.store.journal, with
 HIVE_RELAY_DATA_DIR), every change is also handed to the journal as a record,
@@ -84,7 +90,8 @@ if TYPE_CHECKING:
 
 _COMPACT_MIN = 1024
 # Row chunks (module docstring): the live rows are sealed into a chunk when they
-# would pass an eighth of the workspace's retained row bytes, within these bounds.
+# would pass an eighth of the workspace's retained row bytes, at most CHUNK_MAX,
+# and only once that eighth is CHUNK_MIN or more.
 CHUNK_MIN = 64 << 10
 CHUNK_MAX = 256 << 10
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
@@ -189,8 +196,9 @@ class _Workspace:
     def put_row(self, row: bytes) -> None:
         """Add `row` at the end of the stream (call before seqs and cum grow).
 
-        Live rows past an eighth of the retained row bytes (CHUNK_MIN to
-        CHUNK_MAX) are sealed into a chunk first, at most one chunk per call:
+        Live rows past an eighth of the retained row bytes (at most CHUNK_MAX;
+        never below CHUNK_MIN: a workspace under 8 × CHUNK_MIN keeps its rows
+        live) are sealed into a chunk first, at most one chunk per call:
         after a replay left thousands of rows live, appends seal them a chunk at
         a time rather than all at once.
         """
@@ -206,8 +214,9 @@ class _Workspace:
         retained = (cum[-1] if cum else self.cum0) - (
             cum[self.start - 1] if self.start else self.cum0
         )
-        limit = self.seal_at = min(CHUNK_MAX, max(CHUNK_MIN, retained >> 3))
-        if live and need > limit:
+        limit = min(CHUNK_MAX, retained >> 3)
+        self.seal_at = max(CHUNK_MIN, limit)
+        if live and need > limit >= CHUNK_MIN:
             self._seal(limit)
             live = self.live
             need = self.live_bytes + len(row) + 1
@@ -257,7 +266,9 @@ class _Workspace:
         live, cum, cut = self.live, self.cum, self.cut
         first = self.live_at - cut
         retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
-        limit = min(CHUNK_MAX, max(CHUNK_MIN, retained >> 3))
+        limit = min(CHUNK_MAX, retained >> 3)
+        if limit < CHUNK_MIN:
+            return
 
         def after(q: int) -> int:  # the stream offset just past live[q - 1]'s comma
             return cum[first + q - 1] + first + q + cut
