@@ -658,7 +658,7 @@ def test_sigterm_ends_a_lingering_connection() -> None:
 def test_a_page_sent_as_chunk_slices_is_framed_like_any_body(
     relays: dict[str, RelayProcess],
 ) -> None:
-    # 700 rows of about 1 KiB span several sealed row chunks and the live rows
+    # 1,500 rows of about 1 KiB span several sealed row chunks and the live rows
     # (relay.store.memory), so the page leaves as a vectored write of their
     # slices (relay.wire): its bytes, its Content-Length and the answer pipelined
     # after it must be what a joined body gives; a second read is a page cache hit.
@@ -666,10 +666,10 @@ def test_a_page_sent_as_chunk_slices_is_framed_like_any_body(
     ws = "pieces-" + str(random.randrange(1 << 30))
     pad = "p" * 1000
     with httpx.Client(base_url=relay.url, timeout=WAIT) as c:
-        r = c.post(
-            f"/v1/workspaces/{ws}/envelopes/batch", json=[{"i": i, "p": pad} for i in range(700)]
-        )
-        assert r.status_code == 200, r.text
+        for first in (0, 750):
+            batch = [{"i": i, "p": pad} for i in range(first, first + 750)]
+            r = c.post(f"/v1/workspaces/{ws}/envelopes/batch", json=batch)
+            assert r.status_code == 200, r.text
     target = f"/v1/workspaces/{ws}/envelopes?after=0"
     sock = connect(relay)
     sock.sendall(head("GET", target, {}) * 2 + head("GET", target + "&limit=3", {}))
@@ -678,6 +678,6 @@ def test_a_page_sent_as_chunk_slices_is_framed_like_any_body(
     sock.close()
     assert all(a is not None and a.status == 200 for a in answers)
     first, hit, small = answers  # type: ignore[misc]
-    assert len(first.body) > 700_000 and first.body == hit.body
-    assert [e["body"]["i"] for e in json.loads(first.body)] == list(range(700))
+    assert len(first.body) > 1_500_000 and first.body == hit.body
+    assert [e["body"]["i"] for e in json.loads(first.body)] == list(range(1500))
     assert [e["body"]["i"] for e in json.loads(small.body)] == [0, 1, 2]

@@ -32,7 +32,7 @@ def expected(rows: list[bytes]) -> bytes:
 
 
 def check_stream(w: _Workspace) -> None:
-    """Chunks tile the stream with no gap; dropped rows hold at most a quarter chunk."""
+    """Chunks tile the stream with no gap; dropped rows hold at most half a chunk."""
     for k in range(1, len(w.chunks)):
         assert w.bases[k] == w.bases[k - 1] + len(w.chunks[k - 1])
     if w.count == 0:
@@ -40,7 +40,7 @@ def check_stream(w: _Workspace) -> None:
         return
     if w.chunks:
         dead = w.start_of(w.start) - w.bases[0]
-        assert dead >= 0 and dead * 4 <= len(w.chunks[0])
+        assert dead >= 0 and dead * 2 <= len(w.chunks[0])
         assert w.bases[-1] + len(w.chunks[-1]) == w.start_of(w.live_at - w.cut)
     assert w.live_bytes == sum(len(r) + 1 for r in w.live)
     assert w.live_at - w.cut >= w.start
@@ -130,7 +130,7 @@ def test_dropped_rows_free_their_chunks_and_the_snapshot_copy_stays(small_chunks
     check_stream(w)
     assert w.chunks
     # 100 rows of about 80 bytes retained: the stream holds little more than them
-    # (dropped rows: at most a quarter of the first chunk, an eighth of the rows).
+    # (dropped rows: at most half the first chunk, a sixteenth of the rows).
     retained = w.end_of(len(w.seqs) - 1) - w.start_of(w.start) + 1
     held = sum(map(len, w.chunks)) + w.live_bytes
     assert held <= retained + retained // 32 + 1
@@ -191,8 +191,8 @@ def test_replayed_and_loaded_rows_read_whole_and_are_sealed_by_later_appends(
 
 
 def test_a_small_workspace_keeps_its_rows_as_row_objects(small_chunks: None) -> None:
-    # Below 8 x CHUNK_MIN of rows nothing is sealed: no chunk can be more than an
-    # eighth of what its workspace holds.
+    # Below 16 x CHUNK_MIN of rows nothing is sealed: no chunk can be more than a
+    # sixteenth of what its workspace holds.
     store = MemoryStore(Bounds(max_envelopes=20))
 
     async def go() -> None:
