@@ -11,17 +11,17 @@ The rows themselves, each encoded once at append, form one stream per
 workspace: the rows end to end, each followed by a comma. Its older part is
 sealed `chunks` (immutable bytes of whole rows, `bases` holding where each
 starts in the stream); its newest rows are `live`, a list, sealed into a chunk
-once they pass a sixteenth of the workspace's retained row bytes (at most
-CHUNK_MAX; a workspace whose sixteenth is below CHUNK_MIN, under 1 MiB of rows,
-keeps every row live, as rows always were, so a chunk is never more than a
-sixteenth of what its workspace holds). A page of rows is one contiguous range of the
+once they pass 1/32 of the workspace's retained row bytes (at most CHUNK_MAX;
+a workspace whose 1/32 is below CHUNK_MIN, under 1 MiB of rows, keeps every
+row live, as rows always were, so a chunk is never more than 1/32 of what its
+workspace holds). A page of rows is one contiguous range of the
 stream, so its JSON array is "[", memoryviews of a few chunks, the live rows
 joined, "]": pieces the relay's server writes with one vectored send
 (relay.wire), with no join of thousands of row objects. A chunk whose rows are
-all dropped is freed, and the first is cut down once half of it is dead, so
-dropped rows hold at most half a chunk, 1/32 of the workspace's rows
-(a sealed row saves the ~57 bytes of its own object, which covers that for rows
-up to about 1.8 KB); dropped live rows go at once. Replay and snapshot load add
+all dropped is freed (never cut: copies of odd sizes fragment the heap), so
+dropped rows hold at most one chunk, 1/32 of the workspace's rows (a sealed row
+saves the ~57 bytes of its own object, which covers that for rows up to about
+1.8 KB); dropped live rows go at once. Replay and snapshot load add
 rows live (no copy at start-up); appends seal them a chunk at a time, and a read
 of more than CHUNK_MAX bytes of live rows seals those first.
 
@@ -90,9 +90,9 @@ if TYPE_CHECKING:
 
 _COMPACT_MIN = 1024
 # Row chunks (module docstring): the live rows are sealed into a chunk when they
-# would pass a sixteenth of the workspace's retained row bytes, at most CHUNK_MAX,
-# and only once that sixteenth is CHUNK_MIN or more.
-CHUNK_MIN = 64 << 10
+# would pass 1/32 of the workspace's retained row bytes, at most CHUNK_MAX, and
+# only once that 1/32 is CHUNK_MIN or more.
+CHUNK_MIN = 32 << 10
 CHUNK_MAX = 256 << 10
 # Work units (workspaces visited, entries expired, rows pruned) per sweep step; the
 # app yields to the event loop between steps, so a sweep never stalls it.
@@ -196,8 +196,8 @@ class _Workspace:
     def put_row(self, row: bytes) -> None:
         """Add `row` at the end of the stream (call before seqs and cum grow).
 
-        Live rows past a sixteenth of the retained row bytes (at most CHUNK_MAX;
-        never below CHUNK_MIN: a workspace under 16 × CHUNK_MIN keeps its rows
+        Live rows past 1/32 of the retained row bytes (at most CHUNK_MAX;
+        never below CHUNK_MIN: a workspace under 32 × CHUNK_MIN keeps its rows
         live) are sealed into a chunk first, at most one chunk per call:
         after a replay left thousands of rows live, appends seal them a chunk at
         a time rather than all at once.
@@ -214,7 +214,7 @@ class _Workspace:
         retained = (cum[-1] if cum else self.cum0) - (
             cum[self.start - 1] if self.start else self.cum0
         )
-        limit = min(CHUNK_MAX, retained >> 4)
+        limit = min(CHUNK_MAX, retained >> 5)
         self.seal_at = max(CHUNK_MIN, limit)
         if live and need > limit >= CHUNK_MIN:
             self._seal(limit)
@@ -266,7 +266,7 @@ class _Workspace:
         live, cum, cut = self.live, self.cum, self.cut
         first = self.live_at - cut
         retained = cum[-1] - (cum[self.start - 1] if self.start else self.cum0)
-        limit = min(CHUNK_MAX, retained >> 4)
+        limit = min(CHUNK_MAX, retained >> 5)
         if limit < CHUNK_MIN:
             return
 
@@ -383,14 +383,8 @@ class _Workspace:
         self.dropped = seqs[j - 1]
         self.start = j
         chunks = self.chunks
-        if chunks and j < self.live_at - self.cut:
-            # _free_chunks's common case, without the call: row j is in the first
-            # chunk, which is at most half dead.
-            base, size = self.bases[0], len(chunks[0])
-            dead = cum[j - 1] + j + self.cut - base
-            if dead >= size or dead * 2 > size:
-                self._free_chunks(j)
-        else:
+        # _free_chunks's common case, without the call: row j is in the first chunk.
+        if not chunks or cum[j - 1] + j + self.cut >= self.bases[0] + len(chunks[0]):
             self._free_chunks(j)
         if j >= _COMPACT_MIN and j * 2 >= len(seqs):
             self.cum0 = cum[j - 1]
@@ -403,7 +397,7 @@ class _Workspace:
 
     def _free_chunks(self, j: int) -> None:
         """Forget the rows before j from the stream: chunks they fill wholly go,
-        the first is cut down once half of it is dead, live rows are let go."""
+        and so do live rows before j."""
         chunks, bases = self.chunks, self.bases
         first = self.live_at - self.cut
         if j >= first:  # every sealed row is dead; so are the live ones before j
@@ -416,18 +410,10 @@ class _Workspace:
                 self.live_at += n
             return
         pos = self.cum[j - 1] + j + self.cut  # start_of(j); j >= 1 here
-        chunk = chunks[0]
-        base = bases[0]
-        if pos >= base + len(chunk):  # the first chunk (and perhaps more) is all dead
+        if pos >= bases[0] + len(chunks[0]):  # the first chunk (and perhaps more) is all dead
             c = bisect.bisect_right(bases, pos) - 1
             del chunks[:c]
             del bases[:c]
-            chunk = chunks[0]
-            base = bases[0]
-        dead = pos - base
-        if dead * 2 > len(chunk):
-            chunks[0] = chunk[dead:]
-            bases[0] = pos
 
 
 class _Rows(Sequence[bytes]):
