@@ -36,6 +36,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -209,27 +210,25 @@ class _HeadWithBody:
     the start of the next one.
     """
 
-    __slots__ = ("_cycle", "_held", "_protocol", "_started", "_transport")
+    __slots__ = ("_held", "_protocol", "_started", "_transport")
 
     def __init__(
-        self,
-        transport: asyncio.Transport,
-        protocol: RelayHttpProtocol | None = None,
-        cycle: Any = None,
+        self, transport: asyncio.Transport, protocol: RelayHttpProtocol | None = None
     ) -> None:
         self._transport = transport
         self._protocol = protocol
-        self._cycle = cycle  # the request cycle this transport answers (for answer())
         self._held: bytes | None = None
         self._started = False
 
-    def answer(self, lines: bytes, body: bytes) -> None:
-        """Answer this cycle's GET with 200, `lines` (from `header_lines`) and
-        `body`, in one write: what uvicorn's `send` of the two messages does,
-        without building and checking the same head for every reader. Only for
-        a request whose answer has not begun, with no body, while the transport
-        takes writes (`RelayHttpProtocol._answer_now` checks)."""
-        cycle = self._cycle
+    def answer(self, cycle: Any, lines: bytes, body: bytes) -> None:
+        """Answer `cycle`'s GET (the cycle this transport is swapped into) with
+        200, `lines` (from `header_lines`) and `body`, in one write: what
+        uvicorn's `send` of the two messages does, without building and checking
+        the same head for every reader. Only for a request whose answer has not
+        begun, with no body, while the transport takes writes
+        (`RelayHttpProtocol._answer_now` checks). The cycle is passed, not kept:
+        a reference back to it from its own transport would make every cycle
+        garbage that only the cycle collector frees."""
         cycle.response_started = True
         cycle.waiting_for_100_continue = False
         cycle.chunked_encoding = False
@@ -516,7 +515,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         """The cycle's transport as `_HeadWithBody`, swapped in once."""
         transport = cycle.transport
         if not isinstance(transport, _HeadWithBody):
-            cycle.transport = transport = _HeadWithBody(self.transport, self, cycle)
+            cycle.transport = transport = _HeadWithBody(self.transport, self)
         return transport
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
@@ -542,7 +541,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
             if name in (b"content-length", b"transfer-encoding"):
                 return False
         answer_now: Callable[[Any, Callable[[bytes, bytes], None]], bool] = front.answer_now
-        return answer_now(cycle.scope, transport.answer)
+        return answer_now(cycle.scope, functools.partial(transport.answer, cycle))
 
     def on_body(self, body: bytes) -> None:
         if self._deadline is not None:
