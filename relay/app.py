@@ -266,11 +266,13 @@ class Front:
 
     def answer_now(self, scope: Scope, write: Callable[[bytes, bytes], None]) -> bool:
         """The protocol's question before it starts the app for a bodiless request:
-        is the answer a cached read? If so it is handed to `write` (header lines,
-        body) at once, with no task, and True returned; the metrics sample and the
-        log line follow as for any request. The same checks as `_serve_hot`'s
-        cached path run first (the route, the header limit, the access check);
-        without CORS only (CORSMiddleware answers by the request's Origin)."""
+        is the answer a read that needs no await (cached, or built now from a
+        store that reads synchronously: `envelopes.read_now`)? If so it is handed
+        to `write` (header lines, body) at once, with no task, and True returned;
+        the metrics sample and the log line follow as for any request. The same
+        checks as the endpoint's run first (the route, the header limit, the access
+        check); without CORS only (CORSMiddleware answers by the request's Origin).
+        Anything else (an error to answer, a long-poll) goes to the app."""
         pages = self.relay.pages
         if pages is None or self.cors or scope["method"] != "GET":
             return False
@@ -279,10 +281,19 @@ class Front:
         if match is None:
             return False
         ws = match.group("ws")
-        hit = pages.cached_page(ws, scope["query_string"])
-        if hit is None or head_size(scope) > self.header_limit or not self._admits(scope, ws):
+        if head_size(scope) > self.header_limit:
             return False
-        _, body, lines = hit
+        hit = pages.cached_page(ws, scope["query_string"])
+        if hit is not None:
+            if not self._admits(scope, ws):
+                return False
+            _, body, lines = hit
+        else:  # the first of a herd: the page is built now, as the endpoint builds it
+            scope["path_params"] = match.groupdict()
+            built = envelopes.read_now(self.relay, Request(scope))
+            if built is None:
+                return False
+            lines, body = built
         try:
             write(lines, body)
         finally:
