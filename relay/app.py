@@ -290,7 +290,10 @@ class Front:
             _, body, lines = hit
         else:  # the first of a herd: the page is built now, as the endpoint builds it
             scope["path_params"] = match.groupdict()
-            built = envelopes.read_now(self.relay, Request(scope))
+            try:
+                built = envelopes.read_now(self.relay, Request(scope))
+            except Exception:  # the endpoint meets it again and answers it (a 503, a 500)
+                return False
             if built is None:
                 return False
             lines, body = built

@@ -271,10 +271,11 @@ def _without_date(answer: bytes) -> bytes:
 
 
 def test_a_cached_read_answered_without_the_app_is_the_apps_answer_byte_for_byte() -> None:
-    # The first read builds the page through the app; the next ones are answered by
-    # the protocol from the cache (relay/server.py _answer_now): the same bytes, in
-    # order when pipelined, with Connection: close honoured; a GET with a body, a
-    # HEAD and a read without the token still go to the app.
+    # The first read builds the page as its head is parsed and the next ones are
+    # answered from the cache, all by the protocol with no task (relay/server.py
+    # _answer_now): the same bytes as the app's answer (a GET with a body goes to
+    # the app), in order when pipelined, with Connection: close honoured; a HEAD
+    # and a read without the token go to the app too.
     ws = b"/v1/workspaces/cached-now"
     auth = b"authorization: Bearer t\r\n"
     read = b"GET %s/envelopes?after=0 HTTP/1.1\r\nhost: x\r\n%s\r\n" % (ws, auth)
