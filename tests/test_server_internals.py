@@ -301,6 +301,13 @@ def test_a_cached_read_answered_without_the_app_is_the_apps_answer_byte_for_byte
         assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n"), head
         refused = exchange(sock, read.replace(auth, b""))
         assert refused.startswith(b"HTTP/1.1 401 "), refused
+        # Misses that read_now declines: the endpoint answers them.
+        miss = read.replace(b"after=0", b"after=0&limit=3")
+        assert exchange(sock, miss.replace(auth, b"")).startswith(b"HTTP/1.1 401 ")
+        bad = exchange(sock, read.replace(b"after=0", b"after=x"))
+        assert bad.startswith(b"HTTP/1.1 400 "), bad
+        polled = exchange(sock, read.replace(b"after=0", b"after=0&wait=1"))
+        assert _without_date(polled) == _without_date(first)
         closing = read.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
         last = exchange(sock, closing)
         assert b"\r\nconnection: close" in last.partition(b"\r\n\r\n")[0], last
