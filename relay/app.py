@@ -252,6 +252,9 @@ class Front:
         self.lane: ASGIApp = self._serve_hot if cors is None else cors(self._serve_hot)
         self.cors = cors is not None
         self.read: Endpoint = envelopes.get_envelopes
+        # The read route, for answer_now: its path regex and its name in metrics and logs.
+        self.reads_path = f"{_WS}/envelopes"
+        self.reads = compile_path(self.reads_path)[0]
 
     def _admits(self, scope: Scope, ws: str) -> bool:
         """The endpoint's own access check, for a cached read. A refusal is answered
@@ -260,6 +263,45 @@ class Front:
             authorize_scope(self.relay, scope, ws)
         except RelayError:
             return False
+        return True
+
+    def answer_now(self, scope: Scope, write: Callable[[bytes, bytes | Buffers], None]) -> bool:
+        """The protocol's question before it starts the app for a bodiless request:
+        is the answer a read that needs no await (cached, or built now from a
+        store that reads synchronously: `envelopes.read_now`)? If so it is handed
+        to `write` (header lines, body) at once, with no task, and True returned;
+        the metrics sample and the log line follow as for any request. The same
+        checks as the endpoint's run first (the route, the header limit, the access
+        check); without CORS only (CORSMiddleware answers by the request's Origin).
+        Anything else (an error to answer, a long-poll) goes to the app."""
+        pages = self.relay.pages
+        if pages is None or self.cors or scope["method"] != "GET":
+            return False
+        start = time.perf_counter()
+        match = self.reads.match(scope["path"])
+        if match is None:
+            return False
+        ws = match.group("ws")
+        if head_size(scope) > self.header_limit:
+            return False
+        hit = pages.cached_page(ws, scope["query_string"])
+        if hit is not None:
+            if not self._admits(scope, ws):
+                return False
+            _, body, lines = hit
+        else:  # the first of a herd: the page is built now, as the endpoint builds it
+            scope["path_params"] = match.groupdict()
+            try:
+                built = envelopes.read_now(self.relay, Request(scope))
+            except Exception:  # the endpoint meets it again and answers it (a 503, a 500)
+                return False
+            if built is None:
+                return False
+            lines, body = built
+        try:
+            write(lines, body)
+        finally:
+            record(self.relay, scope, self.reads_path, 200, start)
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -327,7 +369,7 @@ class Front:
                 and head_size(scope) <= self.header_limit
                 and self._admits(scope, ws)
             ):
-                headers, body = hit
+                headers, body, _ = hit
                 if type(body) is Buffers and not vectored(scope):
                     body = body.join()  # another ASGI server: one bytes body
                 try:

@@ -15,6 +15,11 @@
   holding that output for ever.
 * An answer's head leaves with its body in one send, not two (`_HeadWithBody`),
   and a body given as several buffers (relay.wire) is written as they are.
+* A GET the app can answer from prebuilt bytes (a cached read: its header
+  lines built once per page) is answered as its head is parsed, without an ASGI
+  task, and written whole, status line to body, without uvicorn assembling and
+  checking the same head for every reader (`RelayHttpProtocol._start_asgi_task`,
+  `Front.answer_now`). Everything else runs the app as uvicorn would.
 * An answer given before its request's body has all arrived (a 413, 401, 400…)
   never lets the rest of that body be read as a request: the rest of a short
   body (at most `drain_limit` bytes by Content-Length) is read and discarded and
@@ -32,14 +37,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+)
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from relay.errors import SECURITY_HEADERS, headers_too_large
 from relay.wire import VECTORED, Buffers
+from relay.errors import SECURITY_HEADERS, headers_too_large
 
 _SECURITY = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items())
 
@@ -155,6 +167,39 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
 
 
+_STATUS_200 = STATUS_LINE[200]
+# uvicorn's default headers (the date, once a second) as header lines: (list, lines).
+_defaults: tuple[object, bytes] = ((), b"")
+
+
+def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The header lines of a prebuilt 200 answer, checked and lowered once, as
+    uvicorn checks and lowers them for every answer it sends. The answer's framing
+    is uvicorn's: Content-Length must be among them, Connection and
+    Transfer-Encoding may not."""
+    out: list[bytes] = []
+    length = False
+    for name, value in headers:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            raise ValueError(f"invalid header {name!r}")
+        name = name.lower()
+        if name in (b"connection", b"transfer-encoding"):
+            raise ValueError(f"{name!r} is the server's to set")
+        length = length or name == b"content-length"
+        out += (name, b": ", value, b"\r\n")
+    if not length:
+        raise ValueError("a prebuilt answer needs its content-length")
+    return b"".join(out)
+
+
+def _default_lines(defaults: list[tuple[bytes, bytes]]) -> bytes:
+    global _defaults
+    if _defaults[0] is not defaults:
+        lines = b"".join(b"%s: %s\r\n" % (name.lower(), value) for name, value in defaults)
+        _defaults = (defaults, lines)
+    return _defaults[1]
+
+
 class _HeadWithBody:
     """The transport as one response cycle sees it.
 
@@ -176,6 +221,39 @@ class _HeadWithBody:
         self._protocol = protocol
         self._held: bytes | None = None
         self._started = False
+
+    def answer(self, cycle: Any, lines: bytes, body: bytes | Buffers) -> None:
+        """Answer `cycle`'s GET (the cycle this transport is swapped into) with
+        200, `lines` (from `header_lines`) and `body`, in one write: what
+        uvicorn's `send` of the two messages does, without building and checking
+        the same head for every reader. Only for a request whose answer has not
+        begun, with no body, while the transport takes writes
+        (`RelayHttpProtocol._answer_now` checks). The cycle is passed, not kept:
+        a reference back to it from its own transport would make every cycle
+        garbage that only the cycle collector frees."""
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.chunked_encoding = False
+        cycle.expected_content_length = 0
+        self._started = True
+        keep = cycle.keep_alive
+        head = b"".join(
+            (
+                _STATUS_200,
+                _default_lines(cycle.default_headers),
+                lines,
+                b"\r\n" if keep else b"connection: close\r\n\r\n",
+            )
+        )
+        if type(body) is Buffers:  # a big page as slices of its row chunks
+            self._transport.writelines((head, *body.parts))
+        else:
+            self._transport.writelines((head, body))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not keep:
+            self.close()
+        cycle.on_response()
 
     def write(self, data: bytes | Buffers) -> None:
         if type(data) is Buffers:  # a body as its pieces (relay.wire): no join
@@ -444,9 +522,41 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle is not previous:  # a new request (not an upgrade)
-            cycle.transport = _HeadWithBody(self.transport, self)  # type: ignore[assignment]
+            self._wrap(cycle)  # if _start_asgi_task has not (a pipelined request)
+
+    def _wrap(self, cycle: Any) -> _HeadWithBody:
+        """The cycle's transport as `_HeadWithBody`, swapped in once."""
+        transport = cycle.transport
+        if not isinstance(transport, _HeadWithBody):
+            cycle.transport = transport = _HeadWithBody(self.transport, self)
             # Its write takes a body as several buffers (relay.wire).
             cycle.scope.setdefault("extensions", {})[VECTORED] = {}
+        return transport
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if not self._answer_now(cycle, app):
+            super()._start_asgi_task(cycle, app)
+
+    def _answer_now(self, cycle: Any, app: Any) -> bool:
+        """Answer `cycle` from prebuilt bytes, if the app has them, instead of
+        starting a task for it: a herd of readers asking for the same newest page
+        after every append is the normal case (docs/benchmarks.md, the herd).
+
+        Only a request with no body (nothing may follow its head but the next
+        request), on a transport that takes writes, to the relay's own app (not
+        uvicorn's 503 for its concurrency limit) with uvicorn's access log off.
+        The app runs its own checks (`Front.answer_now`) and declines when any
+        would answer otherwise; then the request goes to the app as usual.
+        """
+        front = getattr(app, "front", None)
+        if front is None or cycle.access_log or self.flow.write_paused:
+            return False
+        transport = self._wrap(cycle)
+        for name, _ in cycle.scope["headers"]:
+            if name in (b"content-length", b"transfer-encoding"):
+                return False
+        answer_now: Callable[[Any, Callable[[bytes, bytes], None]], bool] = front.answer_now
+        return answer_now(cycle.scope, functools.partial(transport.answer, cycle))
 
     def on_body(self, body: bytes) -> None:
         if self._deadline is not None:

@@ -27,7 +27,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 
 from relay.api.envelopes import JSONBytes
-from relay.server import RelayHttpProtocol, RelayWebSocketProtocol, _HeadWithBody
+from relay.server import RelayHttpProtocol, RelayWebSocketProtocol, _HeadWithBody, header_lines
 from tests.relayproc import RelayProcess
 
 # Every uvicorn method the relay's protocols override (and must keep the signature of).
@@ -42,6 +42,7 @@ HTTP_OVERRIDES = {
     "on_body",
     "on_message_complete",
     "on_response_complete",
+    "_start_asgi_task",  # a cached read is answered there, with no task
 }
 WS_OVERRIDES = {
     "connection_made",
@@ -67,6 +68,13 @@ HTTP_STATE = (
     "server_state",
 )
 CYCLE_STATE = (
+    "scope",
+    "access_log",
+    "default_headers",
+    "on_response",
+    "waiting_for_100_continue",
+    "chunked_encoding",
+    "expected_content_length",
     "transport",
     "more_body",
     "response_started",
@@ -242,3 +250,66 @@ def test_a_small_answer_leaves_in_one_segment_head_and_body_together() -> None:
                 assert answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 404 ")), answer
                 segments.append(data_segments_in(sock) - before)
     assert segments == [1] * len(segments)
+
+
+def test_header_lines_are_checked_lowered_and_leave_the_framing_to_uvicorn() -> None:
+    lines = header_lines([(b"Content-Length", b"2"), (b"x-relay-head", b"5")])
+    assert lines == b"content-length: 2\r\nx-relay-head: 5\r\n"
+    for bad in (
+        [(b"content-length", b"2"), (b"connection", b"close")],
+        [(b"content-length", b"2"), (b"transfer-encoding", b"chunked")],
+        [(b"content-length", b"2"), (b"x-a", b"one\r\ntwo")],
+        [(b"content-length", b"2"), (b"bad name", b"v")],
+        [(b"content-type", b"application/json")],  # no length
+    ):
+        with pytest.raises(ValueError):
+            header_lines(bad)
+
+
+def _without_date(answer: bytes) -> bytes:
+    return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.startswith(b"date:"))
+
+
+def test_a_cached_read_answered_without_the_app_is_the_apps_answer_byte_for_byte() -> None:
+    # The first read builds the page as its head is parsed and the next ones are
+    # answered from the cache, all by the protocol with no task (relay/server.py
+    # _answer_now): the same bytes as the app's answer (a GET with a body goes to
+    # the app), in order when pipelined, with Connection: close honoured; a HEAD
+    # and a read without the token go to the app too.
+    ws = b"/v1/workspaces/cached-now"
+    auth = b"authorization: Bearer t\r\n"
+    read = b"GET %s/envelopes?after=0 HTTP/1.1\r\nhost: x\r\n%s\r\n" % (ws, auth)
+    env = {"HIVE_RELAY_ACCESS_TOKENS": "t"}
+    with RelayProcess(env=env) as proc, socket.create_connection(("127.0.0.1", proc.port)) as sock:
+        post = b'POST %s/envelopes HTTP/1.1\r\nhost: x\r\n%scontent-length: 7\r\n\r\n{"a":1}'
+        assert exchange(sock, post % (ws, auth)).startswith(b"HTTP/1.1 200 ")
+        first = exchange(sock, read)  # built by the app, then cached
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b'"body":{"a":1}}]'), first
+        assert _without_date(exchange(sock, read)) == _without_date(first)
+        sock.sendall(read * 3)  # pipelined: three answers, whole and in order
+        data = b""
+        while data.count(b"HTTP/1.1 200 ") < 3 or not data.endswith(b"}]"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        answers = [b"HTTP/1.1 200 " + part for part in data.split(b"HTTP/1.1 200 ")[1:]]
+        assert [_without_date(a) for a in answers] == [_without_date(first)] * 3
+        with_body = read.replace(b"\r\n\r\n", b"\r\ncontent-length: 2\r\n\r\n{}")
+        assert _without_date(exchange(sock, with_body)) == _without_date(first)
+        sock.sendall(read.replace(b"GET ", b"HEAD ", 1))
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n"), head
+        refused = exchange(sock, read.replace(auth, b""))
+        assert refused.startswith(b"HTTP/1.1 401 "), refused
+        # Misses that read_now declines: the endpoint answers them.
+        miss = read.replace(b"after=0", b"after=0&limit=3")
+        assert exchange(sock, miss.replace(auth, b"")).startswith(b"HTTP/1.1 401 ")
+        bad = exchange(sock, read.replace(b"after=0", b"after=x"))
+        assert bad.startswith(b"HTTP/1.1 400 "), bad
+        polled = exchange(sock, read.replace(b"after=0", b"after=0&wait=1"))
+        assert _without_date(polled) == _without_date(first)
+        closing = read.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+        last = exchange(sock, closing)
+        assert b"\r\nconnection: close" in last.partition(b"\r\n\r\n")[0], last
+        assert _without_date(last.replace(b"connection: close\r\n", b"")) == _without_date(first)
+        assert sock.recv(100) == b""  # closed after the answer

@@ -22,8 +22,9 @@ from relay.api.common import (
     read_body,
     workspace_id,
 )
-from relay.errors import add_security_headers, bad_request
+from relay.errors import RelayError, add_security_headers, bad_request
 from relay.runtime import Relay
+from relay.server import header_lines
 from relay.store.base import MAX_U64, Page
 from relay.wire import Buffers, vectored
 
@@ -184,26 +185,63 @@ async def get_envelopes(request: Request) -> Response:
     page = await store.read(ws, after, limit, max_page)
     # A big page leaves as slices of the store's row chunks when the server can
     # write them as they are (relay.wire), else as one joined body.
-    whole = vectored(request.scope)
+    pieces = vectored(request.scope)
     if wait and page.empty:
         if not relay.hub.closing:
             page = await _long_poll(relay, request, ws, after, limit, wait, checked)
         # An empty answer to a long-poll depends on when it ended: never cached.
-        return JSONBytes(page.body(whole), read_headers(page, after, store.epoch))
-    response = JSONBytes(page.body(whole), read_headers(page, after, store.epoch))
+        return JSONBytes(page.body(pieces), read_headers(page, after, store.epoch))
+    return _read_answer(relay, request, ws, after, page, pieces)[0]
+
+
+def _read_answer(
+    relay: Relay, request: Request, ws: str, after: int, page: Page, pieces: bool
+) -> tuple[JSONBytes, bytes | None]:
+    """A read's answer, cached when the relay caches pages; and its prebuilt header
+    lines (relay/server.py), when cached. `pieces`: the server writes a body of
+    several buffers (relay.wire) as they are."""
+    response = JSONBytes(page.body(pieces), read_headers(page, after, relay.store.epoch))
     pages = relay.pages
-    if pages is not None:
-        # No await since the read: the answer shows the workspace as it is now.
-        # Cached with its security headers (the front lane adds none to a list
-        # that has them), keyed by the query string, which is all that shapes it.
-        add_security_headers(response.raw_headers, relay.extra_headers)
-        pages.cache_page(
-            ws,
-            request.scope["query_string"],
-            (response.raw_headers, response.body),
-            len(response.body),
-        )
-    return response
+    if pages is None:
+        return response, None
+    # No await since the read: the answer shows the workspace as it is now.
+    # Cached with its security headers (the front lane adds none to a list that
+    # has them), keyed by the query string, which is all that shapes it; with the
+    # header lines prebuilt too, so that a reader's answer is written from bytes.
+    add_security_headers(response.raw_headers, relay.extra_headers)
+    lines = header_lines(response.raw_headers)
+    pages.cache_page(
+        ws,
+        request.scope["query_string"],
+        (response.raw_headers, response.body, lines),
+        len(response.body) + len(lines),
+    )
+    return response, lines
+
+
+def read_now(relay: Relay, request: Request) -> tuple[bytes, bytes | Buffers] | None:
+    """`get_envelopes` without an await, for a store that reads synchronously (the
+    memory store's `read_now`): (header lines, body) of the answer, cached as
+    `get_envelopes` caches it. None when this read is not that case (a long-poll's
+    `wait`, another store) or would not be a 200 (a bad parameter, a refused
+    token): the endpoint then runs and answers it. The herd's readers all ask for
+    the same new page at once, before any of their tasks has run: the first one
+    builds it here and the rest are answered from the cache."""
+    store_read = getattr(relay.store, "read_now", None)
+    if store_read is None:
+        return None
+    try:
+        ws = workspace_id(request)
+        authorize(relay, request, ws)
+        after, limit = cursor_params(request)
+        if int_param(request, "wait", 0, 0, MAX_WAIT):
+            return None
+        page = store_read(ws, after, limit, relay.settings.max_page_bytes)
+    except RelayError:
+        return None
+    response, lines = _read_answer(relay, request, ws, after, page, vectored(request.scope))
+    body: bytes | Buffers = response.body  # bytes, or a big page's slices (relay.wire)
+    return (header_lines(response.raw_headers) if lines is None else lines), body
 
 
 async def _long_poll(
