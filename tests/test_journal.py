@@ -502,17 +502,27 @@ def test_bulk_replay_rebuilds_the_live_state_under_every_bound(tmp_path: Path) -
     assert snap.replayed > 600
 
 
-def test_publishers_waiting_on_one_round_share_one_future(
+def test_publishers_waiting_on_one_round_are_released_by_one_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Group commit on the loop side too: while one fsync runs, the records that
-    # queue for the next one wait on a single future, not one each.
+    # queue for the next one are written and synced in one round, and released by
+    # one report from the writer thread (one call_soon_threadsafe), not one each.
     held = HeldSync(monkeypatch)
 
     async def go() -> None:
         store, snap = open_dir(tmp_path)
         await store.start()
-        assert snap.journal is not None
+        journal = snap.journal
+        assert journal is not None
+        reports: list[int] = []
+        advance = journal._advance
+
+        def counted(lsn: int) -> None:
+            reports.append(lsn)
+            advance(lsn)
+
+        monkeypatch.setattr(journal, "_advance", counted)
         first = asyncio.ensure_future(store.append("w", b"0", b"k0"))
         await asyncio.to_thread(held.entered.wait, 10)
         rest = [
@@ -521,11 +531,14 @@ def test_publishers_waiting_on_one_round_share_one_future(
         for _ in range(20):
             await asyncio.sleep(0)
         assert not any(t.done() for t in rest)
-        assert len(snap.journal._waiters) == 2  # the round being synced, and the next
+        assert len(journal._waiters) == 11
+        writes = journal.stats.writes
         held.release.set()
         seqs = [s for s, _ in await asyncio.gather(first, *rest)]
         assert seqs == sorted(seqs) and len(set(seqs)) == 11
-        assert not snap.journal._waiters
+        assert len(reports) == 2  # the round being synced, and the next
+        assert journal.stats.writes == writes + 1  # the ten queued ones in one writev
+        assert not journal._waiters
         assert len(rows(store, "w")) == 11
         await crash(store, snap)
 
@@ -537,8 +550,8 @@ def test_publishers_waiting_on_one_round_share_one_future(
 def test_a_cancelled_publisher_does_not_cancel_the_others_of_its_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Publishers of one group-commit round wait on one shared future. A client that
-    # goes away (its task cancelled) must not cancel that future for the rest: they
+    # Publishers of one group-commit round are released together. A client that
+    # goes away (its task cancelled) must not cancel the wait of the rest: they
     # still get their answers, and a clean shutdown's wait for the journal does too.
     held = HeldSync(monkeypatch)
 

@@ -49,6 +49,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,16 +300,17 @@ class Journal:
         self.total_bytes = existing_bytes  # all live segments on disk (and queued)
         self.segment_sizes: dict[int, int] = {}
         self.on_durable: Any = None  # callable(lsn), set by the store
-        # One future per group (the records the writer takes in one round), not per
-        # record: [highest lsn waited for, future]; the last is open while records
-        # still join the group the writer has not taken yet.
-        self._waiters: list[list[Any]] = []
-        self._group_open = False
+        # (lsn, future) per waiting caller, in lsn order. Each caller has its own
+        # future, so one that is cancelled (a client that left) cancels only its
+        # own; a shared future would need asyncio.shield, which costs two more
+        # callbacks per caller when the round is released.
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Shared with the thread, under _cond.
         self._cond = threading.Condition(threading.Lock())
         self._buf: list[bytes | _Rotate] = []
         self._buf_lsn = 0
+        self._buf_rotates = False  # whether _buf holds a _Rotate (else only records)
         self._thread: threading.Thread | None = None
         self._stop = False
         self._fd = -1
@@ -362,23 +364,24 @@ class Journal:
         if self.failed is not None:
             return self.lsn  # nothing more reaches the disk; check() refuses writes
         data = frame(record)
-        self.lsn += 1
-        self.segment_fill += len(data)
-        self.total_bytes += len(data)
-        self.segment_sizes[self.segment] = self.segment_sizes.get(self.segment, 0) + len(data)
-        cond = self._cond
-        with cond:
-            self._buf.append(data)
-            self._buf_lsn = self.lsn
-            if len(self._buf) == 1:  # the writer took the last round: a new group
-                self._group_open = False
-                cond.notify()
+        size = len(data)
+        lsn = self.lsn = self.lsn + 1
+        self.segment_fill += size
+        self.total_bytes += size
+        with self._cond:
+            buf = self._buf
+            buf.append(data)
+            self._buf_lsn = lsn
+            if len(buf) == 1:  # the writer took the last round (or is idle): wake it
+                self._cond.notify()
         if self.segment_fill >= self.segment_bytes:
             self.rotate()
-        return self.lsn
+        return lsn
 
     def rotate(self) -> int:
         """Start a new segment: records handed over from now on go into it; returns its number."""
+        # The closed segment's size is final (add() counts only segment_fill).
+        self.segment_sizes[self.segment] = self.segment_fill
         self.segment += 1
         header = self._header(self.segment)
         size = len(MAGIC) + len(header)
@@ -389,13 +392,13 @@ class Journal:
         with self._cond:
             self._buf.append(_Rotate(self.segment, header))
             self._buf_lsn = self.lsn
-            if len(self._buf) == 1:
-                self._group_open = False
+            self._buf_rotates = True
             self._cond.notify()
         return self.segment
 
     def forget_segments_before(self, number: int) -> list[Path]:
         """The segment files a checkpoint covering everything before `number` frees."""
+        self.segment_sizes[self.segment] = self.segment_fill
         out = []
         for n in sorted(self.segment_sizes):
             if n < number:
@@ -404,26 +407,20 @@ class Journal:
         return out
 
     def wait(self, lsn: int) -> asyncio.Future[None] | None:
-        """None when `lsn` is safe already; else a future resolved when it is (or failed)."""
+        """None when `lsn` is safe already; else a future of the caller's own,
+        resolved when it is (or failed). Cancelling it affects no other caller."""
         if lsn <= self.durable_lsn:
             return None
         if self.failed is not None:
             self.check()
-        waiters = self._waiters
-        if self._group_open and waiters:
-            group = waiters[-1]
-            group[0] = max(group[0], lsn)
-            fut: asyncio.Future[None] = group[1]
-            return fut
-        fut = asyncio.get_running_loop().create_future()
-        waiters.append([lsn, fut])
-        self._group_open = True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((lsn, fut))
         return fut
 
     async def wait_all(self) -> None:
         fut = self.wait(self.lsn)
         if fut is not None:
-            await asyncio.shield(fut)  # shared with publishers; see MemoryStore._durable
+            await fut
 
     def _advance(self, lsn: int) -> None:
         if lsn <= self.durable_lsn:
@@ -432,16 +429,11 @@ class Journal:
         if self.on_durable is not None:
             self.on_durable(lsn)
         waiters = self._waiters
-        i = 0
-        while i < len(waiters) and waiters[i][0] <= lsn:
-            fut = waiters[i][1]
-            if not fut.done():
+        pop = waiters.popleft
+        while waiters and waiters[0][0] <= lsn:
+            fut = pop()[1]
+            if not fut.done():  # a caller cancelled while it waited
                 fut.set_result(None)
-            i += 1
-        if i:
-            del waiters[:i]
-            if not waiters:
-                self._group_open = False
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:
@@ -451,8 +443,7 @@ class Journal:
                 "is restarted; reads go on",
                 reason,
             )
-        waiters, self._waiters = self._waiters, []
-        self._group_open = False
+        waiters, self._waiters = self._waiters, deque()
         for _, fut in waiters:
             if not fut.done():
                 fut.set_exception(
@@ -486,8 +477,9 @@ class Journal:
         with self._cond:
             batch, self._buf = self._buf, []
             upto = self._buf_lsn
+            rotates, self._buf_rotates = self._buf_rotates, False
         try:
-            self._write_batch(batch)
+            self._write_batch(batch, rotates)
             if self.mode != "off":
                 os.fsync(self._fd)
         except OSError as exc:
@@ -503,7 +495,11 @@ class Journal:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(fn, *args)
 
-    def _write_batch(self, batch: list[bytes | _Rotate]) -> None:
+    def _write_batch(self, batch: list[bytes | _Rotate], rotates: bool = True) -> None:
+        if not rotates:  # the common round: records only, one writev, no loop over them
+            _writev_all(self._fd, batch)  # type: ignore[arg-type]
+            self.stats.writes += 1
+            return
         chunk: list[bytes] = []
         for item in batch:
             if isinstance(item, _Rotate):
@@ -564,10 +560,11 @@ class Journal:
                         cond.wait()
                 batch, self._buf = self._buf, []
                 upto = self._buf_lsn
+                rotates, self._buf_rotates = self._buf_rotates, False
                 stopping = self._stop
             try:
                 if batch:
-                    self._write_batch(batch)
+                    self._write_batch(batch, rotates)
                     unsynced += upto - written
                     written = upto
                 if self.mode == "always" and unsynced:
@@ -605,8 +602,8 @@ def _writev_all(fd: int, chunks: list[bytes]) -> None:
     copy under the GIL); writev releases the GIL like write."""
     i = 0
     while i < len(chunks):
-        group = chunks[i : i + IOV_MAX]
-        want = sum(len(c) for c in group)
+        group = chunks[i : i + IOV_MAX] if i or len(chunks) > IOV_MAX else chunks
+        want = sum(map(len, group))
         done = os.writev(fd, group)
         if done < want:  # a short write: finish this group the simple way
             _write_all(fd, b"".join(group)[done:])
