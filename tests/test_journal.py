@@ -465,6 +465,17 @@ def test_a_journal_written_by_the_previous_release_still_replays(tmp_path: Path)
     assert snap.replayed == 17  # two headers, 10 appends, a batch, 3 side writes, a drop
 
 
+def test_records_are_checksummed_with_zlibs_crc32() -> None:
+    # The journal may compute its CRC-32 with zlib-ng (faster); the checksum on
+    # disk stays zlib's, so older relays and tools read the same format.
+    import zlib
+
+    data = journal_mod.frame(("a", "w", 1, b"k", b"x" * 1500, 0))
+    n, crc = FRAME.unpack_from(data)
+    assert n == len(data) - FRAME.size
+    assert crc == zlib.crc32(data[FRAME.size :])
+
+
 def test_bulk_replay_rebuilds_the_live_state_under_every_bound(tmp_path: Path) -> None:
     # Interleaved workspaces, batches, duplicates, a per-workspace cap and a byte
     # budget tight enough that the relay evicts other workspaces' rows and frees

@@ -48,7 +48,6 @@ import re
 import struct
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,6 +64,14 @@ from prometheus_client.core import (
 
 from relay.settings import SettingsError
 from relay.store.base import StoreUnavailable
+
+try:
+    # zlib-ng's CRC-32 is the same checksum as zlib's (the format is unchanged),
+    # several times faster on records of a KiB: with zlib's it was half of a
+    # replay's scan, and it is paid on the loop by every publish's framing.
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib is the fallback
+    from zlib import crc32
 
 LOG = logging.getLogger("relay.journal")
 MAGIC = b"HIVE-RELAY-JOURNAL 1\n"
@@ -100,7 +107,7 @@ _ENCODER = msgspec.msgpack.Encoder()
 
 def frame(record: tuple[Any, ...] | list[Any]) -> bytes:
     payload = _ENCODER.encode(record)
-    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    return FRAME.pack(len(payload), crc32(payload)) + payload
 
 
 def fsync_dir(directory: Path) -> None:
@@ -144,7 +151,7 @@ def read_segment(scan: Scan) -> Iterator[list[Any]]:
 
     The file is mapped rather than read: records are decoded straight from the
     page cache (no 64 MiB copy per segment), and each payload is checked with
-    one zlib.crc32 and decoded with one msgspec call.
+    one CRC-32 and decoded with one msgspec call.
     """
     with open(scan.path, "rb") as f:
         size = scan.size = os.fstat(f.fileno()).st_size
@@ -170,7 +177,7 @@ def _records(scan: Scan, mapped: mmap.mmap, size: int) -> Iterator[list[Any]]:
     view = memoryview(mapped)
     decode = msgspec.msgpack.Decoder().decode
     unpack = FRAME.unpack_from
-    crc32 = zlib.crc32
+    check = crc32
     head = FRAME.size
     pos = len(MAGIC)
     count = 0
@@ -189,7 +196,7 @@ def _records(scan: Scan, mapped: mmap.mmap, size: int) -> Iterator[list[Any]]:
                 break
             payload = view[pos + head : end]
             record = None
-            if crc32(payload) == crc:
+            if check(payload) == crc:
                 try:
                     record = decode(payload)
                 except msgspec.DecodeError:
