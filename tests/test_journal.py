@@ -249,10 +249,12 @@ class HeldSync:
         self.release = threading.Event()
         real = journal_mod.Journal._sync
 
-        def held(journal: journal_mod.Journal) -> None:
+        def held(journal: journal_mod.Journal, *chunks: Any) -> None:
+            # An `always` round writes and syncs in this one call (RWF_DSYNC):
+            # held here, none of it is on disk or acknowledged yet.
             self.entered.set()
             assert self.release.wait(10)
-            real(journal)
+            real(journal, *chunks)
 
         monkeypatch.setattr(journal_mod.Journal, "_sync", held)
 
@@ -298,10 +300,12 @@ def test_a_failed_fsync_refuses_every_later_write_but_reads_go_on(
         await store.start()
         seq, _ = await store.append("w", b"1", b"a")
 
-        def broken(fd: int) -> None:
+        def broken(fd: int, *args: Any) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
+        # An `always` round syncs in its pwritev (RWF_DSYNC), a rotation with fsync.
         monkeypatch.setattr(journal_mod.os, "fsync", broken)
+        monkeypatch.setattr(journal_mod.os, "pwritev", broken)
         with pytest.raises(StoreUnavailable) as info:
             await store.append("w", b"2", b"b")
         assert info.value.retry_after and "Input/output error" in info.value.message
@@ -326,6 +330,27 @@ def test_a_failed_fsync_refuses_every_later_write_but_reads_go_on(
     run(go())
     store, _ = open_dir(tmp_path)
     assert len(rows(store, "w")) >= 1  # what reached the disk; never less than acknowledged
+
+
+def test_a_writer_that_dies_of_a_bug_fails_the_journal_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a disk error: the writer thread raising anything else used to leave
+    # every waiting publisher (and shutdown) hanging on an answer that never came.
+    def bug(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        await store.start()
+        monkeypatch.setattr(journal_mod.Journal, "_write_and_sync", bug)
+        with pytest.raises(StoreUnavailable, match="writer stopped"):
+            await asyncio.wait_for(store.append("w", b"1", b"a"), 10)
+        assert not await store.ping()
+        assert snap.journal is not None
+        await asyncio.wait_for(snap.journal.close(clean=False), 10)
+
+    run(go())
 
 
 def open_small(path: Path, mode: str, repair: str = "off") -> tuple[MemoryStore, Snapshotter]:
@@ -543,12 +568,11 @@ def test_publishers_waiting_on_one_round_are_released_by_one_report(
             await asyncio.sleep(0)
         assert not any(t.done() for t in rest)
         assert len(journal._waiters) == 11
-        writes = journal.stats.writes
         held.release.set()
         seqs = [s for s, _ in await asyncio.gather(first, *rest)]
         assert seqs == sorted(seqs) and len(set(seqs)) == 11
         assert len(reports) == 2  # the round being synced, and the next
-        assert journal.stats.writes == writes + 1  # the ten queued ones in one writev
+        assert journal.stats.records_per_fsync.recent[-2:] == [1, 10]  # the ten in one
         assert not journal._waiters
         assert len(rows(store, "w")) == 11
         await crash(store, snap)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -322,6 +323,7 @@ class Journal:
         self._stop = False
         self._fd = -1
         self._fd_segment = first_segment
+        self._dsync = bool(_RWF_DSYNC) and hasattr(os, "pwritev")  # see _sync
         self._delay = float(os.environ.get("HIVE_RELAY_TEST_FSYNC_DELAY", "0") or 0)
         self._trace = os.environ.get("HIVE_RELAY_TEST_JOURNAL_TRACE", "")
         self._open_segment_now(first_segment)
@@ -537,12 +539,38 @@ class Journal:
         self._fd = fd
         self._fd_segment = rot.number
 
-    def _sync(self) -> None:
+    def _sync(self, chunks: list[bytes] | None = None) -> None:
+        """fsync the segment; or, given `chunks` (a round of records in `always`
+        mode), write them and sync their data in one call: pwritev with
+        RWF_DSYNC, the per-call O_DSYNC (what fdatasync makes durable: the data
+        and the file size that finds it). One system call, and one wait for the
+        GIL afterwards, per round instead of two."""
         started = time.perf_counter()
-        if self._delay:
-            time.sleep(self._delay)
-        os.fsync(self._fd)
+        if chunks is None:
+            if self._delay:
+                time.sleep(self._delay)
+            os.fsync(self._fd)
+        else:
+            _writev_all(self._fd, chunks, _RWF_DSYNC)
+            self.stats.writes += 1
+            if self._delay:  # the records are in the file; their sync is "slow"
+                time.sleep(self._delay)
         self.stats.fsync_seconds.observe(time.perf_counter() - started)
+
+    def _write_and_sync(self, batch: list[bytes | _Rotate], rotates: bool) -> None:
+        """An `always` round: on disk when this returns."""
+        if self._dsync and not rotates:
+            try:
+                self._sync(batch)  # type: ignore[arg-type]
+                return
+            except OSError as exc:
+                # Flags the kernel or filesystem does not take fail before any
+                # byte is written: fall back to writev and fsync from now on.
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._dsync = False
+        self._write_batch(batch, rotates)
+        self._sync()
 
     def _trace_sync(self) -> None:
         if self._trace:
@@ -570,16 +598,17 @@ class Journal:
                 rotates, self._buf_rotates = self._buf_rotates, False
                 stopping = self._stop
             try:
-                if batch:
+                if batch and self.mode == "always":
+                    self._write_and_sync(batch, rotates)
+                    self.stats.records_per_fsync.observe(upto - written)
+                    written = upto
+                    self._trace_sync()
+                elif batch:
                     self._write_batch(batch, rotates)
                     unsynced += upto - written
                     written = upto
-                if self.mode == "always" and unsynced:
-                    self._sync()
-                    self.stats.records_per_fsync.observe(unsynced)
-                    unsynced = 0
-                    self._trace_sync()
-                elif (
+                # (`always` leaves nothing unsynced: each round was synced above.)
+                if (
                     self.mode == "everysec"
                     and unsynced
                     and (stopping or time.monotonic() - synced_at >= 1.0)
@@ -595,6 +624,11 @@ class Journal:
             except OSError as exc:
                 self._report(self._fail, exc.strerror or str(exc))
                 return
+            except Exception as exc:
+                # A bug, not the disk: still never leave publishers waiting forever.
+                LOG.exception("the journal writer stopped")
+                self._report(self._fail, f"the journal writer stopped: {exc!r}")
+                return
             if batch:
                 self._report(self._advance, upto)
             if stopping:
@@ -604,16 +638,24 @@ class Journal:
 IOV_MAX = 1024  # Linux's limit of buffers per writev
 
 
-def _writev_all(fd: int, chunks: list[bytes]) -> None:
+# pwritev's flag for a write that returns once its data is durable (Linux 4.7+).
+_RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
+
+
+def _writev_all(fd: int, chunks: list[bytes], flags: int = 0) -> None:
     """Write every chunk in order: the records of one round, with no join (and no
-    copy under the GIL); writev releases the GIL like write."""
+    copy under the GIL); writev releases the GIL like write. With `flags`
+    (RWF_DSYNC), pwritev at the file's own position (offset -1; the segment is
+    opened O_APPEND), synced as it writes."""
     i = 0
     while i < len(chunks):
         group = chunks[i : i + IOV_MAX] if i or len(chunks) > IOV_MAX else chunks
         want = sum(map(len, group))
-        done = os.writev(fd, group)
+        done = os.pwritev(fd, group, -1, flags) if flags else os.writev(fd, group)
         if done < want:  # a short write: finish this group the simple way
             _write_all(fd, b"".join(group)[done:])
+            if flags:
+                os.fsync(fd)
         i += IOV_MAX
 
 
