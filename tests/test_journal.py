@@ -249,10 +249,12 @@ class HeldSync:
         self.release = threading.Event()
         real = journal_mod.Journal._sync
 
-        def held(journal: journal_mod.Journal) -> None:
+        def held(journal: journal_mod.Journal, *chunks: Any) -> None:
+            # An `always` round writes and syncs in this one call (RWF_DSYNC):
+            # held here, none of it is on disk or acknowledged yet.
             self.entered.set()
             assert self.release.wait(10)
-            real(journal)
+            real(journal, *chunks)
 
         monkeypatch.setattr(journal_mod.Journal, "_sync", held)
 
@@ -298,10 +300,12 @@ def test_a_failed_fsync_refuses_every_later_write_but_reads_go_on(
         await store.start()
         seq, _ = await store.append("w", b"1", b"a")
 
-        def broken(fd: int) -> None:
+        def broken(fd: int, *args: Any) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
+        # An `always` round syncs in its pwritev (RWF_DSYNC), a rotation with fsync.
         monkeypatch.setattr(journal_mod.os, "fsync", broken)
+        monkeypatch.setattr(journal_mod.os, "pwritev", broken)
         with pytest.raises(StoreUnavailable) as info:
             await store.append("w", b"2", b"b")
         assert info.value.retry_after and "Input/output error" in info.value.message
@@ -326,6 +330,27 @@ def test_a_failed_fsync_refuses_every_later_write_but_reads_go_on(
     run(go())
     store, _ = open_dir(tmp_path)
     assert len(rows(store, "w")) >= 1  # what reached the disk; never less than acknowledged
+
+
+def test_a_writer_that_dies_of_a_bug_fails_the_journal_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a disk error: the writer thread raising anything else used to leave
+    # every waiting publisher (and shutdown) hanging on an answer that never came.
+    def bug(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    async def go() -> None:
+        store, snap = open_dir(tmp_path)
+        await store.start()
+        monkeypatch.setattr(journal_mod.Journal, "_write_and_sync", bug)
+        with pytest.raises(StoreUnavailable, match="writer stopped"):
+            await asyncio.wait_for(store.append("w", b"1", b"a"), 10)
+        assert not await store.ping()
+        assert snap.journal is not None
+        await asyncio.wait_for(snap.journal.close(clean=False), 10)
+
+    run(go())
 
 
 def open_small(path: Path, mode: str, repair: str = "off") -> tuple[MemoryStore, Snapshotter]:
@@ -465,6 +490,17 @@ def test_a_journal_written_by_the_previous_release_still_replays(tmp_path: Path)
     assert snap.replayed == 17  # two headers, 10 appends, a batch, 3 side writes, a drop
 
 
+def test_records_are_checksummed_with_zlibs_crc32() -> None:
+    # The journal may compute its CRC-32 with zlib-ng (faster); the checksum on
+    # disk stays zlib's, so older relays and tools read the same format.
+    import zlib
+
+    data = journal_mod.frame(("a", "w", 1, b"k", b"x" * 1500, 0))
+    n, crc = FRAME.unpack_from(data)
+    assert n == len(data) - FRAME.size
+    assert crc == zlib.crc32(data[FRAME.size :])
+
+
 def test_bulk_replay_rebuilds_the_live_state_under_every_bound(tmp_path: Path) -> None:
     # Interleaved workspaces, batches, duplicates, a per-workspace cap and a byte
     # budget tight enough that the relay evicts other workspaces' rows and frees
@@ -502,17 +538,27 @@ def test_bulk_replay_rebuilds_the_live_state_under_every_bound(tmp_path: Path) -
     assert snap.replayed > 600
 
 
-def test_publishers_waiting_on_one_round_share_one_future(
+def test_publishers_waiting_on_one_round_are_released_by_one_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Group commit on the loop side too: while one fsync runs, the records that
-    # queue for the next one wait on a single future, not one each.
+    # queue for the next one are written and synced in one round, and released by
+    # one report from the writer thread (one call_soon_threadsafe), not one each.
     held = HeldSync(monkeypatch)
 
     async def go() -> None:
         store, snap = open_dir(tmp_path)
         await store.start()
-        assert snap.journal is not None
+        journal = snap.journal
+        assert journal is not None
+        reports: list[int] = []
+        advance = journal._advance
+
+        def counted(lsn: int) -> None:
+            reports.append(lsn)
+            advance(lsn)
+
+        monkeypatch.setattr(journal, "_advance", counted)
         first = asyncio.ensure_future(store.append("w", b"0", b"k0"))
         await asyncio.to_thread(held.entered.wait, 10)
         rest = [
@@ -521,11 +567,13 @@ def test_publishers_waiting_on_one_round_share_one_future(
         for _ in range(20):
             await asyncio.sleep(0)
         assert not any(t.done() for t in rest)
-        assert len(snap.journal._waiters) == 2  # the round being synced, and the next
+        assert len(journal._waiters) == 11
         held.release.set()
         seqs = [s for s, _ in await asyncio.gather(first, *rest)]
         assert seqs == sorted(seqs) and len(set(seqs)) == 11
-        assert not snap.journal._waiters
+        assert len(reports) == 2  # the round being synced, and the next
+        assert journal.stats.records_per_fsync.recent[-2:] == [1, 10]  # the ten in one
+        assert not journal._waiters
         assert len(rows(store, "w")) == 11
         await crash(store, snap)
 
@@ -537,8 +585,8 @@ def test_publishers_waiting_on_one_round_share_one_future(
 def test_a_cancelled_publisher_does_not_cancel_the_others_of_its_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Publishers of one group-commit round wait on one shared future. A client that
-    # goes away (its task cancelled) must not cancel that future for the rest: they
+    # Publishers of one group-commit round are released together. A client that
+    # goes away (its task cancelled) must not cancel the wait of the rest: they
     # still get their answers, and a clean shutdown's wait for the journal does too.
     held = HeldSync(monkeypatch)
 

@@ -200,10 +200,10 @@ class HeldSync:
         self.release = threading.Event()
         real = journal_mod.Journal._sync
 
-        def held(journal: journal_mod.Journal) -> None:
+        def held(journal: journal_mod.Journal, *chunks: Any) -> None:  # see test_journal
             self.entered.set()
             assert self.release.wait(10)
-            real(journal)
+            real(journal, *chunks)
 
         monkeypatch.setattr(journal_mod.Journal, "_sync", held)
 

@@ -56,7 +56,6 @@ walk skips that many of its entries; the deque is compacted when mostly stale.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import heapq
 import itertools
@@ -653,9 +652,7 @@ class MemoryStore:
         assert self._journal is not None
         fut = self._journal.wait(lsn)
         if fut is not None:
-            # Shared by every publisher of the round: one cancelled caller (a
-            # client that left) must not cancel it for the others.
-            await asyncio.shield(fut)
+            await fut  # the caller's own: cancelling it cancels no other caller
 
     async def _seen(self, w: _Workspace, seq: int) -> None:
         """A duplicate's answer waits until the row it names is durable too."""

@@ -19,7 +19,6 @@ snapshot may be lost, and clients must be told.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import hashlib
 import logging
@@ -479,7 +478,7 @@ class Snapshotter:
                 # The new segment exists on disk before a snapshot names it.
                 fut = journal.wait(rotated)
                 if fut is not None:
-                    await asyncio.shield(fut)  # shared with publishers of the round
+                    await fut
             self.last_size = await anyio.to_thread.run_sync(
                 write_snapshot, self.path, header, workspaces, pairs
             )
