@@ -105,3 +105,31 @@ def test_the_timer_writes_buffered_lines() -> None:
         writer._closed.wait(0.01)
     assert out.getvalue() == "one\n"
     writer.close()
+
+
+def test_ms_field_prints_as_the_rounded_float(configured: io.StringIO) -> None:
+    """The line's ms is counted as an int (round() and a float's repr were most of its
+    cost); it reads as repr(round(duration * 1000, 2)) did, but on an exact half."""
+    logs.configure("text", "info", configured)
+    durations = [0.0, 1e-5, 0.0000123, 0.00099, 0.001, 0.0099949, 0.01, 0.0123456, 0.1]
+    durations += [1.5, 12.0, 3600.123, 86400.0]
+    durations += [k / 997 * 0.013 for k in range(400)]  # both sides of the 10 ms table
+    kept = [d for d in durations if abs((d * 1e5) % 1 - 0.5) > 1e-6]
+    for d in kept:
+        logs.access("GET", "/a", 200, d, "c")
+    assert logs._writer is not None
+    logs._writer.flush()
+    got = [line.split(" ms=")[1].split(" ")[0] for line in configured.getvalue().splitlines()]
+    assert got == [repr(round(d * 1000, 2)) for d in kept]
+
+
+def test_writer_drains_in_order_and_keeps_lines_added_after() -> None:
+    out = io.StringIO()
+    writer = logs.LineWriter(out, interval=3600.0)
+    for i in range(3):
+        writer.buffer(f"{i}\n")
+    writer.write_now("now\n")
+    writer.buffer("3\n")
+    assert out.getvalue() == "0\n1\n2\nnow\n"
+    writer.close()
+    assert out.getvalue() == "0\n1\n2\nnow\n3\n"
