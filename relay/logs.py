@@ -23,6 +23,7 @@ from collections import deque
 from contextvars import ContextVar
 from itertools import islice
 from json.encoder import encode_basestring_ascii as _json_str
+from math import floor
 from typing import Any, TextIO
 
 ACCESS = logging.getLogger("relay.access")
@@ -191,6 +192,9 @@ _MS = tuple(f"{h // 100}{_CENTS[h % 100]}" for h in range(1000))
 _writer: LineWriter | None = None
 _json = False
 _stamp = _Stamp(False)
+# The middle of the line for each (method, route, status) seen, in the format in force.
+_middles: dict[tuple[str, str, int], str] = {}
+MAX_MIDDLES = 1024
 
 
 def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
@@ -202,6 +206,7 @@ def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     atexit.register(_writer.close)
     _json = fmt == "json"
     _stamp = _Stamp(_json)
+    _middles.clear()
     handler = _WriterHandler(_writer)
     handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     handler.addFilter(_DropPathLines())
@@ -236,27 +241,41 @@ def access(method: str, route: str, status: int, duration: float, client: str) -
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     # This runs for every request: no calls of our own, the stamp and the duration
-    # from tables (see _Stamp, _MS), half a hundredth of a millisecond rounded up.
+    # from tables (see _Stamp, _MS), half a hundredth of a millisecond rounded up,
+    # the fields between them formatted once per method, route and status.
     now = time.time()
-    second = int(now)
     stamp = _stamp
+    second = floor(now)
     if second != stamp.second:
         stamp.renew(second)
-    hundredths = int(duration * 100_000 + 0.5)
+    hundredths = floor(duration * 100_000 + 0.5)
     ms = _MS[hundredths] if hundredths < 1000 else f"{hundredths // 100}{_CENTS[hundredths % 100]}"
-    when = stamp.prefix + stamp.millis[int((now - second) * 1000)]
+    key = (method, route, status)
+    middle = _middles.get(key)
+    if middle is None:
+        middle = _middle(key)
+    when = stamp.millis[floor((now - second) * 1000)]
     if _json:
-        line = (
-            f'{{"ts":"{when}","level":"info","logger":"relay.access","msg":"request",'
-            f'"method":{_json_str(method)},"route":{_json_str(route)},"status":{status},'
-            f'"ms":{ms},"client":{_json_str(client)}}}\n'
-        )
+        line = f'{{"ts":"{stamp.prefix}{when}{middle}{ms},"client":{_json_str(client)}}}\n'
     else:
-        line = (
-            f"{when} INFO relay.access request method={method} route={route} "
-            f"status={status} ms={ms} client={client}\n"
-        )
+        line = f"{stamp.prefix}{when}{middle}{ms} client={client}\n"
     pending = writer.pending
     pending.append(line)
     if len(pending) > MAX_PENDING:
         writer.flush()
+
+
+def _middle(key: tuple[str, str, int]) -> str:
+    """The part of an access line from after the time stamp to the ms field's value."""
+    method, route, status = key
+    if _json:
+        middle = (
+            f'","level":"info","logger":"relay.access","msg":"request",'
+            f'"method":{_json_str(method)},"route":{_json_str(route)},"status":{status},"ms":'
+        )
+    else:
+        middle = f" INFO relay.access request method={method} route={route} status={status} ms="
+    # Routes are templates and statuses few, but a client picks the method: bounded.
+    if len(_middles) < MAX_MIDDLES:
+        _middles[key] = middle
+    return middle
