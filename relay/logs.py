@@ -3,16 +3,21 @@ the route template is logged, not the path, so workspace ids stay out of logs.
 
 Access lines do not go through the logging machinery: `access` formats the line
 itself (a LogRecord, the filters and the formatter cost as much as the rest of a
-cached read) and hands it to `LineWriter`, which writes what is pending every
-FLUSH_INTERVAL seconds from a thread of its own, in one write. Every other record
-(warnings, errors, start-up lines) is written at once, after the access lines
-pending before it, so the log stays in order. A crash or SIGKILL loses at most the
-access lines of the last FLUSH_INTERVAL (plus the few milliseconds the thread may
-wait for the interpreter lock); a clean exit loses none.
+cached read) and hands it to `LineWriter`, which writes what is pending in one
+write FLUSH_INTERVAL seconds after the first of them, from the event loop that
+buffered it (a timer: no thread to wake and no hand-off of the interpreter lock,
+which cost a cached read more than the line itself). A thread of its own writes,
+every BACKSTOP_INTERVAL, what no loop will: lines buffered outside a loop, or while
+the loop is stuck. Every other record (warnings, errors, start-up lines) is written
+at once, after the access lines pending before it, so the log stays in order. A
+crash or SIGKILL loses at most the access lines of the last FLUSH_INTERVAL (plus
+however late the loop runs its timer; BACKSTOP_INTERVAL if the loop is stuck); a
+clean exit loses none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import logging
@@ -29,10 +34,12 @@ from typing import Any, TextIO
 ACCESS = logging.getLogger("relay.access")
 LOG = logging.getLogger("relay")
 
-# Seconds between writes of buffered access lines: what a SIGKILL may lose.
+# Seconds from the first buffered access line to their write: what a SIGKILL may lose.
 FLUSH_INTERVAL = 0.05
-# Past this many pending lines (the writer thread starved, or the log's reader
-# stalled) `access` writes them itself: memory stays bounded and the relay waits
+# Seconds between the writer thread's looks, for lines no event loop will write.
+BACKSTOP_INTERVAL = 0.25
+# Past this many pending lines (the timer late, or the log's reader stalled)
+# `access` writes them itself: memory stays bounded and the relay waits
 # for its log as it did before there was a buffer.
 MAX_PENDING = 10_000
 
@@ -92,24 +99,45 @@ class _DropPathLines(logging.Filter):
 class LineWriter:
     """Lines to a stream: buffered ones within FLUSH_INTERVAL, the others at once.
 
-    `pending` is a deque: the event loop appends, the writer pops, both atomic
-    without a lock. The lock orders writes: a line written at once goes out after
-    every line buffered before it.
+    `pending` is a deque: the event loop appends, the loop's timer or the writer
+    thread pops, both atomic without a lock. The lock orders writes: a line written
+    at once goes out after every line buffered before it.
     """
 
-    def __init__(self, stream: TextIO, interval: float = FLUSH_INTERVAL) -> None:
+    def __init__(
+        self, stream: TextIO, interval: float = FLUSH_INTERVAL, backstop: float = BACKSTOP_INTERVAL
+    ) -> None:
         self.stream = stream
         self.interval = interval
+        self.backstop = backstop
         self.pending: deque[str] = deque()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._armed: asyncio.AbstractEventLoop | None = None  # the loop whose timer is set
         self._thread = threading.Thread(target=self._run, name="relay-log", daemon=True)
         self._thread.start()
 
     def buffer(self, line: str) -> None:
+        if not self.pending:
+            self.arm()
         self.pending.append(line)
         if len(self.pending) > MAX_PENDING:
             self.flush()
+
+    def arm(self) -> None:
+        """Before a line goes into an empty buffer: have the running event loop write
+        it within `interval`. Without a running loop the writer thread will."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._armed is not loop:  # a timer set on a loop since stopped never runs
+            self._armed = loop
+            loop.call_later(self.interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._armed = None
+        self.flush()
 
     def write_now(self, line: str) -> None:
         with self._lock:
@@ -132,7 +160,7 @@ class LineWriter:
                 pass  # the log's reader is gone; the relay keeps serving
 
     def _run(self) -> None:
-        while not self._closed.wait(self.interval):
+        while not self._closed.wait(self.backstop):
             if self.pending:
                 self.flush()
 
@@ -260,6 +288,8 @@ def access(method: str, route: str, status: int, duration: float, client: str) -
     else:
         line = f"{stamp.prefix}{when}{middle}{ms} client={client}\n"
     pending = writer.pending
+    if not pending:
+        writer.arm()
     pending.append(line)
     if len(pending) > MAX_PENDING:
         writer.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -95,9 +96,9 @@ def test_pending_lines_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     writer.close()
 
 
-def test_the_timer_writes_buffered_lines() -> None:
+def test_the_thread_writes_lines_buffered_outside_a_loop() -> None:
     out = io.StringIO()
-    writer = logs.LineWriter(out, interval=0.01)
+    writer = logs.LineWriter(out, interval=3600.0, backstop=0.01)
     writer.buffer("one\n")
     for _ in range(500):  # the thread writes it within its interval; wait generously
         if out.getvalue():
@@ -133,3 +134,30 @@ def test_writer_drains_in_order_and_keeps_lines_added_after() -> None:
     assert out.getvalue() == "0\n1\n2\nnow\n"
     writer.close()
     assert out.getvalue() == "0\n1\n2\nnow\n3\n"
+
+
+def test_the_loop_writes_its_lines_within_the_interval() -> None:
+    """In an event loop the first line into an empty buffer sets a timer there: the
+    writer thread (here asleep for an hour) is not needed. A timer set on a loop that
+    stopped before it ran leaves its lines to the thread (here a flush) and does not
+    keep the next loop from setting its own."""
+    out = io.StringIO()
+    writer = logs.LineWriter(out, interval=0.01, backstop=3600.0)
+
+    async def lines(first: int) -> str:
+        writer.buffer(f"{first}\n")
+        writer.buffer(f"{first + 1}\n")
+        for _ in range(500):
+            if out.getvalue().endswith(f"{first + 1}\n"):
+                break
+            await asyncio.sleep(0.01)
+        return out.getvalue()
+
+    async def stops_before_its_timer() -> None:
+        writer.buffer("lost to no one\n")
+
+    assert asyncio.run(lines(0)) == "0\n1\n"
+    asyncio.run(stops_before_its_timer())
+    writer.flush()
+    assert asyncio.run(lines(2)) == "0\n1\nlost to no one\n2\n3\n"
+    writer.close()
