@@ -4,14 +4,18 @@ the route template is logged, not the path, so workspace ids stay out of logs.
 Access lines do not go through the logging machinery: `access` formats the line
 itself (a LogRecord, the filters and the formatter cost as much as the rest of a
 cached read) and hands it to `LineWriter`, which writes what is pending in one
-write FLUSH_INTERVAL seconds after the first of them, from the event loop that
-buffered it (a timer: no thread to wake and no hand-off of the interpreter lock,
-which cost a cached read more than the line itself). A thread of its own writes,
-every BACKSTOP_INTERVAL, what no loop will: lines buffered outside a loop, or while
-the loop is stuck. Every other record (warnings, errors, start-up lines) is written
-at once, after the access lines pending before it, so the log stays in order. A
-crash or SIGKILL loses at most the access lines of the last FLUSH_INTERVAL (plus
-however late the loop runs its timer; BACKSTOP_INTERVAL if the loop is stuck); a
+write FLUSH_INTERVAL seconds after the first of them. When the log is a regular
+file that write is made from the event loop that buffered the lines (a timer: no
+thread to wake and no hand-off of the interpreter lock, which cost a cached read
+more than the line itself), and a thread of its own writes, every
+BACKSTOP_INTERVAL, what no loop will: lines buffered outside a loop, or while the
+loop is stuck. When the log is a pipe, socket or terminal (journald, a container's
+log driver), which can stall while its reader does, the thread writes every
+FLUSH_INTERVAL and the loop never waits on it. Every other record (warnings,
+errors, start-up lines) is written at once, after the access lines pending before
+it, so the log stays in order. A crash or SIGKILL loses at most the access lines
+of the last FLUSH_INTERVAL (plus however late the loop runs its timer or the
+thread gets the interpreter lock; BACKSTOP_INTERVAL if the loop is stuck); a
 clean exit loses none.
 """
 
@@ -21,6 +25,8 @@ import asyncio
 import atexit
 import json
 import logging
+import os
+import stat
 import sys
 import threading
 import time
@@ -96,6 +102,14 @@ class _DropPathLines(logging.Filter):
         )
 
 
+def _never_waits(stream: TextIO) -> bool:
+    """Whether `stream` is a regular file: a write there never waits for a reader."""
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return False
+
+
 class LineWriter:
     """Lines to a stream: buffered ones within FLUSH_INTERVAL, the others at once.
 
@@ -105,11 +119,20 @@ class LineWriter:
     """
 
     def __init__(
-        self, stream: TextIO, interval: float = FLUSH_INTERVAL, backstop: float = BACKSTOP_INTERVAL
+        self,
+        stream: TextIO,
+        interval: float = FLUSH_INTERVAL,
+        backstop: float = BACKSTOP_INTERVAL,
+        on_loop: bool | None = None,
     ) -> None:
         self.stream = stream
         self.interval = interval
-        self.backstop = backstop
+        # The loop writes only to a regular file, which takes a write at once (the
+        # page cache). A pipe, socket or terminal (journald, a container's log
+        # driver, a shell) can stall while its reader does: the loop must never
+        # wait on it, so the thread writes those every `interval`, as before.
+        self.on_loop = _never_waits(stream) if on_loop is None else on_loop
+        self.backstop = backstop if self.on_loop else interval
         self.pending: deque[str] = deque()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -127,6 +150,8 @@ class LineWriter:
     def arm(self) -> None:
         """Before a line goes into an empty buffer: have the running event loop write
         it within `interval`. Without a running loop the writer thread will."""
+        if not self.on_loop:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

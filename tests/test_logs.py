@@ -6,8 +6,12 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
+import select
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -98,7 +102,7 @@ def test_pending_lines_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_thread_writes_lines_buffered_outside_a_loop() -> None:
     out = io.StringIO()
-    writer = logs.LineWriter(out, interval=3600.0, backstop=0.01)
+    writer = logs.LineWriter(out, interval=3600.0, backstop=0.01, on_loop=True)
     writer.buffer("one\n")
     for _ in range(500):  # the thread writes it within its interval; wait generously
         if out.getvalue():
@@ -142,7 +146,7 @@ def test_the_loop_writes_its_lines_within_the_interval() -> None:
     stopped before it ran leaves its lines to the thread (here a flush) and does not
     keep the next loop from setting its own."""
     out = io.StringIO()
-    writer = logs.LineWriter(out, interval=0.01, backstop=3600.0)
+    writer = logs.LineWriter(out, interval=0.01, backstop=3600.0, on_loop=True)
 
     async def lines(first: int) -> str:
         writer.buffer(f"{first}\n")
@@ -161,3 +165,40 @@ def test_the_loop_writes_its_lines_within_the_interval() -> None:
     writer.flush()
     assert asyncio.run(lines(2)) == "0\n1\nlost to no one\n2\n3\n"
     writer.close()
+
+
+def test_the_loop_writes_only_to_a_regular_file(tmp_path: Path) -> None:
+    """A log file is written from the loop; a pipe (journald, a container's log driver)
+    only from the thread, so a reader that stops reading never stalls the loop."""
+    with open(tmp_path / "relay.log", "w") as f:
+        writer = logs.LineWriter(f)
+        assert writer.on_loop
+        writer.close()
+    assert not logs.LineWriter(io.StringIO()).on_loop
+    r, w = os.pipe()
+    os.set_blocking(w, True)
+    out = os.fdopen(w, "w")
+    writer = logs.LineWriter(out, interval=0.01)
+    assert not writer.on_loop
+    done = threading.Event()
+
+    async def serve() -> None:
+        # More than a pipe holds, in lines buffered as access lines are; nobody reads.
+        for i in range(2000):
+            writer.buffer(f"{i:0100d}\n")
+        for _ in range(10):
+            await asyncio.sleep(0.02)  # each turn of the loop would run its timer
+        done.set()
+
+    loop_thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    loop_thread.start()
+    finished = done.wait(30)
+    read = b""
+    while b"1999\n" not in read:  # now the reader reads: everything arrives, in order
+        assert select.select([r], [], [], 30)[0], "the writer thread never wrote the rest"
+        read += os.read(r, 1 << 16)
+    writer.close()
+    out.close()
+    os.close(r)
+    assert finished, "the event loop waited on a pipe nobody read"
+    assert read.decode().split() == [f"{i:0100d}" for i in range(2000)]
