@@ -21,7 +21,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @functools.lru_cache(maxsize=8192)
-@functools.lru_cache(maxsize=8192)
 def normalize_address(text: str) -> str:
     """One spelling per address: IPv4-mapped IPv6 (`::ffff:1.2.3.4`, `::ffff:102:304`)
     as IPv4, IPv6 compressed and in lower case, a zone (`%eth0`) dropped. Not an

@@ -3,34 +3,49 @@ the route template is logged, not the path, so workspace ids stay out of logs.
 
 Access lines do not go through the logging machinery: `access` formats the line
 itself (a LogRecord, the filters and the formatter cost as much as the rest of a
-cached read) and hands it to `LineWriter`, which writes what is pending every
-FLUSH_INTERVAL seconds from a thread of its own, in one write. Every other record
-(warnings, errors, start-up lines) is written at once, after the access lines
-pending before it, so the log stays in order. A crash or SIGKILL loses at most the
-access lines of the last FLUSH_INTERVAL (plus the few milliseconds the thread may
-wait for the interpreter lock); a clean exit loses none.
+cached read) and hands it to `LineWriter`, which writes what is pending in one
+write FLUSH_INTERVAL seconds after the first of them. When the log is a regular
+file that write is made from the event loop that buffered the lines (a timer: no
+thread to wake and no hand-off of the interpreter lock, which cost a cached read
+more than the line itself), and a thread of its own writes, every
+BACKSTOP_INTERVAL, what no loop will: lines buffered outside a loop, or while the
+loop is stuck. When the log is a pipe, socket or terminal (journald, a container's
+log driver), which can stall while its reader does, the thread writes every
+FLUSH_INTERVAL and the loop never waits on it. Every other record (warnings,
+errors, start-up lines) is written at once, after the access lines pending before
+it, so the log stays in order. A crash or SIGKILL loses at most the access lines
+of the last FLUSH_INTERVAL (plus however late the loop runs its timer or the
+thread gets the interpreter lock; BACKSTOP_INTERVAL if the loop is stuck); a
+clean exit loses none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import logging
+import os
+import stat
 import sys
 import threading
 import time
 from collections import deque
 from contextvars import ContextVar
+from itertools import islice
 from json.encoder import encode_basestring_ascii as _json_str
+from math import floor
 from typing import Any, TextIO
 
 ACCESS = logging.getLogger("relay.access")
 LOG = logging.getLogger("relay")
 
-# Seconds between writes of buffered access lines: what a SIGKILL may lose.
+# Seconds from the first buffered access line to their write: what a SIGKILL may lose.
 FLUSH_INTERVAL = 0.05
-# Past this many pending lines (the writer thread starved, or the log's reader
-# stalled) `access` writes them itself: memory stays bounded and the relay waits
+# Seconds between the writer thread's looks, for lines no event loop will write.
+BACKSTOP_INTERVAL = 0.25
+# Past this many pending lines (the timer late, or the log's reader stalled)
+# `access` writes them itself: memory stays bounded and the relay waits
 # for its log as it did before there was a buffer.
 MAX_PENDING = 10_000
 
@@ -87,27 +102,67 @@ class _DropPathLines(logging.Filter):
         )
 
 
+def _never_waits(stream: TextIO) -> bool:
+    """Whether `stream` is a regular file: a write there never waits for a reader."""
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return False
+
+
 class LineWriter:
     """Lines to a stream: buffered ones within FLUSH_INTERVAL, the others at once.
 
-    `pending` is a deque: the event loop appends, the writer pops, both atomic
-    without a lock. The lock orders writes: a line written at once goes out after
-    every line buffered before it.
+    `pending` is a deque: the event loop appends, the loop's timer or the writer
+    thread pops, both atomic without a lock. The lock orders writes: a line written
+    at once goes out after every line buffered before it.
     """
 
-    def __init__(self, stream: TextIO, interval: float = FLUSH_INTERVAL) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        interval: float = FLUSH_INTERVAL,
+        backstop: float = BACKSTOP_INTERVAL,
+        on_loop: bool | None = None,
+    ) -> None:
         self.stream = stream
         self.interval = interval
+        # The loop writes only to a regular file, which takes a write at once (the
+        # page cache). A pipe, socket or terminal (journald, a container's log
+        # driver, a shell) can stall while its reader does: the loop must never
+        # wait on it, so the thread writes those every `interval`, as before.
+        self.on_loop = _never_waits(stream) if on_loop is None else on_loop
+        self.backstop = backstop if self.on_loop else interval
         self.pending: deque[str] = deque()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._armed: asyncio.AbstractEventLoop | None = None  # the loop whose timer is set
         self._thread = threading.Thread(target=self._run, name="relay-log", daemon=True)
         self._thread.start()
 
     def buffer(self, line: str) -> None:
+        if not self.pending:
+            self.arm()
         self.pending.append(line)
         if len(self.pending) > MAX_PENDING:
             self.flush()
+
+    def arm(self) -> None:
+        """Before a line goes into an empty buffer: have the running event loop write
+        it within `interval`. Without a running loop the writer thread will."""
+        if not self.on_loop:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._armed is not loop:  # a timer set on a loop since stopped never runs
+            self._armed = loop
+            loop.call_later(self.interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._armed = None
+        self.flush()
 
     def write_now(self, line: str) -> None:
         with self._lock:
@@ -119,20 +174,18 @@ class LineWriter:
 
     def _drain(self, last: str) -> None:
         pending = self.pending
-        lines = []
-        while pending:
-            lines.append(pending.popleft())
-        if last:
-            lines.append(last)
-        if lines:
+        # The lines pending now, popped in C: only the writer pops (under the lock), so
+        # the deque holds at least this many; lines appended meanwhile wait for the next.
+        text = "".join(islice(iter(pending.popleft, None), len(pending))) + last
+        if text:
             try:
-                self.stream.write("".join(lines))
+                self.stream.write(text)
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # the log's reader is gone; the relay keeps serving
 
     def _run(self) -> None:
-        while not self._closed.wait(self.interval):
+        while not self._closed.wait(self.backstop):
             if self.pending:
                 self.flush()
 
@@ -161,28 +214,40 @@ class _WriterHandler(logging.Handler):
 
 
 class _Stamp:
-    """The time stamp of a log line, formatted as the formatters do, cached per second."""
+    """The time stamp of a log line as the formatters write it: the part up to the
+    second, renewed once a second, and the milliseconds' table."""
 
     def __init__(self, json_format: bool) -> None:
         self.json = json_format
         self.second = -1
         self.prefix = ""
+        self.millis = _MILLIS_JSON if json_format else _MILLIS_TEXT
 
-    def __call__(self, now: float) -> str:
-        second = int(now)
-        if second != self.second:
-            self.second = second
-            if self.json:
-                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            else:
-                self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        ms = int((now - second) * 1000)
-        return f"{self.prefix}.{ms:03d}Z" if self.json else f"{self.prefix},{ms:03d}"
+    def renew(self, second: int) -> None:
+        self.second = second
+        if self.json:
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        else:
+            self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+
+
+# The milliseconds of a time stamp, as the formatters print them.
+_MILLIS_TEXT = tuple(f",{ms:03d}" for ms in range(1000))
+_MILLIS_JSON = tuple(f".{ms:03d}Z" for ms in range(1000))
+# The "ms" field is round(duration * 1000, 2) as Python prints that float: whole
+# hundredths of a millisecond, trailing zeros dropped ("12.5", "3.0"). Counted as an
+# int and taken from these tables (below 10 ms, from the first): round() and the
+# float's repr cost more than the rest of the line did (callgrind).
+_CENTS = tuple(f".{c:02d}".rstrip("0") if c else ".0" for c in range(100))
+_MS = tuple(f"{h // 100}{_CENTS[h % 100]}" for h in range(1000))
 
 
 _writer: LineWriter | None = None
 _json = False
 _stamp = _Stamp(False)
+# The middle of the line for each (method, route, status) seen, in the format in force.
+_middles: dict[tuple[str, str, int], str] = {}
+MAX_MIDDLES = 1024
 
 
 def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
@@ -194,6 +259,7 @@ def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     atexit.register(_writer.close)
     _json = fmt == "json"
     _stamp = _Stamp(_json)
+    _middles.clear()
     handler = _WriterHandler(_writer)
     handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     handler.addFilter(_DropPathLines())
@@ -210,7 +276,6 @@ def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
 def access(method: str, route: str, status: int, duration: float, client: str) -> None:
     """One request's line: method, route template, status, milliseconds, client."""
     writer = _writer
-    ms = round(duration * 1000, 2)
     if writer is None or ACCESS.handlers or not ACCESS.propagate:
         # Not configured by `configure` (the app embedded elsewhere, tests): a record.
         ACCESS.info(
@@ -220,7 +285,7 @@ def access(method: str, route: str, status: int, duration: float, client: str) -
                     "method": method,
                     "route": route,
                     "status": status,
-                    "ms": ms,
+                    "ms": round(duration * 1000, 2),
                     "client": client,
                 }
             },
@@ -228,15 +293,44 @@ def access(method: str, route: str, status: int, duration: float, client: str) -
         return
     if not ACCESS.isEnabledFor(logging.INFO):
         return
-    stamp = _stamp(time.time())
+    # This runs for every request: no calls of our own, the stamp and the duration
+    # from tables (see _Stamp, _MS), half a hundredth of a millisecond rounded up,
+    # the fields between them formatted once per method, route and status.
+    now = time.time()
+    stamp = _stamp
+    second = floor(now)
+    if second != stamp.second:
+        stamp.renew(second)
+    hundredths = floor(duration * 100_000 + 0.5)
+    ms = _MS[hundredths] if hundredths < 1000 else f"{hundredths // 100}{_CENTS[hundredths % 100]}"
+    key = (method, route, status)
+    middle = _middles.get(key)
+    if middle is None:
+        middle = _middle(key)
+    when = stamp.millis[floor((now - second) * 1000)]
     if _json:
-        writer.buffer(
-            f'{{"ts":"{stamp}","level":"info","logger":"relay.access","msg":"request",'
-            f'"method":{_json_str(method)},"route":{_json_str(route)},"status":{status},'
-            f'"ms":{ms!r},"client":{_json_str(client)}}}\n'
+        line = f'{{"ts":"{stamp.prefix}{when}{middle}{ms},"client":{_json_str(client)}}}\n'
+    else:
+        line = f"{stamp.prefix}{when}{middle}{ms} client={client}\n"
+    pending = writer.pending
+    if not pending:
+        writer.arm()
+    pending.append(line)
+    if len(pending) > MAX_PENDING:
+        writer.flush()
+
+
+def _middle(key: tuple[str, str, int]) -> str:
+    """The part of an access line from after the time stamp to the ms field's value."""
+    method, route, status = key
+    if _json:
+        middle = (
+            f'","level":"info","logger":"relay.access","msg":"request",'
+            f'"method":{_json_str(method)},"route":{_json_str(route)},"status":{status},"ms":'
         )
     else:
-        writer.buffer(
-            f"{stamp} INFO relay.access request method={method} route={route} "
-            f"status={status} ms={ms} client={client}\n"
-        )
+        middle = f" INFO relay.access request method={method} route={route} status={status} ms="
+    # Routes are templates and statuses few, but a client picks the method: bounded.
+    if len(_middles) < MAX_MIDDLES:
+        _middles[key] = middle
+    return middle

@@ -12,7 +12,13 @@ from starlette.types import Scope
 
 from relay.access import AccessPolicy, AccessState, OpenStreams
 from relay.hub import Hub
-from relay.limits import RateLimiter, StreamSlots, client_address, client_key
+from relay.limits import (
+    RateLimiter,
+    StreamSlots,
+    client_address,
+    client_key,
+    normalize_address,
+)
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.status import Sampler
@@ -69,7 +75,12 @@ class Relay:
 
     def address(self, scope: Scope) -> str:
         """The client's address (normalized), as the access log shows it."""
-        return client_address(scope, self._trusted, self._ip_header)
+        if self._trusted:
+            return client_address(scope, self._trusted, self._ip_header)
+        # No trusted proxy (the default): the socket peer, as client_address gives it,
+        # without its frame (this runs for every access line).
+        client = scope.get("client")
+        return normalize_address(client[0]) if client else "unknown"
 
     def client(self, scope: Scope) -> str:
         """What per-client limits count by: the address, an IPv6 one by its network."""

@@ -50,8 +50,8 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from relay.wire import VECTORED, Buffers
 from relay.errors import SECURITY_HEADERS, headers_too_large
+from relay.wire import VECTORED, Buffers
 
 _SECURITY = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items())
 
@@ -245,7 +245,7 @@ class _HeadWithBody:
                 b"\r\n" if keep else b"connection: close\r\n\r\n",
             )
         )
-        if type(body) is Buffers:  # a big page as slices of its row chunks
+        if isinstance(body, Buffers):  # a big page as slices of its row chunks
             self._transport.writelines((head, *body.parts))
         else:
             self._transport.writelines((head, body))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
 import re
+import select
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -95,9 +100,9 @@ def test_pending_lines_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     writer.close()
 
 
-def test_the_timer_writes_buffered_lines() -> None:
+def test_the_thread_writes_lines_buffered_outside_a_loop() -> None:
     out = io.StringIO()
-    writer = logs.LineWriter(out, interval=0.01)
+    writer = logs.LineWriter(out, interval=3600.0, backstop=0.01, on_loop=True)
     writer.buffer("one\n")
     for _ in range(500):  # the thread writes it within its interval; wait generously
         if out.getvalue():
@@ -105,3 +110,95 @@ def test_the_timer_writes_buffered_lines() -> None:
         writer._closed.wait(0.01)
     assert out.getvalue() == "one\n"
     writer.close()
+
+
+def test_ms_field_prints_as_the_rounded_float(configured: io.StringIO) -> None:
+    """The line's ms is counted as an int (round() and a float's repr were most of its
+    cost); it reads as repr(round(duration * 1000, 2)) did, but on an exact half."""
+    logs.configure("text", "info", configured)
+    durations = [0.0, 1e-5, 0.0000123, 0.00099, 0.001, 0.0099949, 0.01, 0.0123456, 0.1]
+    durations += [1.5, 12.0, 3600.123, 86400.0]
+    durations += [k / 997 * 0.013 for k in range(400)]  # both sides of the 10 ms table
+    kept = [d for d in durations if abs((d * 1e5) % 1 - 0.5) > 1e-6]
+    for d in kept:
+        logs.access("GET", "/a", 200, d, "c")
+    assert logs._writer is not None
+    logs._writer.flush()
+    got = [line.split(" ms=")[1].split(" ")[0] for line in configured.getvalue().splitlines()]
+    assert got == [repr(round(d * 1000, 2)) for d in kept]
+
+
+def test_writer_drains_in_order_and_keeps_lines_added_after() -> None:
+    out = io.StringIO()
+    writer = logs.LineWriter(out, interval=3600.0)
+    for i in range(3):
+        writer.buffer(f"{i}\n")
+    writer.write_now("now\n")
+    writer.buffer("3\n")
+    assert out.getvalue() == "0\n1\n2\nnow\n"
+    writer.close()
+    assert out.getvalue() == "0\n1\n2\nnow\n3\n"
+
+
+def test_the_loop_writes_its_lines_within_the_interval() -> None:
+    """In an event loop the first line into an empty buffer sets a timer there: the
+    writer thread (here asleep for an hour) is not needed. A timer set on a loop that
+    stopped before it ran leaves its lines to the thread (here a flush) and does not
+    keep the next loop from setting its own."""
+    out = io.StringIO()
+    writer = logs.LineWriter(out, interval=0.01, backstop=3600.0, on_loop=True)
+
+    async def lines(first: int) -> str:
+        writer.buffer(f"{first}\n")
+        writer.buffer(f"{first + 1}\n")
+        for _ in range(500):
+            if out.getvalue().endswith(f"{first + 1}\n"):
+                break
+            await asyncio.sleep(0.01)
+        return out.getvalue()
+
+    async def stops_before_its_timer() -> None:
+        writer.buffer("lost to no one\n")
+
+    assert asyncio.run(lines(0)) == "0\n1\n"
+    asyncio.run(stops_before_its_timer())
+    writer.flush()
+    assert asyncio.run(lines(2)) == "0\n1\nlost to no one\n2\n3\n"
+    writer.close()
+
+
+def test_the_loop_writes_only_to_a_regular_file(tmp_path: Path) -> None:
+    """A log file is written from the loop; a pipe (journald, a container's log driver)
+    only from the thread, so a reader that stops reading never stalls the loop."""
+    with open(tmp_path / "relay.log", "w") as f:
+        writer = logs.LineWriter(f)
+        assert writer.on_loop
+        writer.close()
+    assert not logs.LineWriter(io.StringIO()).on_loop
+    r, w = os.pipe()
+    os.set_blocking(w, True)
+    out = os.fdopen(w, "w")
+    writer = logs.LineWriter(out, interval=0.01)
+    assert not writer.on_loop
+    done = threading.Event()
+
+    async def serve() -> None:
+        # More than a pipe holds, in lines buffered as access lines are; nobody reads.
+        for i in range(2000):
+            writer.buffer(f"{i:0100d}\n")
+        for _ in range(10):
+            await asyncio.sleep(0.02)  # each turn of the loop would run its timer
+        done.set()
+
+    loop_thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    loop_thread.start()
+    finished = done.wait(30)
+    read = b""
+    while b"1999\n" not in read:  # now the reader reads: everything arrives, in order
+        assert select.select([r], [], [], 30)[0], "the writer thread never wrote the rest"
+        read += os.read(r, 1 << 16)
+    writer.close()
+    out.close()
+    os.close(r)
+    assert finished, "the event loop waited on a pipe nobody read"
+    assert read.decode().split() == [f"{i:0100d}" for i in range(2000)]

@@ -240,7 +240,7 @@ def read_now(relay: Relay, request: Request) -> tuple[bytes, bytes | Buffers] | 
     except RelayError:
         return None
     response, lines = _read_answer(relay, request, ws, after, page, vectored(request.scope))
-    body: bytes | Buffers = response.body  # bytes, or a big page's slices (relay.wire)
+    body: bytes | Buffers = response.body  # type: ignore[assignment]  # or a big page's slices (relay.wire)
     return (header_lines(response.raw_headers) if lines is None else lines), body
 
 
