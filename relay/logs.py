@@ -250,6 +250,20 @@ _middles: dict[tuple[str, str, int], str] = {}
 MAX_MIDDLES = 1024
 
 
+def _after_fork_in_child() -> None:
+    """A worker forked by the supervisor (relay/__main__.py) gets a copy of the
+    writer: its lock as it was at the fork (held, if the parent's thread was writing
+    then: the child's `configure` would wait on it for ever) and the parent's
+    pending lines (the parent writes those; the child must not write them twice)."""
+    writer = _writer
+    if writer is not None:
+        writer._lock = threading.Lock()
+        writer.pending.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     """Log to `stream` (standard error by default) in format `fmt` from `level` up."""
     global _writer, _json, _stamp

@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import select
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +204,38 @@ def test_the_loop_writes_only_to_a_regular_file(tmp_path: Path) -> None:
     os.close(r)
     assert finished, "the event loop waited on a pipe nobody read"
     assert read.decode().split() == [f"{i:0100d}" for i in range(2000)]
+
+
+def test_a_forked_worker_neither_waits_on_the_parents_lock_nor_repeats_its_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor forks workers, which configure their own log: a fork while the
+    parent's writer held its lock must not leave the child waiting for ever, and a
+    line the parent had pending is written once, by the parent."""
+    r, w = os.pipe()
+    out = os.fdopen(w, "w")
+    writer = logs.LineWriter(out, interval=3600.0)
+    monkeypatch.setattr(logs, "_writer", writer)
+    writer.buffer("parent's line\n")
+    with writer._lock:  # as if the writer thread were writing at the fork
+        pid = os.fork()
+        if pid == 0:  # the worker: what configure does to the writer it inherited
+            try:
+                logs._writer.close()
+                os.write(w, b"child done\n")
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 30
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked worker waited on the parent's log lock")
+        time.sleep(0.01)
+    writer.close()
+    out.close()
+    text = b""
+    while chunk := os.read(r, 1 << 16):
+        text += chunk
+    os.close(r)
+    assert text.decode().splitlines() == ["child done", "parent's line"]
