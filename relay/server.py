@@ -245,10 +245,8 @@ class _HeadWithBody:
                 b"\r\n" if keep else b"connection: close\r\n\r\n",
             )
         )
-        if isinstance(body, Buffers):  # a big page as slices of its row chunks
-            self._transport.writelines((head, *body.parts))
-        else:
-            self._transport.writelines((head, body))
+        self._held = head
+        self.write(body)  # with the head, in one writelines (a big page as its slices)
         cycle.response_complete = True
         cycle.message_event.set()
         if not keep:
@@ -555,7 +553,9 @@ class RelayHttpProtocol(HttpToolsProtocol):
         for name, _ in cycle.scope["headers"]:
             if name in (b"content-length", b"transfer-encoding"):
                 return False
-        answer_now: Callable[[Any, Callable[[bytes, bytes], None]], bool] = front.answer_now
+        answer_now: Callable[[Any, Callable[[bytes, bytes | Buffers], None]], bool] = (
+            front.answer_now
+        )
         return answer_now(cycle.scope, functools.partial(transport.answer, cycle))
 
     def on_body(self, body: bytes) -> None:
