@@ -134,7 +134,8 @@ class LineWriter:
         self.on_loop = _never_waits(stream) if on_loop is None else on_loop
         self.backstop = backstop if self.on_loop else interval
         self.pending: deque[str] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._writing = False  # the lock's holder is in _drain (see there)
         self._closed = threading.Event()
         self._armed: asyncio.AbstractEventLoop | None = None  # the loop whose timer is set
         self._thread = threading.Thread(target=self._run, name="relay-log", daemon=True)
@@ -166,13 +167,30 @@ class LineWriter:
 
     def write_now(self, line: str) -> None:
         with self._lock:
+            if self._writing:  # see _drain: this thread is in the middle of a write
+                self.pending.append(line)
+                self.arm()
+                return
             self._drain(line)
 
     def flush(self) -> None:
         with self._lock:
-            self._drain("")
+            if not self._writing:
+                self._drain("")
 
     def _drain(self, last: str) -> None:
+        # A signal handler runs between two bytecodes of the main thread, so it may
+        # log (uvicorn's "Shutting down", the relay's own lines) while that thread
+        # is here, holding the lock: the lock is re-entrant, and a line written from
+        # inside a write waits in `pending` for the next one instead of waiting on
+        # this thread for ever (or writing into the middle of this write).
+        self._writing = True
+        try:
+            self._write_pending(last)
+        finally:
+            self._writing = False
+
+    def _write_pending(self, last: str) -> None:
         pending = self.pending
         # The lines pending now, popped in C: only the writer pops (under the lock), so
         # the deque holds at least this many; lines appended meanwhile wait for the next.
@@ -257,7 +275,8 @@ def _after_fork_in_child() -> None:
     pending lines (the parent writes those; the child must not write them twice)."""
     writer = _writer
     if writer is not None:
-        writer._lock = threading.Lock()
+        writer._lock = threading.RLock()
+        writer._writing = False
         writer.pending.clear()
 
 

@@ -239,3 +239,32 @@ def test_a_forked_worker_neither_waits_on_the_parents_lock_nor_repeats_its_lines
         text += chunk
     os.close(r)
     assert text.decode().splitlines() == ["child done", "parent's line"]
+
+
+def test_a_line_logged_from_inside_a_write_waits_for_the_next_write() -> None:
+    """A signal handler runs between two bytecodes of the main thread, and the relay's
+    SIGTERM handler logs: arriving while that thread writes buffered lines (the loop's
+    timer), its line must neither wait for ever on the writer's lock (a relay that
+    never stopped on SIGTERM) nor land inside the write; it goes out next, in order."""
+
+    class Interrupted(io.StringIO):
+        interrupted = False
+
+        def write(self, text: str) -> int:
+            if not self.interrupted:
+                self.interrupted = True
+                writer.write_now("signal: stopping\n")  # as the handler's LOG.info does
+            return super().write(text)
+
+    out = Interrupted()
+    writer = logs.LineWriter(out, interval=3600.0, on_loop=True)
+    writer.buffer("one\n")
+    writer.buffer("two\n")
+    flushing = threading.Thread(target=writer.flush, daemon=True)
+    flushing.start()
+    flushing.join(10)
+    assert not flushing.is_alive(), "a line logged inside a write waited on the writer for ever"
+    assert out.getvalue() == "one\ntwo\n"
+    writer.flush()
+    assert out.getvalue() == "one\ntwo\nsignal: stopping\n"
+    writer.close()
