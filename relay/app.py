@@ -204,7 +204,8 @@ def head_too_large(limit: int) -> Response:
 def record(relay: Relay, scope: Scope, route: str, status: int, start: float) -> None:
     """The metrics sample and access-log line that end every request."""
     method = scope.get("method", "WS")
-    duration = time.perf_counter() - start
+    end = time.perf_counter()
+    duration = end - start
     relay.metrics.observe(
         route,
         method,
@@ -214,7 +215,7 @@ def record(relay: Relay, scope: Scope, route: str, status: int, start: float) ->
         timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
     )
     if relay.settings.access_log:
-        logs.access(method, route, status or 500, duration, relay.address(scope))
+        logs.access(method, route, status or 500, duration, relay.address(scope), end)
 
 
 class Front:

@@ -32,9 +32,8 @@ import threading
 import time
 from collections import deque
 from contextvars import ContextVar
-from itertools import islice
+from itertools import chain, islice
 from json.encoder import encode_basestring_ascii as _json_str
-from math import floor
 from typing import Any, TextIO
 
 ACCESS = logging.getLogger("relay.access")
@@ -45,8 +44,8 @@ FLUSH_INTERVAL = 0.05
 # Seconds between the writer thread's looks, for lines no event loop will write.
 BACKSTOP_INTERVAL = 0.25
 # Past this many pending lines (the timer late, or the log's reader stalled)
-# `access` writes them itself: memory stays bounded and the relay waits
-# for its log as it did before there was a buffer.
+# `access` writes them itself (checked once a millisecond, see _direct): memory
+# stays bounded and the relay waits for its log as it did before there was a buffer.
 MAX_PENDING = 10_000
 
 # Set in the task serving one request when the relay ends an SSE answer without its
@@ -133,7 +132,9 @@ class LineWriter:
         # wait on it, so the thread writes those every `interval`, as before.
         self.on_loop = _never_waits(stream) if on_loop is None else on_loop
         self.backstop = backstop if self.on_loop else interval
-        self.pending: deque[str] = deque()
+        # Each entry is a line in pieces (an access line is four strings that
+        # outlive it: see `access`), joined in one pass when written.
+        self.pending: deque[tuple[str, ...]] = deque()
         self._lock = threading.RLock()
         self._writing = False  # the lock's holder is in _drain (see there)
         self._closed = threading.Event()
@@ -144,7 +145,7 @@ class LineWriter:
     def buffer(self, line: str) -> None:
         if not self.pending:
             self.arm()
-        self.pending.append(line)
+        self.pending.append((line,))
         if len(self.pending) > MAX_PENDING:
             self.flush()
 
@@ -168,7 +169,7 @@ class LineWriter:
     def write_now(self, line: str) -> None:
         with self._lock:
             if self._writing:  # see _drain: this thread is in the middle of a write
-                self.pending.append(line)
+                self.pending.append((line,))
                 self.arm()
                 return
             self._drain(line)
@@ -194,7 +195,8 @@ class LineWriter:
         pending = self.pending
         # The lines pending now, popped in C: only the writer pops (under the lock), so
         # the deque holds at least this many; lines appended meanwhile wait for the next.
-        text = "".join(islice(iter(pending.popleft, None), len(pending))) + last
+        text = "".join(chain.from_iterable(islice(iter(pending.popleft, None), len(pending))))
+        text += last
         if text:
             try:
                 self.stream.write(text)
@@ -266,6 +268,16 @@ _stamp = _Stamp(False)
 # The middle of the line for each (method, route, status) seen, in the format in force.
 _middles: dict[tuple[str, str, int], str] = {}
 MAX_MIDDLES = 1024
+# The end of the line for each client address seen, in the format in force.
+_tails: dict[str, str] = {}
+MAX_TAILS = 4096
+# The millisecond the start of the line (`_head`, up to the end of the time stamp) is for.
+_tick = -1
+_head = ""
+# The buffer access lines go to in the millisecond `_tick` (see _direct).
+_lines: deque[tuple[str, ...]] | None = None
+# time.time() - time.perf_counter(), as `access` last read it.
+_offset = 0.0
 
 
 def _after_fork_in_child() -> None:
@@ -285,14 +297,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     """Log to `stream` (standard error by default) in format `fmt` from `level` up."""
-    global _writer, _json, _stamp
+    global _writer, _json, _stamp, _tick
     if _writer is not None:
         _writer.close()
     _writer = LineWriter(stream or sys.stderr)
     atexit.register(_writer.close)
     _json = fmt == "json"
     _stamp = _Stamp(_json)
+    _tick = -1
     _middles.clear()
+    _tails.clear()
     handler = _WriterHandler(_writer)
     handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     handler.addFilter(_DropPathLines())
@@ -306,51 +320,101 @@ def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
-def access(method: str, route: str, status: int, duration: float, client: str) -> None:
-    """One request's line: method, route template, status, milliseconds, client."""
+def access(
+    method: str, route: str, status: int, duration: float, client: str, end: float | None = None
+) -> None:
+    """One request's line: method, route template, status, milliseconds, client.
+    `end` is the `time.perf_counter()` the duration ended at, if the caller has it:
+    the line's time stamp is then that plus the wall clock's offset from it (read
+    once a millisecond), not another reading of the clock."""
+    # This runs for every request: the line is four strings kept between requests
+    # (the time stamp's, renewed once a millisecond; the fields from the method to
+    # "ms=", once per method, route and status; the client's, once per address)
+    # and the duration from a table (see _MS), half a hundredth of a ms rounded up.
+    # What the line goes to is looked at once a millisecond too (`_direct`).
+    global _tick, _head, _lines, _offset
+    if end is None:
+        end = time.perf_counter()
+    now = end + _offset
+    tick = int(now * 1000)
+    if tick != _tick:
+        _offset = time.time() - time.perf_counter()
+        now = end + _offset
+        _tick = tick = int(now * 1000)
+        _lines = _direct()
+        if _lines is not None:
+            _head = _stamp_head(tick)
+    lines = _lines
+    if lines is None:
+        _record(method, route, status, duration, client)
+        return
+    hundredths = int(duration * 100_000 + 0.5)
+    ms = _MS[hundredths] if hundredths < 1000 else f"{hundredths // 100}{_CENTS[hundredths % 100]}"
+    middle = _middles.get((method, route, status))
+    if middle is None:
+        middle = _middle((method, route, status))
+    tail = _tails.get(client)
+    if tail is None:
+        tail = _tail(client)
+    if not lines:
+        _writer.arm()  # type: ignore[union-attr]  # set whenever _lines is
+    lines.append((_head, middle, ms, tail))
+
+
+def _direct() -> deque[tuple[str, ...]] | None:
+    """Where access lines go this millisecond: the writer's buffer when `configure`
+    set the log up and the relay.access logger is as it left it, at INFO;
+    otherwise None (the app embedded elsewhere, tests: a record, see _record)."""
     writer = _writer
     if writer is None or ACCESS.handlers or not ACCESS.propagate:
-        # Not configured by `configure` (the app embedded elsewhere, tests): a record.
-        ACCESS.info(
-            "request",
-            extra={
-                "fields": {
-                    "method": method,
-                    "route": route,
-                    "status": status,
-                    "ms": round(duration * 1000, 2),
-                    "client": client,
-                }
-            },
-        )
-        return
+        return None
     if not ACCESS.isEnabledFor(logging.INFO):
-        return
-    # This runs for every request: no calls of our own, the stamp and the duration
-    # from tables (see _Stamp, _MS), half a hundredth of a millisecond rounded up,
-    # the fields between them formatted once per method, route and status.
-    now = time.time()
+        return None
+    if len(writer.pending) > MAX_PENDING:
+        # The timer is late or the log's reader stalled: write them now, so memory
+        # stays bounded (at most this many plus a millisecond's lines) and the relay
+        # waits for its log as it did before there was a buffer.
+        writer.flush()
+    return writer.pending
+
+
+def _record(method: str, route: str, status: int, duration: float, client: str) -> None:
+    ACCESS.info(
+        "request",
+        extra={
+            "fields": {
+                "method": method,
+                "route": route,
+                "status": status,
+                "ms": round(duration * 1000, 2),
+                "client": client,
+            }
+        },
+    )
+
+
+def _stamp_head(tick: int) -> str:
+    """The start of an access line up to the end of its time stamp, for the
+    millisecond `tick` (since the epoch)."""
     stamp = _stamp
-    second = floor(now)
+    second, millis = divmod(tick, 1000)
     if second != stamp.second:
         stamp.renew(second)
-    hundredths = floor(duration * 100_000 + 0.5)
-    ms = _MS[hundredths] if hundredths < 1000 else f"{hundredths // 100}{_CENTS[hundredths % 100]}"
-    key = (method, route, status)
-    middle = _middles.get(key)
-    if middle is None:
-        middle = _middle(key)
-    when = stamp.millis[floor((now - second) * 1000)]
-    if _json:
-        line = f'{{"ts":"{stamp.prefix}{when}{middle}{ms},"client":{_json_str(client)}}}\n'
-    else:
-        line = f"{stamp.prefix}{when}{middle}{ms} client={client}\n"
-    pending = writer.pending
-    if not pending:
-        writer.arm()
-    pending.append(line)
-    if len(pending) > MAX_PENDING:
-        writer.flush()
+    return (
+        f'{{"ts":"{stamp.prefix}{stamp.millis[millis]}'
+        if _json
+        else (f"{stamp.prefix}{stamp.millis[millis]}")
+    )
+
+
+def _tail(client: str) -> str:
+    """The end of an access line: the client field and the newline."""
+    tail = f',"client":{_json_str(client)}}}\n' if _json else f" client={client}\n"
+    # A client's address is the peer's or, behind a trusted proxy, a header's: bounded.
+    if len(_tails) >= MAX_TAILS:
+        _tails.clear()
+    _tails[client] = tail
+    return tail
 
 
 def _middle(key: tuple[str, str, int]) -> str:
