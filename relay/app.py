@@ -256,6 +256,10 @@ class Front:
         # The read route, for answer_now: its path regex and its name in metrics and logs.
         self.reads_path = f"{_WS}/envelopes"
         self.reads = compile_path(self.reads_path)[0]
+        # Read heads answered by answer_now, by their bytes, with the scope their
+        # parse gave: the HTTP protocol answers the same bytes again without
+        # parsing them (relay/server.py, RelayHttpProtocol._remember).
+        self.parsed: dict[bytes, dict[str, Any]] = {}
 
     def _admits(self, scope: Scope, ws: str) -> bool:
         """The endpoint's own access check, for a cached read. A refusal is answered

@@ -300,6 +300,11 @@ class _HeadWithBody:
         return getattr(self._transport, name)
 
 
+# At most this many heads are kept by `RelayHttpProtocol._remember` (then it starts
+# over): a few cursors' worth of a herd's identical reads.
+PARSED_MAX = 256
+
+
 class RelayHttpProtocol(HttpToolsProtocol):
     head_limit = 16384
     head_timeout = 5.0
@@ -311,8 +316,18 @@ class RelayHttpProtocol(HttpToolsProtocol):
     linger_limit = 16 * 1024 * 1024
     linger_seconds = 30.0
 
+    # A read that is exactly one bodiless GET head, byte for byte the same as one
+    # answered without a task before, skips the parser: see `_answer_parsed`.
+    parsed_max_bytes = 2048
+
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        front = getattr(self.app, "front", None)
+        # The heads answered without a task, by their bytes (shared by the app's
+        # connections): Front.parsed.
+        self._parsed: dict[bytes, dict[str, Any]] | None = None if front is None else front.parsed
+        self._begins = 0  # messages begun in the read being parsed
+        self._answered: Any = None  # the cycle `_answer_now` answered in that read
         self._in_head = False  # between on_message_begin and on_headers_complete
         self._in_message = False  # between on_message_begin and on_message_complete
         self._began = False  # a message began in the read being parsed
@@ -361,8 +376,19 @@ class RelayHttpProtocol(HttpToolsProtocol):
         if self._discard_left is not None:
             self._discard(len(data))
             return
+        parsed = self._parsed
+        idle = False
+        if parsed is not None and len(data) <= self.parsed_max_bytes and self._idle():
+            template = parsed.get(data)
+            if template is not None and self._answer_parsed(template):
+                return
+            idle = True
         self._began = False
+        self._begins = 0
+        self._answered = None
         super().data_received(data)
+        if idle:
+            self._remember(data)
         if not self._in_head or self._discard_left is not None or self.parser is None:
             return
         # A head is in progress: count its bytes only, not those of the requests
@@ -381,6 +407,90 @@ class RelayHttpProtocol(HttpToolsProtocol):
                     refusal.message,
                 )
             )
+
+    def _idle(self) -> bool:
+        """Between requests: the last answered in full, nothing queued or owed,
+        no message begun (so the parser is where a fresh one would start)."""
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and cycle.response_complete
+            and not self._in_message
+            and not self.pipeline
+            and self._final is None
+            and self._linger_end is None
+        )
+
+    def _remember(self, data: bytes) -> None:
+        """After the parser took `data` from the idle state: if it was exactly one
+        request, answered at once by `_answer_now` and kept alive, keep the scope
+        the parse gave, by those bytes. The parse of the same bytes from the same
+        state is the same, so `_answer_parsed` may skip it; every check that is
+        not the parse (the route, the header limit, the access check, the page
+        cache) runs again for each request."""
+        cycle = self._answered
+        parsed = self._parsed
+        if (
+            cycle is None
+            or parsed is None
+            or self._begins != 1
+            or self._in_message
+            or self.cycle is not cycle
+            or not cycle.keep_alive
+            or self.pipeline
+            or self._discard_left is not None
+            or self.transport.is_closing()
+            or self.expect_100_continue
+        ):
+            return
+        if len(parsed) >= PARSED_MAX:  # bounded: many different heads just start over
+            parsed.clear()
+        parsed[data] = dict(cycle.scope)
+
+    def _answer_parsed(self, template: dict[str, Any]) -> bool:
+        """Answer a read whose bytes `_remember` kept, without the parser, uvicorn's
+        cycle or a task: what `_answer_now` does, from a copy of the kept scope
+        with this connection's peer. False (nothing done) when the app declines;
+        then the bytes are parsed as usual."""
+        if self.flow.write_paused or self.access_log:
+            return False
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            return False  # uvicorn's 503 for its concurrency limit: the usual path
+        front = self.app.front
+        scope = dict(template)
+        scope["client"] = self.client
+        scope["server"] = self.server
+        scope["state"] = self.app_state.copy()
+        self._unset_keepalive_if_required()
+        if not front.answer_now(scope, self._write_answer):
+            return False
+        # on_response_complete's work for this case (nothing pipelined, owed or
+        # lingering): the next request is due within head_timeout, which the lazy
+        # stall timer (`_arm`) enforces; uvicorn's keep-alive timer, a timer made
+        # and cancelled per request, is set only when it would close sooner.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return True
+        self.flow.resume_reading()
+        if self.timeout_keep_alive < self.head_timeout:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+        self._arm()
+        return True
+
+    def _write_answer(self, lines: bytes, body: bytes | Buffers) -> None:
+        """`_HeadWithBody.answer` for `_answer_parsed`: a 200 kept alive, in one
+        writelines."""
+        head = b"".join(
+            (_STATUS_200, _default_lines(self.server_state.default_headers), lines, b"\r\n")
+        )
+        if type(body) is Buffers:
+            self.transport.writelines((head, *body.parts))
+        else:
+            assert isinstance(body, bytes)
+            self.transport.writelines((head, body))
 
     def _head_in(self, data: bytes) -> int:
         """How much of `data` is the head in progress, which began in `data`.
@@ -508,6 +618,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = self._in_message = self._began = True
         self._head_bytes = 0
+        self._begins += 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -556,7 +667,10 @@ class RelayHttpProtocol(HttpToolsProtocol):
         answer_now: Callable[[Any, Callable[[bytes, bytes | Buffers], None]], bool] = (
             front.answer_now
         )
-        return answer_now(cycle.scope, functools.partial(transport.answer, cycle))
+        if not answer_now(cycle.scope, functools.partial(transport.answer, cycle)):
+            return False
+        self._answered = cycle
+        return True
 
     def on_body(self, body: bytes) -> None:
         if self._deadline is not None:

@@ -17,6 +17,7 @@ import inspect
 import socket
 import struct
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -53,9 +54,19 @@ WS_OVERRIDES = {
     "shutdown",
 }
 # uvicorn methods the relay's protocols call without overriding them.
-HTTP_CALLS = {"_unset_keepalive_if_required"}
+HTTP_CALLS = {"_unset_keepalive_if_required", "timeout_keep_alive_handler"}
 # uvicorn state the HTTP protocol reads or sets, on itself and on a request's cycle.
 HTTP_STATE = (
+    "app",
+    "app_state",
+    "client",
+    "server",
+    "access_log",
+    "timeout_keep_alive",
+    "timeout_keep_alive_task",
+    "limit_concurrency",
+    "connections",
+    "tasks",
     "loop",
     "transport",
     "parser",
@@ -313,3 +324,165 @@ def test_a_cached_read_answered_without_the_app_is_the_apps_answer_byte_for_byte
         assert b"\r\nconnection: close" in last.partition(b"\r\n\r\n")[0], last
         assert _without_date(last.replace(b"connection: close\r\n", b"")) == _without_date(first)
         assert sock.recv(100) == b""  # closed after the answer
+
+
+# ------------------------------------------------------------ the same bytes again
+class _Transport(asyncio.Transport):
+    """What the protocol writes, kept; a peer of our choosing."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__()
+        self.peer = peer
+        self.out = b""
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.out += bytes(data)
+
+    def writelines(self, data: Any) -> None:
+        for part in data:
+            self.write(part)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": (self.peer, 4000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _CountingParser:
+    """The connection's httptools parser, counting the reads it is fed."""
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+        self.fed = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.fed += 1
+        self.parser.feed_data(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+
+def test_a_read_sent_again_byte_for_byte_skips_the_parser_and_nothing_else() -> None:
+    """Followers at one cursor send the same bytes (the herd, docs/benchmarks.md):
+    the protocol keeps what the parser made of a read answered at once and answers
+    the same bytes again, on any connection, without the parser; the page, the
+    access check and the log line are each looked at afresh. Bytes that are not a
+    whole request from the idle state (half a head before them, or a second
+    request after them) go to the parser."""
+    from relay import logs
+    from relay.app import create_app
+    from relay.settings import Settings
+
+    async def main() -> None:
+        import io
+
+        out = io.StringIO()
+        logs.configure("text", "info", out)
+        app = create_app(Settings(access_tokens="t"))
+        config = uvicorn.Config(
+            app, lifespan="off", log_config=None, access_log=False, proxy_headers=False
+        )
+        config.load()
+        state = ServerState()
+        relay = app.state.relay
+        await relay.store.append("again", b'{"a":1}', b"k1")
+
+        async def connect(peer: str) -> tuple[RelayHttpProtocol, _Transport, _CountingParser]:
+            protocol = RelayHttpProtocol(config, state, {})
+            transport = _Transport(peer)
+            protocol.connection_made(transport)
+            counting = _CountingParser(protocol.parser)
+            protocol.parser = counting  # type: ignore[assignment]
+            # Not the first request: the first one of a connection is always parsed.
+            protocol.data_received(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+            await asyncio.sleep(0.05)
+            transport.out = b""
+            return protocol, transport, counting
+
+        read = (
+            b"GET /v1/workspaces/again/envelopes?after=0 HTTP/1.1\r\n"
+            b"host: x\r\nauthorization: Bearer t\r\n\r\n"
+        )
+        one, one_out, one_parser = await connect("10.0.0.1")
+        two, two_out, two_parser = await connect("10.0.0.2")
+        one.data_received(read)
+        assert one_out.out.startswith(b"HTTP/1.1 200 ") and one_out.out.endswith(b'{"a":1}}]')
+        fed = one_parser.fed, two_parser.fed
+        two.data_received(read)  # the same bytes, another connection: no parse
+        assert _without_date(two_out.out) == _without_date(one_out.out)
+        assert (one_parser.fed, two_parser.fed) == fed
+
+        await relay.store.append("again", b'{"a":2}', b"k2")  # the page changed
+        two_out.out = b""
+        two.data_received(read)
+        assert two_out.out.endswith(b'{"a":2}}]'), two_out.out
+        assert two_parser.fed == fed[1]
+
+        relay.set_access(replace(relay.access, static_tokens=("u",)))  # t revoked
+        two_out.out = b""
+        two.data_received(read)  # declined at once, so parsed and refused by the app
+        await asyncio.sleep(0.05)
+        assert two_out.out.startswith(b"HTTP/1.1 401 "), two_out.out
+        assert two_parser.fed == fed[1] + 1
+        relay.set_access(replace(relay.access, static_tokens=("t",)))
+
+        # Half a head is in progress: the same bytes are the rest of it, parsed.
+        one_out.out = b""
+        one.data_received(b"GET /v1/health HTTP/1.1\r\nx-a: ")
+        one.data_received(read)
+        await asyncio.sleep(0.05)
+        assert one_parser.fed == fed[0] + 2
+        assert one_out.out.count(b"HTTP/1.1 ") == 1, one_out.out  # one request, one answer
+        # Two requests in one read: parsed, both answered in order.
+        one_out.out = b""
+        one.data_received(read + read)
+        await asyncio.sleep(0.05)
+        assert one_parser.fed == fed[0] + 3
+        assert one_out.out.count(b'{"a":2}}]') == 2, one_out.out
+        logs._writer.flush()  # type: ignore[union-attr]
+        lines = [line for line in out.getvalue().splitlines() if "/envelopes status=200" in line]
+        assert [line.rsplit(" ", 1)[1] for line in lines] == [
+            "client=10.0.0.1",
+            "client=10.0.0.2",
+            "client=10.0.0.2",
+            "client=10.0.0.1",
+            "client=10.0.0.1",
+        ]
+        for protocol in (one, two):
+            protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_connection_left_idle_after_a_read_answered_without_the_parser_is_closed() -> None:
+    """The read answered from its kept parse leaves the connection on the relay's own
+    stall timer, not uvicorn's keep-alive timer: idle past the timeout (1 s here),
+    it is closed all the same."""
+    read = b"GET /v1/workspaces/idle-after/envelopes?after=0 HTTP/1.1\r\nhost: x\r\n\r\n"
+    post = (
+        b"POST /v1/workspaces/idle-after/envelopes HTTP/1.1\r\n"
+        b"host: x\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    with (
+        RelayProcess(env={"HIVE_RELAY_KEEPALIVE_TIMEOUT": "1"}) as proc,
+        socket.create_connection(("127.0.0.1", proc.port)) as sock,
+    ):
+        assert exchange(sock, post).startswith(b"HTTP/1.1 200 ")
+        first = exchange(sock, read)
+        for _ in range(3):  # the same bytes again: answered from the kept parse
+            assert _without_date(exchange(sock, read)) == _without_date(first)
+        sock.settimeout(20)  # a generous bound; the relay closes after about 1 s
+        assert sock.recv(100) == b""
