@@ -201,8 +201,25 @@ def head_too_large(limit: int) -> Response:
     return error_response(refusal.status, refusal.code, refusal.message)
 
 
-def record(relay: Relay, scope: Scope, route: str, status: int, start: float) -> None:
-    """The metrics sample and access-log line that end every request."""
+@dataclass(frozen=True, slots=True)
+class KeptRead:
+    """A read's parse, kept by its bytes (Front.keep)."""
+
+    scope: dict[str, Any]
+    ws: str
+    size: int  # head_size(scope)
+
+
+def record(
+    relay: Relay,
+    scope: Scope,
+    route: str,
+    status: int,
+    start: float,
+    client: str | None = None,
+) -> None:
+    """The metrics sample and access-log line that end every request. `client` is
+    the address to log, when the caller has it (else relay.address(scope))."""
     method = scope.get("method", "WS")
     end = time.perf_counter()
     duration = end - start
@@ -215,7 +232,9 @@ def record(relay: Relay, scope: Scope, route: str, status: int, start: float) ->
         timed=route not in LIVE_ROUTES and b"wait=" not in scope.get("query_string", b""),
     )
     if relay.settings.access_log:
-        logs.access(method, route, status or 500, duration, relay.address(scope), end)
+        if client is None:
+            client = relay.address(scope)
+        logs.access(method, route, status or 500, duration, client, end)
 
 
 class Front:
@@ -256,10 +275,10 @@ class Front:
         # The read route, for answer_now: its path regex and its name in metrics and logs.
         self.reads_path = f"{_WS}/envelopes"
         self.reads = compile_path(self.reads_path)[0]
-        # Read heads answered by answer_now, by their bytes, with the scope their
-        # parse gave: the HTTP protocol answers the same bytes again without
+        # Read heads answered by answer_now, by their bytes, with what their parse
+        # gave (`keep`): the HTTP protocol answers the same bytes again without
         # parsing them (relay/server.py, RelayHttpProtocol._remember).
-        self.parsed: dict[bytes, dict[str, Any]] = {}
+        self.parsed: dict[bytes, KeptRead] = {}
 
     def _admits(self, scope: Scope, ws: str) -> bool:
         """The endpoint's own access check, for a cached read. A refusal is answered
@@ -307,6 +326,50 @@ class Front:
             write(lines, body)
         finally:
             record(self.relay, scope, self.reads_path, 200, start)
+        return True
+
+    def keep(self, scope: Scope) -> KeptRead | None:
+        """What the bytes of a read answer_now answered decide, kept for the same
+        bytes again (`answer_kept`): the scope their parse gave, the workspace and
+        the head's size."""
+        match = self.reads.match(scope["path"])
+        if match is None or self.cors or scope["method"] != "GET":
+            return None
+        return KeptRead(dict(scope), match.group("ws"), head_size(scope))
+
+    def answer_kept(
+        self,
+        kept: KeptRead,
+        peer: tuple[str, int] | None,
+        write: Callable[[bytes, bytes | Buffers], None],
+    ) -> bool:
+        """answer_now for a read whose bytes are those `kept` was made from, from
+        `peer`: the route, the method and the head are as they were; the header
+        limit, the page cache and the access check are looked at now, the metrics
+        sample and the log line (with this peer) follow. A page not in the cache
+        is built by answer_now, from a copy of the scope with this peer."""
+        pages = self.relay.pages
+        if pages is None or kept.size > self.header_limit:
+            return False
+        scope = kept.scope
+        hit = pages.cached_page(kept.ws, scope["query_string"])
+        if hit is None:
+            return self.answer_now({**scope, "client": peer, "state": {}}, write)
+        start = time.perf_counter()
+        if not self._admits(scope, kept.ws):
+            return False
+        _, body, lines = hit
+        try:
+            write(lines, body)
+        finally:
+            record(
+                self.relay,
+                scope,
+                self.reads_path,
+                200,
+                start,
+                self.relay.peer_address(scope, peer),
+            )
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -82,6 +82,12 @@ class Relay:
         client = scope.get("client")
         return normalize_address(client[0]) if client else "unknown"
 
+    def peer_address(self, scope: Scope, peer: tuple[str, int] | None) -> str:
+        """`address` of a request whose scope is `scope` but whose peer is `peer`."""
+        if self._trusted:
+            return client_address({**scope, "client": peer}, self._trusted, self._ip_header)
+        return normalize_address(peer[0]) if peer else "unknown"
+
     def client(self, scope: Scope) -> str:
         """What per-client limits count by: the address, an IPv6 one by its network."""
         return client_key(client_address(scope, self._trusted, self._ip_header), self._prefix)

@@ -325,7 +325,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         front = getattr(self.app, "front", None)
         # The heads answered without a task, by their bytes (shared by the app's
         # connections): Front.parsed.
-        self._parsed: dict[bytes, dict[str, Any]] | None = None if front is None else front.parsed
+        self._parsed: dict[bytes, Any] | None = None if front is None else front.parsed
         self._begins = 0  # messages begun in the read being parsed
         self._answered: Any = None  # the cycle `_answer_now` answered in that read
         self._in_head = False  # between on_message_begin and on_headers_complete
@@ -445,25 +445,23 @@ class RelayHttpProtocol(HttpToolsProtocol):
             return
         if len(parsed) >= PARSED_MAX:  # bounded: many different heads just start over
             parsed.clear()
-        parsed[data] = dict(cycle.scope)
+        kept = self.app.front.keep(cycle.scope)
+        if kept is not None:
+            parsed[data] = kept
 
-    def _answer_parsed(self, template: dict[str, Any]) -> bool:
+    def _answer_parsed(self, kept: Any) -> bool:
         """Answer a read whose bytes `_remember` kept, without the parser, uvicorn's
-        cycle or a task: what `_answer_now` does, from a copy of the kept scope
-        with this connection's peer. False (nothing done) when the app declines;
-        then the bytes are parsed as usual."""
+        cycle or a task: what `_answer_now` does (`Front.answer_kept`), for this
+        connection's peer. False (nothing done) when the app declines; then the
+        bytes are parsed as usual."""
         if self.flow.write_paused or self.access_log:
             return False
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             return False  # uvicorn's 503 for its concurrency limit: the usual path
         front = self.app.front
-        scope = dict(template)
-        scope["client"] = self.client
-        scope["server"] = self.server
-        scope["state"] = self.app_state.copy()
         self._unset_keepalive_if_required()
-        if not front.answer_now(scope, self._write_answer):
+        if not front.answer_kept(kept, self.client, self._write_answer):
             return False
         # on_response_complete's work for this case (nothing pipelined, owed or
         # lingering): the next request is due within head_timeout, which the lazy
