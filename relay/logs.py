@@ -30,13 +30,10 @@ import stat
 import sys
 import threading
 import time
-from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from itertools import chain, islice, repeat
+from itertools import chain, islice
 from json.encoder import encode_basestring_ascii as _json_str
-from operator import le
 from typing import Any, TextIO
 
 ACCESS = logging.getLogger("relay.access")
@@ -135,9 +132,9 @@ class LineWriter:
         # wait on it, so the thread writes those every `interval`, as before.
         self.on_loop = _never_waits(stream) if on_loop is None else on_loop
         self.backstop = backstop if self.on_loop else interval
-        # Each entry is a line (a 1-tuple) or an access line's fields (see `access`),
-        # formatted all at once when written (see `_render`).
-        self.pending: deque[tuple[Any, ...]] = deque()
+        # Each entry is a line in pieces (an access line is four strings that
+        # outlive it: see `access`), joined in one pass when written.
+        self.pending: deque[tuple[str, ...]] = deque()
         self._lock = threading.RLock()
         self._writing = False  # the lock's holder is in _drain (see there)
         self._closed = threading.Event()
@@ -195,12 +192,11 @@ class LineWriter:
             self._writing = False
 
     def _write_pending(self, last: str) -> None:
-        global _lines
-        _lines = None  # the next access line looks at the logger's set-up again
         pending = self.pending
         # The lines pending now, popped in C: only the writer pops (under the lock), so
         # the deque holds at least this many; lines appended meanwhile wait for the next.
-        text = _render(list(islice(iter(pending.popleft, None), len(pending)))) + last
+        text = "".join(chain.from_iterable(islice(iter(pending.popleft, None), len(pending))))
+        text += last
         if text:
             try:
                 self.stream.write(text)
@@ -264,18 +260,24 @@ _MILLIS_JSON = tuple(f".{ms:03d}Z" for ms in range(1000))
 # float's repr cost more than the rest of the line did (callgrind).
 _CENTS = tuple(f".{c:02d}".rstrip("0") if c else ".0" for c in range(100))
 _MS = tuple(f"{h // 100}{_CENTS[h % 100]}" for h in range(1000))
-# An access line's fields in the writer's buffer: end, duration, method, route,
-# status, client (a line already formatted is a 1-tuple).
-_ACCESS_FIELDS = 6
 
 
 _writer: LineWriter | None = None
 _json = False
 _stamp = _Stamp(False)
+# The middle of the line for each (method, route, status) seen, in the format in force.
+_middles: dict[tuple[str, str, int], str] = {}
 MAX_MIDDLES = 1024
+# The end of the line for each client address seen, in the format in force.
+_tails: dict[str, str] = {}
 MAX_TAILS = 4096
-# The buffer access lines go to until the next write (see _open).
-_lines: deque[tuple[Any, ...]] | None = None
+# The millisecond the start of the line (`_head`, up to the end of the time stamp) is for.
+_tick = -1
+_head = ""
+# The buffer access lines go to in the millisecond `_tick` (see _direct).
+_lines: deque[tuple[str, ...]] | None = None
+# time.time() - time.perf_counter(), as `access` last read it.
+_offset = 0.0
 
 
 def _after_fork_in_child() -> None:
@@ -295,14 +297,14 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     """Log to `stream` (standard error by default) in format `fmt` from `level` up."""
-    global _writer, _json, _stamp, _lines
+    global _writer, _json, _stamp, _tick
     if _writer is not None:
         _writer.close()
     _writer = LineWriter(stream or sys.stderr)
     atexit.register(_writer.close)
     _json = fmt == "json"
     _stamp = _Stamp(_json)
-    _lines = None
+    _tick = -1
     _middles.clear()
     _tails.clear()
     handler = _WriterHandler(_writer)
@@ -322,110 +324,58 @@ def access(
     method: str, route: str, status: int, duration: float, client: str, end: float | None = None
 ) -> None:
     """One request's line: method, route template, status, milliseconds, client.
-    `end` is the `time.perf_counter()` the duration ended at, if the caller has it
-    (the line's time stamp); else it is read now."""
-    # This runs for every request, so it only keeps the fields: the lines are
-    # formatted when they are written, all of a batch at once (`_render`).
+    `end` is the `time.perf_counter()` the duration ended at, if the caller has it:
+    the line's time stamp is then that plus the wall clock's offset from it (read
+    once a millisecond), not another reading of the clock."""
+    # This runs for every request: the line is four strings kept between requests
+    # (the time stamp's, renewed once a millisecond; the fields from the method to
+    # "ms=", once per method, route and status; the client's, once per address)
+    # and the duration from a table (see _MS), half a hundredth of a ms rounded up.
+    # What the line goes to is looked at once a millisecond too (`_direct`).
+    global _tick, _head, _lines, _offset
+    if end is None:
+        end = time.perf_counter()
+    now = end + _offset
+    tick = int(now * 1000)
+    if tick != _tick:
+        _offset = time.time() - time.perf_counter()
+        now = end + _offset
+        _tick = tick = int(now * 1000)
+        _lines = _direct()
+        if _lines is not None:
+            _head = _stamp_head(tick)
     lines = _lines
     if lines is None:
-        lines = _open()
-        if lines is None:
-            _record(method, route, status, duration, client)
-            return
+        _record(method, route, status, duration, client)
+        return
+    hundredths = int(duration * 100_000 + 0.5)
+    ms = _MS[hundredths] if hundredths < 1000 else f"{hundredths // 100}{_CENTS[hundredths % 100]}"
+    middle = _middles.get((method, route, status))
+    if middle is None:
+        middle = _middle((method, route, status))
+    tail = _tails.get(client)
+    if tail is None:
+        tail = _tail(client)
     if not lines:
         _writer.arm()  # type: ignore[union-attr]  # set whenever _lines is
-    lines.append(
-        (time.perf_counter() if end is None else end, duration, method, route, status, client)
-    )
-    if len(lines) > MAX_PENDING:
-        _writer.flush()  # type: ignore[union-attr]
+    lines.append((_head, middle, ms, tail))
 
 
-def _open() -> deque[tuple[Any, ...]] | None:
-    """Where access lines go until the next write: the writer's buffer when
-    `configure` set the log up and the relay.access logger is as it left it, at
-    INFO; otherwise None (the app embedded elsewhere, tests: a record, see
-    _record). Looked at again after every write, so a change to the logger is in
-    force within FLUSH_INTERVAL."""
-    global _lines
+def _direct() -> deque[tuple[str, ...]] | None:
+    """Where access lines go this millisecond: the writer's buffer when `configure`
+    set the log up and the relay.access logger is as it left it, at INFO;
+    otherwise None (the app embedded elsewhere, tests: a record, see _record)."""
     writer = _writer
     if writer is None or ACCESS.handlers or not ACCESS.propagate:
         return None
     if not ACCESS.isEnabledFor(logging.INFO):
         return None
-    _lines = writer.pending
-    return _lines
-
-
-def _render(entries: list[tuple[Any, ...]]) -> str:
-    """The text of pending entries, in order: lines as they are, access lines'
-    fields formatted (see _access_text)."""
-    if not entries:
-        return ""
-    if min(map(len, entries)) == _ACCESS_FIELDS:
-        return _access_text(entries)
-    if max(map(len, entries)) == 1:
-        return "".join(chain.from_iterable(entries))
-    parts: list[str] = []
-    run: list[tuple[Any, ...]] = []
-    for entry in entries:
-        if len(entry) == 1:
-            if run:
-                parts.append(_access_text(run))
-                run = []
-            parts.append(entry[0])
-        else:
-            run.append(entry)
-    if run:
-        parts.append(_access_text(run))
-    return "".join(parts)
-
-
-def _access_text(entries: list[tuple[Any, ...]]) -> str:
-    """Access lines from their fields, a column at a time through C: each line is
-    four strings that outlive it (the time stamp's, made once per millisecond;
-    the fields from the method to "ms=", once per method, route and status; the
-    client's, once per address) and the duration from a table (see _MS), half a
-    hundredth of a millisecond rounded up. The time stamp is the request's end
-    on the wall clock, by the clock's offset from perf_counter read now."""
-    ends, durations, methods, routes, statuses, clients = zip(*entries, strict=True)
-    # Time stamps: the lines came in the order they ended (one event loop), so a
-    # millisecond's lines are a run; a run at a time, by bisection.
-    offset = time.time() - time.perf_counter()
-    heads: Iterable[str]
-    if all(map(le, ends, islice(ends, 1, None))):
-        runs: list[Iterable[str]] = []
-        start, count = 0, len(ends)
-        while start < count:
-            tick = int((ends[start] + offset) * 1000)
-            stop = bisect_left(ends, (tick + 1) / 1000 - offset, start + 1)
-            runs.append(repeat(_stamp_head(tick), stop - start))
-            start = stop
-        heads = chain.from_iterable(runs)
-    else:
-        heads = map(_stamp_head, map(int, map((1000.0).__mul__, map(offset.__add__, ends))))
-    ms = map(_MS_BY.__getitem__, map(int, map((0.5).__add__, map((100_000.0).__mul__, durations))))
-    middles = map(_middles.__getitem__, zip(methods, routes, statuses, strict=True))
-    tails = map(_tails.__getitem__, clients)
-    return "".join(chain.from_iterable(zip(heads, middles, ms, tails, strict=True)))
-
-
-class _Table(dict[Any, str]):
-    """A dict of strings that makes a missing one (`make`) and keeps at most
-    `limit` (then starts over): read through map() in C, made in Python only
-    when missing."""
-
-    def __init__(self, make: Callable[[Any], str], limit: int) -> None:
-        super().__init__()
-        self.make = make
-        self.limit = limit
-
-    def __missing__(self, key: Any) -> str:
-        value = self.make(key)
-        if len(self) >= self.limit:
-            self.clear()
-        self[key] = value
-        return value
+    if len(writer.pending) > MAX_PENDING:
+        # The timer is late or the log's reader stalled: write them now, so memory
+        # stays bounded (at most this many plus a millisecond's lines) and the relay
+        # waits for its log as it did before there was a buffer.
+        writer.flush()
+    return writer.pending
 
 
 def _record(method: str, route: str, status: int, duration: float, client: str) -> None:
@@ -459,12 +409,12 @@ def _stamp_head(tick: int) -> str:
 
 def _tail(client: str) -> str:
     """The end of an access line: the client field and the newline."""
-    return f',"client":{_json_str(client)}}}\n' if _json else f" client={client}\n"
-
-
-def _long_ms(hundredths: int) -> str:
-    """The ms field of a request of 10 ms or more (past the _MS table)."""
-    return f"{hundredths // 100}{_CENTS[hundredths % 100]}"
+    tail = f',"client":{_json_str(client)}}}\n' if _json else f" client={client}\n"
+    # A client's address is the peer's or, behind a trusted proxy, a header's: bounded.
+    if len(_tails) >= MAX_TAILS:
+        _tails.clear()
+    _tails[client] = tail
+    return tail
 
 
 def _middle(key: tuple[str, str, int]) -> str:
@@ -477,15 +427,7 @@ def _middle(key: tuple[str, str, int]) -> str:
         )
     else:
         middle = f" INFO relay.access request method={method} route={route} status={status} ms="
+    # Routes are templates and statuses few, but a client picks the method: bounded.
+    if len(_middles) < MAX_MIDDLES:
+        _middles[key] = middle
     return middle
-
-
-# The middle of the line for each (method, route, status) seen, in the format in
-# force: routes are templates and statuses few, but a client picks the method.
-_middles = _Table(_middle, MAX_MIDDLES)
-# The end of the line for each client address seen, in the format in force (the
-# peer's, or behind a trusted proxy a header's).
-_tails = _Table(_tail, MAX_TAILS)
-# The ms field by hundredths of a millisecond: _MS, then longer ones as they come.
-_MS_BY = _Table(_long_ms, 1000 + MAX_TAILS)
-_MS_BY.update(enumerate(_MS))
