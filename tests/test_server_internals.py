@@ -486,3 +486,22 @@ def test_a_connection_left_idle_after_a_read_answered_without_the_parser_is_clos
             assert _without_date(exchange(sock, read)) == _without_date(first)
         sock.settimeout(20)  # a generous bound; the relay closes after about 1 s
         assert sock.recv(100) == b""
+
+
+def test_a_kept_reads_log_address_is_its_own_connections_behind_a_proxy_too() -> None:
+    """A kept read (the same bytes as an earlier read) is logged with the address
+    of the connection that sent it: its peer, or, from a trusted proxy, the
+    forwarded address its bytes carry, as for any request."""
+    from relay.app import build_relay
+    from relay.settings import Settings
+
+    scope = {"client": ("10.0.0.1", 1), "headers": [(b"x-forwarded-for", b"203.0.113.9")]}
+    relay = build_relay(Settings())
+    assert relay.peer_address(scope, ("10.0.0.2", 2)) == "10.0.0.2"
+    assert relay.peer_address(scope, None) == "unknown"
+    proxied = build_relay(Settings(trusted_proxies="10.0.0.0/8"))
+    assert proxied.peer_address(scope, ("10.0.0.2", 2)) == "203.0.113.9"
+    assert proxied.peer_address(scope, ("192.0.2.7", 2)) == "192.0.2.7"  # not a proxy
+    assert proxied.peer_address(scope, ("192.0.2.7", 2)) == proxied.address(
+        {**scope, "client": ("192.0.2.7", 2)}
+    )
