@@ -419,6 +419,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
             and not self.pipeline
             and self._final is None
             and self._linger_end is None
+            and not self._stopping  # shutting down: uvicorn's own path closes
         )
 
     def _remember(self, data: bytes) -> None:
