@@ -201,6 +201,11 @@ def head_too_large(limit: int) -> Response:
     return error_response(refusal.status, refusal.code, refusal.message)
 
 
+# A read with more headers than this is not kept (Front.keep): each kept scope
+# then stays a few KiB.
+KEPT_MAX_HEADERS = 32
+
+
 @dataclass(frozen=True, slots=True)
 class KeptRead:
     """A read's parse, kept by its bytes (Front.keep)."""
@@ -310,23 +315,48 @@ class Front:
             return False
         hit = pages.cached_page(ws, scope["query_string"])
         if hit is not None:
-            if not self._admits(scope, ws):
-                return False
-            _, body, lines = hit
-        else:  # the first of a herd: the page is built now, as the endpoint builds it
-            scope["path_params"] = match.groupdict()
-            try:
-                built = envelopes.read_now(self.relay, Request(scope))
-            except Exception:  # the endpoint meets it again and answers it (a 503, a 500)
-                return False
-            if built is None:
-                return False
-            lines, body = built
+            return self._answer_cached(scope, ws, hit, write, start, None)
+        # The first of a herd: the page is built now, as the endpoint builds it.
+        scope["path_params"] = match.groupdict()
+        try:
+            built = envelopes.read_now(self.relay, Request(scope))
+        except Exception:  # the endpoint meets it again and answers it (a 503, a 500)
+            return False
+        if built is None:
+            return False
+        lines, body = built
+        self._write_read(scope, lines, body, write, start, None)
+        return True
+
+    def _answer_cached(
+        self,
+        scope: Scope,
+        ws: str,
+        hit: tuple[Any, bytes | Buffers, bytes],
+        write: Callable[[bytes, bytes | Buffers], None],
+        start: float,
+        client: str | None,
+    ) -> bool:
+        """A cached page's answer, if the access check admits the request."""
+        if not self._admits(scope, ws):
+            return False
+        _, body, lines = hit
+        self._write_read(scope, lines, body, write, start, client)
+        return True
+
+    def _write_read(
+        self,
+        scope: Scope,
+        lines: bytes,
+        body: bytes | Buffers,
+        write: Callable[[bytes, bytes | Buffers], None],
+        start: float,
+        client: str | None,
+    ) -> None:
         try:
             write(lines, body)
         finally:
-            record(self.relay, scope, self.reads_path, 200, start)
-        return True
+            record(self.relay, scope, self.reads_path, 200, start, client)
 
     def keep(self, scope: Scope) -> KeptRead | None:
         """What the bytes of a read answer_now answered decide, kept for the same
@@ -335,7 +365,12 @@ class Front:
         match = self.reads.match(scope["path"])
         if match is None or self.cors or scope["method"] != "GET":
             return None
-        return KeptRead(dict(scope), match.group("ws"), head_size(scope))
+        if len(scope["headers"]) > KEPT_MAX_HEADERS:
+            return None
+        # Not the peer or the state of the connection it came from: each read's own
+        # (`answer_kept` takes the peer; nothing on the path reads the state).
+        kept = {**scope, "client": None, "state": {}}
+        return KeptRead(kept, match.group("ws"), head_size(scope))
 
     def answer_kept(
         self,
@@ -356,21 +391,8 @@ class Front:
         if hit is None:
             return self.answer_now({**scope, "client": peer, "state": {}}, write)
         start = time.perf_counter()
-        if not self._admits(scope, kept.ws):
-            return False
-        _, body, lines = hit
-        try:
-            write(lines, body)
-        finally:
-            record(
-                self.relay,
-                scope,
-                self.reads_path,
-                200,
-                start,
-                self.relay.peer_address(scope, peer),
-            )
-        return True
+        client = self.relay.peer_address(scope, peer)
+        return self._answer_cached(scope, kept.ws, hit, write, start, client)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

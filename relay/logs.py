@@ -400,11 +400,9 @@ def _stamp_head(tick: int) -> str:
     second, millis = divmod(tick, 1000)
     if second != stamp.second:
         stamp.renew(second)
-    return (
-        f'{{"ts":"{stamp.prefix}{stamp.millis[millis]}'
-        if _json
-        else (f"{stamp.prefix}{stamp.millis[millis]}")
-    )
+    if _json:
+        return f'{{"ts":"{stamp.prefix}{stamp.millis[millis]}'
+    return f"{stamp.prefix}{stamp.millis[millis]}"
 
 
 def _tail(client: str) -> str:

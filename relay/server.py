@@ -192,6 +192,20 @@ def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(out)
 
 
+def _answer_head(defaults: list[tuple[bytes, bytes]], lines: bytes, keep: bool) -> bytes:
+    """The head of a prebuilt 200 answer: status line, uvicorn's default headers
+    (the date), the page's `lines`, and the end (with connection: close unless
+    `keep`)."""
+    return b"".join(
+        (
+            _STATUS_200,
+            _default_lines(defaults),
+            lines,
+            b"\r\n" if keep else b"connection: close\r\n\r\n",
+        )
+    )
+
+
 def _default_lines(defaults: list[tuple[bytes, bytes]]) -> bytes:
     global _defaults
     if _defaults[0] is not defaults:
@@ -237,15 +251,7 @@ class _HeadWithBody:
         cycle.expected_content_length = 0
         self._started = True
         keep = cycle.keep_alive
-        head = b"".join(
-            (
-                _STATUS_200,
-                _default_lines(cycle.default_headers),
-                lines,
-                b"\r\n" if keep else b"connection: close\r\n\r\n",
-            )
-        )
-        self._held = head
+        self._held = _answer_head(cycle.default_headers, lines, keep)
         self.write(body)  # with the head, in one writelines (a big page as its slices)
         cycle.response_complete = True
         cycle.message_event.set()
@@ -378,7 +384,12 @@ class RelayHttpProtocol(HttpToolsProtocol):
             return
         parsed = self._parsed
         idle = False
-        if parsed is not None and len(data) <= self.parsed_max_bytes and self._idle():
+        if (
+            parsed is not None
+            and len(data) <= self.parsed_max_bytes
+            and data.startswith(b"GET ")  # a publish's body is never hashed for this
+            and self._idle()
+        ):
             template = parsed.get(data)
             if template is not None and self._answer_parsed(template):
                 return
@@ -482,9 +493,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
     def _write_answer(self, lines: bytes, body: bytes | Buffers) -> None:
         """`_HeadWithBody.answer` for `_answer_parsed`: a 200 kept alive, in one
         writelines."""
-        head = b"".join(
-            (_STATUS_200, _default_lines(self.server_state.default_headers), lines, b"\r\n")
-        )
+        head = _answer_head(self.server_state.default_headers, lines, True)
         if type(body) is Buffers:
             self.transport.writelines((head, *body.parts))
         else:

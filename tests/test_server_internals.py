@@ -505,3 +505,29 @@ def test_a_kept_reads_log_address_is_its_own_connections_behind_a_proxy_too() ->
     assert proxied.peer_address(scope, ("192.0.2.7", 2)) == proxied.address(
         {**scope, "client": ("192.0.2.7", 2)}
     )
+
+
+def test_a_kept_read_holds_no_connections_peer_and_few_headers() -> None:
+    """What Front.keep keeps for a read's bytes: its scope without the peer or the
+    state of the connection it came from (each read logs its own), and only for a
+    head of at most KEPT_MAX_HEADERS headers (each kept scope stays small)."""
+    from relay.app import KEPT_MAX_HEADERS, create_app
+    from relay.settings import Settings
+
+    front = create_app(Settings()).front  # type: ignore[attr-defined]
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/workspaces/kept/envelopes",
+        "raw_path": b"/v1/workspaces/kept/envelopes",
+        "query_string": b"after=0",
+        "client": ("10.0.0.1", 1),
+        "state": {"x": 1},
+        "headers": [(b"x-h%d" % i, b"v") for i in range(KEPT_MAX_HEADERS)],
+    }
+    kept = front.keep(scope)
+    assert kept is not None and kept.ws == "kept"
+    assert kept.scope["client"] is None and kept.scope["state"] == {}
+    assert scope["client"] == ("10.0.0.1", 1)  # the connection's own scope is untouched
+    many = {**scope, "headers": [*scope["headers"], (b"x-one-more", b"v")]}
+    assert front.keep(many) is None
